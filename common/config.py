@@ -1,0 +1,218 @@
+"""Every configuration rlfleet reads, as pydantic models, in one place.
+
+A bad value raises ``pydantic.ValidationError`` (a ``ValueError``) whose message names the field
+and, for choices, the allowed values. Job configs reject unknown keys so a typo fails before any
+actor starts.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+
+
+def _default_exp_name() -> str:
+    return Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else "rlfleet"
+
+
+class PPOConfig(BaseModel):
+    """Every field and default of TRL v0.11.4's ``PPOConfig``, validated.
+
+    Fields that only steered TRL's trackers or hub uploads are kept so that existing scripts run
+    unchanged; they have no effect here.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    exp_name: str = Field(default_factory=_default_exp_name)
+    seed: int = 0
+    log_with: Literal["wandb", "tensorboard"] | None = None
+    task_name: str | None = None
+    model_name: str = "gpt2"
+    query_dataset: str = "stanfordnlp/imdb"
+    reward_model: str = "sentiment-analysis:lvwerra/distilbert-imdb"
+    remove_unused_columns: bool = True
+    tracker_kwargs: dict[str, Any] = Field(default_factory=dict)
+    accelerator_kwargs: dict[str, Any] = Field(default_factory=dict)
+    project_kwargs: dict[str, Any] = Field(default_factory=dict)
+    tracker_project_name: str = "trl"
+    push_to_hub_if_best_kwargs: dict[str, Any] = Field(default_factory=dict)
+    steps: PositiveInt = 20000
+    learning_rate: PositiveFloat = 1.41e-5
+    adap_kl_ctrl: bool = True
+    init_kl_coef: float = Field(default=0.2, ge=0)
+    kl_penalty: Literal["kl", "abs", "mse", "full"] = "kl"
+    target: PositiveFloat = 6.0
+    horizon: PositiveFloat = 10000.0
+    gamma: float = Field(default=1.0, ge=0, le=1)
+    lam: float = Field(default=0.95, ge=0, le=1)
+    cliprange: PositiveFloat = 0.2
+    cliprange_value: PositiveFloat = 0.2
+    vf_coef: float = Field(default=0.1, ge=0)
+    batch_size: PositiveInt = 128
+    forward_batch_size: PositiveInt | None = None
+    mini_batch_size: PositiveInt = 128
+    gradient_accumulation_steps: PositiveInt = 1
+    world_size: PositiveInt | None = None
+    ppo_epochs: PositiveInt = 4
+    max_grad_norm: PositiveFloat | None = None
+    optimize_cuda_cache: bool | None = None
+    optimize_device_cache: bool = False
+    early_stopping: bool = False
+    target_kl: PositiveFloat = 1.0
+    compare_steps: PositiveInt = 1
+    ratio_threshold: PositiveFloat = 10.0
+    use_score_scaling: bool = False
+    use_score_norm: bool = False
+    score_clip: PositiveFloat | None = None
+    whiten_rewards: bool = False
+    gradient_checkpointing: bool = False
+    is_encoder_decoder: bool | None = None
+    is_peft_model: bool | None = None
+    dataset_num_proc: PositiveInt | None = None
+
+    @property
+    def backward_batch_size(self) -> int:
+        """Samples per optimizer step: ``mini_batch_size * gradient_accumulation_steps``."""
+        return self.mini_batch_size * self.gradient_accumulation_steps
+
+    @property
+    def total_ppo_epochs(self) -> int:
+        return -(-self.steps // self.batch_size)
+
+    @model_validator(mode="after")
+    def _check_batch_sizes(self) -> PPOConfig:
+        if self.batch_size % self.backward_batch_size:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of mini_batch_size "
+                f"({self.mini_batch_size}) * gradient_accumulation_steps "
+                f"({self.gradient_accumulation_steps})"
+            )
+        return self
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DatasetConfig(StrictModel):
+    path: str
+    """A JSONL or Parquet file of prompts."""
+    prompt_field: str = "prompt"
+    shuffle: bool = True
+
+
+class GeneratorConfig(StrictModel):
+    num_actors: PositiveInt = 1
+    engine: Literal["vllm", "hf"] = "vllm"
+    num_cpus: float = Field(default=1.0, ge=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+    max_new_tokens: PositiveInt = 16
+    temperature: float = Field(default=1.0, ge=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    top_k: int = Field(default=0, ge=0)
+    """0 disables top-k sampling."""
+    kv_cache_gib: PositiveFloat = 0.25
+    """vLLM CPU KV-cache size (VLLM_CPU_KVCACHE_SPACE); ignored on GPUs and by the hf engine."""
+
+
+class RewardConfig(StrictModel):
+    function: str | None = None
+    """A reward function as ``"module:function"``, e.g. ``"reward.functions:sentiment"``."""
+    model: str | None = None
+    """A sequence-classification model directory."""
+    url: str | None = None
+    """A remote HTTP scorer."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    num_actors: PositiveInt = 1
+    num_cpus: float = Field(default=1.0, ge=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+    timeout_s: PositiveFloat = 30.0
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> RewardConfig:
+        given = [name for name in ("function", "model", "url") if getattr(self, name)]
+        if len(given) != 1:
+            raise ValueError(
+                f"reward needs exactly one of function, model or url; got {given or 'none'}"
+            )
+        return self
+
+
+class CheckpointConfig(StrictModel):
+    uri: str | None = None
+    """A local path, ``file://...`` or ``s3://bucket/prefix``; None disables checkpoints."""
+    every: int = Field(default=0, ge=0)
+    """Save every N iterations (0: only at the end)."""
+    keep_last: PositiveInt = 3
+    s3_endpoint_override: str | None = None
+    """For S3-compatible stores, e.g. ``http://127.0.0.1:8333``; else AWS_ENDPOINT_URL or AWS."""
+
+
+class MetricsConfig(StrictModel):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    """Address the actors' metrics endpoints bind to."""
+
+
+class JobConfig(StrictModel):
+    name: str = "rlfleet"
+    model: str
+    """A Hugging Face model directory (causal LM + tokenizer)."""
+    dataset: DatasetConfig
+    generators: GeneratorConfig = Field(default_factory=GeneratorConfig)
+    reward: RewardConfig
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
+    iterations: PositiveInt = 10
+    seed: int = 0
+    output_dir: str = "runs/rlfleet"
+    max_policy_lag: int = Field(default=0, ge=0)
+    """Policy versions a generator may lag behind the learner (0: strictly on-policy)."""
+    one_step_off: bool = False
+    """Generate batch k+1 while training on batch k (needs max_policy_lag >= 1)."""
+    ray_address: str | None = None
+    """None: join the cluster of a submitted job, else start a local Ray instance."""
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+
+    @model_validator(mode="after")
+    def _check_lag(self) -> JobConfig:
+        if self.one_step_off and self.max_policy_lag < 1:
+            raise ValueError("one_step_off needs max_policy_lag >= 1")
+        return self
+
+
+def parse_override(override: str) -> tuple[list[str], Any]:
+    """Split ``"generators.num_actors=4"`` into its key path and YAML-parsed value."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key:
+        raise ValueError(f"override {override!r} must look like section.field=value")
+    return key.split("."), yaml.safe_load(raw)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for override in overrides:
+        path, value = parse_override(override)
+        node = raw
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {override!r}: {key} is not a section")
+        node[path[-1]] = value
+    return raw
+
+
+def load_job_config(path: str | os.PathLike[str], overrides: list[str] = ()) -> JobConfig:
+    """Read a YAML job config, apply ``--set`` overrides and validate it.
+
+    Relative paths in it are relative to the working directory, as in a submitted Ray job.
+    """
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a job config is a mapping of sections, got {type(raw).__name__}")
+    return JobConfig.model_validate(apply_overrides(raw, list(overrides)))

@@ -1,0 +1,72 @@
+"""The one Arrow schema for rollouts travelling between actors.
+
+Generators fill every column but ``score``; reward actors return the same batch with ``score``
+set; the learner consumes it. ``metadata`` carries the dataset row's other fields as JSON (for
+example a reference answer) so reward functions can use them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import pyarrow as pa
+
+ROLLOUT_SCHEMA = pa.schema(
+    [
+        pa.field("rollout_id", pa.int64(), nullable=False),
+        pa.field("prompt", pa.string(), nullable=False),
+        pa.field("prompt_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("response", pa.string()),
+        pa.field("response_ids", pa.list_(pa.int32())),
+        pa.field("response_logprobs", pa.list_(pa.float32())),
+        pa.field("finish_reason", pa.string()),
+        pa.field("policy_version", pa.int64()),
+        pa.field("generator_index", pa.int32()),
+        pa.field("metadata", pa.string()),
+        pa.field("score", pa.float32()),
+    ]
+)
+
+
+def prompt_batch(
+    rollout_ids: Sequence[int],
+    prompts: Sequence[str],
+    prompt_ids: Sequence[Sequence[int]],
+    metadata: Sequence[dict[str, Any]] | None = None,
+) -> pa.RecordBatch:
+    """A batch of prompts to generate for: the rollout columns are still null."""
+    n = len(rollout_ids)
+    if not len(prompts) == len(prompt_ids) == n:
+        raise ValueError(
+            f"rollout_ids, prompts and prompt_ids differ in length: "
+            f"{n}, {len(prompts)}, {len(prompt_ids)}"
+        )
+    meta = metadata if metadata is not None else [{}] * n
+    columns = {
+        "rollout_id": list(rollout_ids),
+        "prompt": list(prompts),
+        "prompt_ids": [list(ids) for ids in prompt_ids],
+        "metadata": [json.dumps(m) for m in meta],
+    }
+    return pa.RecordBatch.from_pydict(
+        {name: columns.get(name, [None] * n) for name in ROLLOUT_SCHEMA.names},
+        schema=ROLLOUT_SCHEMA,
+    )
+
+
+def with_columns(batch: pa.RecordBatch, **columns: Sequence[Any]) -> pa.RecordBatch:
+    """A copy of ``batch`` with the named columns replaced, checked against the schema."""
+    unknown = set(columns) - set(ROLLOUT_SCHEMA.names)
+    if unknown:
+        raise ValueError(f"not rollout columns: {sorted(unknown)}")
+    arrays = [
+        pa.array(columns[f.name], type=f.type) if f.name in columns else batch.column(f.name)
+        for f in ROLLOUT_SCHEMA
+    ]
+    return pa.RecordBatch.from_arrays(arrays, schema=ROLLOUT_SCHEMA)
+
+
+def concat_batches(batches: Sequence[pa.RecordBatch]) -> pa.RecordBatch:
+    return pa.Table.from_batches(list(batches), schema=ROLLOUT_SCHEMA).combine_chunks().to_batches()[0]
