@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Creates .venv-trl: TRL v0.11.4 with transformers 4.45.2, the reference implementation that
+# tests/learner/trl_reference/make_reference.py and `bench/ppo_step.py --impl trl` run against.
+# torch==2.13.0 goes in first (the local CPU build); any other torch pin pulls a CUDA build (see
+# shared/ENVIRONMENT.md), so the script fails if a CUDA wheel or another torch shows up. Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${RLFLEET_TRL_VENV:-.venv-trl}
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+PY="$VENV/bin/python"
+"$PY" -m pip install -q --upgrade pip
+"$PY" -m pip install -q torch==2.13.0
+"$PY" -m pip install -q "torch==2.13.0" "trl==0.11.4" "transformers==4.45.2" accelerate datasets \
+    safetensors tokenizers numpy
+if "$PY" -m pip list --format=freeze | grep -iE '^(nvidia-|triton==)'; then
+    echo "error: CUDA packages were pulled into $VENV" >&2
+    exit 1
+fi
+"$PY" - <<'PY'
+import torch, transformers, trl
+assert torch.__version__.startswith("2.13.0"), torch.__version__
+assert not torch.version.cuda, f"CUDA torch installed: {torch.version.cuda}"
+assert transformers.__version__ == "4.45.2", transformers.__version__
+assert trl.__version__ == "0.11.4", trl.__version__
+print(f"{torch.__version__=} {transformers.__version__=} {trl.__version__=}")
+PY

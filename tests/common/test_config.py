@@ -1,0 +1,82 @@
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from common.config import JobConfig, PPOConfig, RewardConfig, load_job_config
+
+MINIMAL_JOB = """
+model: models/demo
+dataset: {path: data/prompts.jsonl}
+reward: {function: "reward.functions:sentiment"}
+"""
+
+
+def write_job(tmp_path: Path, text: str = MINIMAL_JOB) -> Path:
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_ppo_config_has_trl_defaults():
+    config = PPOConfig()
+    assert config.learning_rate == 1.41e-5
+    assert (config.batch_size, config.mini_batch_size, config.ppo_epochs) == (128, 128, 4)
+    assert (config.init_kl_coef, config.target, config.horizon) == (0.2, 6.0, 10000.0)
+    assert (config.gamma, config.lam, config.cliprange, config.vf_coef) == (1.0, 0.95, 0.2, 0.1)
+    assert config.backward_batch_size == 128
+
+
+def test_bad_choice_names_field_and_allowed_values():
+    with pytest.raises(ValueError) as error:
+        PPOConfig(kl_penalty="kullback")
+    message = str(error.value)
+    assert "kl_penalty" in message
+    for allowed in ("'kl'", "'abs'", "'mse'", "'full'"):
+        assert allowed in message
+
+
+def test_batch_size_must_divide_into_backward_batches():
+    with pytest.raises(ValueError, match="batch_size"):
+        PPOConfig(batch_size=10, mini_batch_size=4)
+
+
+def test_job_config_loads_with_overrides(tmp_path):
+    config = load_job_config(
+        write_job(tmp_path), ["generators.num_actors=3", "ppo.batch_size=8", "ppo.mini_batch_size=4"]
+    )
+    assert config.generators.num_actors == 3
+    assert config.ppo.batch_size == 8
+    assert config.generators.engine == "vllm"
+
+
+def test_unknown_key_is_named(tmp_path):
+    with pytest.raises(ValidationError, match="generators.num_actor"):
+        load_job_config(write_job(tmp_path), ["generators.num_actor=2"])
+
+
+def test_bad_engine_names_allowed_values(tmp_path):
+    with pytest.raises(ValidationError, match=r"generators.engine[\s\S]*'vllm' or 'hf'"):
+        load_job_config(write_job(tmp_path), ["generators.engine=tgi"])
+
+
+def test_reward_needs_exactly_one_source():
+    with pytest.raises(ValidationError, match="exactly one of function, model or url"):
+        RewardConfig(function="reward.functions:sentiment", url="http://127.0.0.1:1")
+    with pytest.raises(ValidationError, match="exactly one of function, model or url"):
+        RewardConfig()
+
+
+def test_one_step_off_needs_policy_lag():
+    with pytest.raises(ValidationError, match="max_policy_lag"):
+        JobConfig(
+            model="m",
+            dataset={"path": "p"},
+            reward={"function": "f:g"},
+            one_step_off=True,
+        )
+
+
+def test_malformed_override_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="section.field=value"):
+        load_job_config(write_job(tmp_path), ["generators.num_actors"])
