@@ -8,16 +8,21 @@ cd "$(dirname "$0")/.."
 VENV=${RLFLEET_TRL_VENV:-.venv-trl}
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 PY="$VENV/bin/python"
-"$PY" -m pip install -q --upgrade pip
-"$PY" -m pip install -q torch==2.13.0
-"$PY" -m pip install -q "torch==2.13.0" "trl==0.11.4" "transformers==4.45.2" accelerate datasets \
-    safetensors tokenizers numpy
+pip_install() {  # quiet pip; drops the warnings about this machine's unused extra index paths
+    "$PY" -m pip install -q "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }
+}
+pip_install --upgrade pip
+pip_install torch==2.13.0
+# accelerate and datasets pinned to the releases current when TRL v0.11.4 shipped (October 2024).
+pip_install torch==2.13.0 trl==0.11.4 transformers==4.45.2 accelerate==1.0.1 datasets==3.0.1 \
+    rich safetensors tokenizers numpy
 if "$PY" -m pip list --format=freeze | grep -iE '^(nvidia-|triton==)'; then
     echo "error: CUDA packages were pulled into $VENV" >&2
     exit 1
 fi
 "$PY" - <<'PY'
 import torch, transformers, trl
+from trl import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer  # noqa: F401
 assert torch.__version__.startswith("2.13.0"), torch.__version__
 assert not torch.version.cuda, f"CUDA torch installed: {torch.version.cuda}"
 assert transformers.__version__ == "4.45.2", transformers.__version__

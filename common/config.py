@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, m
 
 
 def _default_exp_name() -> str:
-    return Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else "rlfleet"
+    """TRL's default: the script's file name minus its last three characters (``.py``)."""
+    return os.path.basename(sys.argv[0] if sys.argv else "")[: -len(".py")]
 
 
 class PPOConfig(BaseModel):
@@ -82,8 +83,31 @@ class PPOConfig(BaseModel):
         return self.mini_batch_size * self.gradient_accumulation_steps
 
     @property
+    def global_backward_batch_size(self) -> int:
+        return self.backward_batch_size * (self.world_size or 1)
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * (self.world_size or 1)
+
+    @property
     def total_ppo_epochs(self) -> int:
         return -(-self.steps // self.batch_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields plus the derived batch sizes, nested dicts flattened with ``/`` as in TRL."""
+        derived = ("backward_batch_size", "global_backward_batch_size", "global_batch_size")
+        values = {**self.model_dump(), **{name: getattr(self, name) for name in derived}}
+        values["total_ppo_epochs"] = self.total_ppo_epochs
+        return _flatten(values)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _forward_batch_size_sets_mini_batch_size(cls, data: Any) -> Any:
+        """TRL's deprecated ``forward_batch_size`` overrides ``mini_batch_size`` when given."""
+        if isinstance(data, dict) and data.get("forward_batch_size") is not None:
+            data = {**data, "mini_batch_size": data["forward_batch_size"]}
+        return data
 
     @model_validator(mode="after")
     def _check_batch_sizes(self) -> PPOConfig:
@@ -94,6 +118,16 @@ class PPOConfig(BaseModel):
                 f"({self.gradient_accumulation_steps})"
             )
         return self
+
+
+def _flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in nested.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}/"))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 class StrictModel(BaseModel):
@@ -144,6 +178,11 @@ class RewardConfig(StrictModel):
         return self
 
 
+class LearnerConfig(StrictModel):
+    num_cpus: float = Field(default=1.0, ge=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+
+
 class CheckpointConfig(StrictModel):
     uri: str | None = None
     """A local path, ``file://...`` or ``s3://bucket/prefix``; None disables checkpoints."""
@@ -157,7 +196,9 @@ class CheckpointConfig(StrictModel):
 class MetricsConfig(StrictModel):
     enabled: bool = True
     host: str = "127.0.0.1"
-    """Address the actors' metrics endpoints bind to."""
+    """Address the actors' metrics endpoints bind to (0.0.0.0 on multi-node clusters)."""
+    file_sd_dir: str = "/tmp/rlfleet/prometheus"
+    """Where the job writes its Prometheus file_sd targets (read by deploy/prometheus/*.yml)."""
 
 
 class JobConfig(StrictModel):
@@ -167,6 +208,7 @@ class JobConfig(StrictModel):
     dataset: DatasetConfig
     generators: GeneratorConfig = Field(default_factory=GeneratorConfig)
     reward: RewardConfig
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
     iterations: PositiveInt = 10
     seed: int = 0

@@ -1,0 +1,87 @@
+"""The engine interface every generator backend implements (vLLM, plain transformers).
+
+Both engines return, per prompt, the sampled token ids, each sampled token's log-probability
+under the *raw* model distribution (log-softmax of the logits before temperature, top-k and
+top-p; vLLM's default ``logprobs_mode="raw_logprobs"``), and why generation stopped. Raw
+logprobs are what the learner recomputes for the PPO ratio, so the two are comparable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+import torch
+
+from common.config import GeneratorConfig
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class Completion:
+    token_ids: list[int]
+    """The sampled tokens; when EOS ended generation it is the last one."""
+    logprobs: list[float]
+    """Raw-model log-probability of each sampled token (one per token id)."""
+    finish_reason: str
+    """``"stop"`` when EOS ended generation, ``"length"`` when ``max_new_tokens`` did."""
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    max_new_tokens: int
+    temperature: float = 1.0
+    """0 means greedy decoding."""
+    top_p: float = 1.0
+    top_k: int = 0
+    """0 disables top-k filtering."""
+    seed: int | None = None
+    """None: draw from the engine's own random stream (seeded once when it was made); an int:
+    prompt ``i`` of a call is sampled with seed ``seed + i``, independent of batching."""
+
+    @classmethod
+    def from_config(cls, config: GeneratorConfig, seed: int | None = None) -> SamplingSpec:
+        return cls(
+            max_new_tokens=config.max_new_tokens,
+            temperature=config.temperature,
+            top_p=config.top_p,
+            top_k=config.top_k,
+            seed=seed,
+        )
+
+    @classmethod
+    def greedy(cls, max_new_tokens: int) -> SamplingSpec:
+        return cls(max_new_tokens=max_new_tokens, temperature=0.0)
+
+
+class Engine(Protocol):
+    def generate(self, prompt_ids: list[list[int]], params: SamplingSpec) -> list[Completion]: ...
+
+    def load_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Replace the model's weights in place (HF parameter names, e.g. from the learner)."""
+
+
+def check_prompts(prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, context: int) -> None:
+    """Reject empty prompts and prompts too long for ``max_new_tokens`` more tokens."""
+    for index, ids in enumerate(prompt_ids):
+        if not ids:
+            raise ValueError(f"prompt {index} is empty")
+        if len(ids) + max_new_tokens > context:
+            raise ValueError(
+                f"prompt {index} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} "
+                f"it exceeds the model's context of {context} tokens"
+            )
+
+
+def make_engine(model_dir: str | Path, config: GeneratorConfig, seed: int) -> Engine:
+    """The engine ``config.engine`` names, loaded from ``model_dir`` and seeded with ``seed``."""
+    if config.engine == "vllm":
+        from actors.vllm_engine import VLLMEngine
+
+        return VLLMEngine(model_dir, config, seed)
+    from actors.hf_engine import HFEngine
+
+    return HFEngine(model_dir, seed)

@@ -1,0 +1,86 @@
+"""The generator actor: samples rollouts for prompt batches with one engine and one policy version.
+
+``GeneratorActor`` is a plain class; ``RemoteGenerator`` is its Ray actor class, so a job sets
+resources from the config: ``RemoteGenerator.options(**generator_options(config)).remote(...)``
+(``start_generators`` does exactly that for ``config.num_actors`` actors).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import ray
+
+from actors.engine import Completion, SamplingSpec, make_engine
+from common.config import GeneratorConfig
+from common.schema import with_columns
+from common.weights import PackedWeights, unpack
+
+
+class GeneratorActor:
+    def __init__(self, index: int, model_dir: str, config: GeneratorConfig, seed: int) -> None:
+        """Load ``model_dir`` (policy version 0) into the engine ``config.engine`` names.
+
+        The engine's sampling stream is seeded with ``seed + index`` so that generators of
+        one job draw different samples for the same prompt.
+        """
+        from transformers import AutoTokenizer
+
+        self._index = index
+        self._config = config
+        self._engine = make_engine(model_dir, config, seed + index)
+        self._tokenizer = AutoTokenizer.from_pretrained(str(Path(model_dir)))
+        self._version = 0
+
+    def ready(self) -> bool:
+        return True
+
+    def policy_version(self) -> int:
+        return self._version
+
+    def load_weights(self, packed: PackedWeights) -> int:
+        """Load a packed state dict in place; returns the policy version now held."""
+        version, state_dict = unpack(packed)
+        self._engine.load_weights(state_dict)
+        self._version = version
+        return self._version
+
+    def generate(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        """Fill the rollout columns of a ``common.schema.prompt_batch`` with sampled responses."""
+        prompt_ids = batch.column("prompt_ids").to_pylist()
+        completions = self._engine.generate(prompt_ids, SamplingSpec.from_config(self._config))
+        responses = [c.token_ids for c in completions]
+        return with_columns(
+            batch,
+            response=self._tokenizer.batch_decode(responses, skip_special_tokens=True),
+            response_ids=responses,
+            response_logprobs=[c.logprobs for c in completions],
+            finish_reason=[c.finish_reason for c in completions],
+            policy_version=[self._version] * len(completions),
+            generator_index=[self._index] * len(completions),
+        )
+
+    def greedy(self, prompt_ids: list[list[int]], max_new_tokens: int) -> list[Completion]:
+        """Greedy completions with the weights held now, to verify a weight sync."""
+        return self._engine.generate(prompt_ids, SamplingSpec.greedy(max_new_tokens))
+
+
+RemoteGenerator = ray.remote(GeneratorActor)
+
+
+def generator_options(config: GeneratorConfig) -> dict[str, float]:
+    """Ray actor options for one generator of ``config``."""
+    return {"num_cpus": config.num_cpus, "num_gpus": config.num_gpus}
+
+
+def start_generators(
+    model_dir: str, config: GeneratorConfig, seed: int
+) -> list[ray.actor.ActorHandle]:
+    """Start ``config.num_actors`` generator actors and wait until every engine is loaded."""
+    actors = [
+        RemoteGenerator.options(**generator_options(config)).remote(i, model_dir, config, seed)
+        for i in range(config.num_actors)
+    ]
+    ray.get([actor.ready.remote() for actor in actors])
+    return actors

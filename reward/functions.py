@@ -1,0 +1,175 @@
+"""Built-in reward functions and the loader for ``"module:function"`` reward specs.
+
+A reward function is ``fn(prompts: list[str], responses: list[str], **kwargs) -> list[float]``:
+one score per (prompt, response) pair. ``kwargs`` holds the job config's ``reward.kwargs`` plus
+one list per extra dataset field (one value per sample, ``None`` where a row lacks the field),
+so every reward function must accept ``**kwargs`` even when it uses none of them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Callable, Sequence
+from decimal import Decimal, InvalidOperation
+from functools import cache
+from typing import Any, Literal
+
+from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+RewardFunction = Callable[..., Sequence[float]]
+
+_NUMBER = re.compile(r"[-+]?(?:\d[\d,]*)?\.?\d+(?:[eE][-+]?\d+)?")
+
+
+def load_function(spec: str) -> RewardFunction:
+    """The callable named by ``"package.module:function"``; a clear ``ValueError`` otherwise."""
+    module_name, sep, attribute = spec.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ValueError(f"reward function {spec!r} must look like 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"reward function {spec!r}: cannot import {module_name!r}: {exc}") from exc
+    try:
+        function = getattr(module, attribute)
+    except AttributeError as exc:
+        raise ValueError(
+            f"reward function {spec!r}: module {module_name!r} has no attribute {attribute!r}"
+        ) from exc
+    if not callable(function):
+        raise ValueError(
+            f"reward function {spec!r} is not callable (it is a {type(function).__name__})"
+        )
+    return function
+
+
+@cache
+def _vader() -> SentimentIntensityAnalyzer:
+    return SentimentIntensityAnalyzer()
+
+
+def sentiment(prompts: Sequence[str], responses: Sequence[str], **_: Any) -> list[float]:
+    """VADER's compound sentiment score of each response, in [-1, 1].
+
+    The prompt is not scored: it comes from the dataset and the policy cannot change it, so its
+    sentiment would only shift and, because VADER's compound score saturates, dampen the signal
+    the policy is trained on. Uses the lexicon shipped inside ``vaderSentiment`` (offline).
+    """
+    analyzer = _vader()
+    return [analyzer.polarity_scores(response)["compound"] for response in responses]
+
+
+def _normalise_text(text: str, case_sensitive: bool) -> str:
+    """Whitespace collapsed, surrounding whitespace and trailing ``.!?`` dropped."""
+    text = " ".join(text.split()).rstrip(".!?").strip()
+    return text if case_sensitive else text.casefold()
+
+
+def _parse_number(text: str) -> Decimal | None:
+    try:
+        return Decimal(text.replace(",", ""))
+    except InvalidOperation:
+        return None
+
+
+def _extract(response: str, pattern: re.Pattern[str] | None) -> str | None:
+    """The last match of ``pattern`` in ``response`` (its first group if it has one)."""
+    if pattern is None:
+        return response
+    matches = list(pattern.finditer(response))
+    if not matches:
+        return None
+    last = matches[-1]
+    return last.group(1) if pattern.groups else last.group(0)
+
+
+def exact_match(
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    *,
+    answer_field: str = "answer",
+    extract: str | None = None,
+    case_sensitive: bool = False,
+    **fields: Sequence[Any],
+) -> list[float]:
+    """1.0 where the response's answer equals the sample's reference answer, else 0.0.
+
+    The reference answers are the per-sample list ``fields[answer_field]`` (the dataset rows'
+    ``answer`` field by default). ``extract`` picks the answer out of the response: ``None``
+    compares the whole response, ``"last_number"`` compares the last number in it numerically
+    (``"1,000.0"`` equals ``1000``), any other string is a regex whose last match (its first
+    group, if it has groups) is compared. Texts are compared after collapsing whitespace,
+    dropping trailing ``.!?`` and, unless ``case_sensitive``, case. A response without a match
+    scores 0.0; a sample without a reference answer is an error naming it.
+    """
+    if answer_field not in fields:
+        raise ValueError(
+            f"exact_match needs the reference answers in field {answer_field!r}; "
+            f"got fields {sorted(fields)}"
+        )
+    answers = fields[answer_field]
+    if len(answers) != len(responses):
+        raise ValueError(
+            f"exact_match: {len(answers)} values in {answer_field!r} for {len(responses)} responses"
+        )
+    numeric = extract == "last_number"
+    pattern = _NUMBER if numeric else (re.compile(extract) if extract else None)
+    scores = []
+    for index, (response, reference) in enumerate(zip(responses, answers, strict=True)):
+        if reference is None:
+            raise ValueError(f"exact_match: sample {index} has no {answer_field!r}")
+        found = _extract(response, pattern)
+        if numeric:
+            expected = _parse_number(str(reference))
+            if expected is None:
+                raise ValueError(
+                    f"exact_match: sample {index}: {answer_field!r} {reference!r} is not a number"
+                )
+            matched = found is not None and _parse_number(found) == expected
+        else:
+            matched = found is not None and _normalise_text(
+                found, case_sensitive
+            ) == _normalise_text(str(reference), case_sensitive)
+        scores.append(1.0 if matched else 0.0)
+    return scores
+
+
+def _length(text: str, unit: Literal["chars", "words"]) -> int:
+    return len(text) if unit == "chars" else len(text.split())
+
+
+def length_penalty(
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    *,
+    base: str = "reward.functions:sentiment",
+    target: int,
+    coef: float,
+    unit: Literal["chars", "words"] = "chars",
+    **base_kwargs: Any,
+) -> list[float]:
+    """The ``base`` reward minus ``coef`` per response unit beyond ``target``.
+
+    ``score = base_score - coef * max(0, length - target)``, length in characters or
+    whitespace-separated words of the response. Every other keyword (config kwargs and dataset
+    fields) goes to the base function. From a job config::
+
+        reward:
+          function: reward.functions:length_penalty
+          kwargs: {base: "reward.functions:sentiment", target: 64, coef: 0.01}
+    """
+    if unit not in ("chars", "words"):
+        raise ValueError(f"length_penalty: unit must be 'chars' or 'words', got {unit!r}")
+    if target < 0 or coef < 0:
+        raise ValueError(f"length_penalty: target and coef must be >= 0, got {target}, {coef}")
+    base_scores = list(load_function(base)(prompts, responses, **base_kwargs))
+    if len(base_scores) != len(responses):
+        raise ValueError(
+            f"length_penalty: base {base!r} returned {len(base_scores)} scores "
+            f"for {len(responses)} responses"
+        )
+    return [
+        score - coef * max(0, _length(response, unit) - target)
+        for score, response in zip(base_scores, responses, strict=True)
+    ]

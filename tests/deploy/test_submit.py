@@ -1,0 +1,215 @@
+"""``rlfleet submit`` against a real ``ray start --head`` cluster on loopback.
+
+The cluster gets free ports and a private ``--temp-dir``, runs with ``RAY_AUTH_MODE=disabled``
+and is stopped by killing only its own processes (never ``ray stop``: other Ray clusters may
+share the machine).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from learner.submit import auth_token, runtime_env, train_entrypoint
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def wait_for_dashboard(url: str, proc: subprocess.Popen, log: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray start exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(f"{url}/api/version", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"no Ray dashboard at {url} after {timeout_s} s:\n{log.read_text()}")
+
+
+def stop_cluster(proc: subprocess.Popen, temp_dir: str) -> None:
+    """Stops this cluster only: its ``ray start --block`` process group, then any process of it
+    still alive (each names the cluster's private temp dir on its command line)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    leftovers = []
+    for candidate in psutil.process_iter(["cmdline"]):
+        if any(temp_dir in part for part in candidate.info["cmdline"] or ()):
+            leftovers.append(candidate)
+    for leftover in leftovers:
+        leftover.kill()
+    psutil.wait_procs(leftovers, timeout=10)
+
+
+@pytest.fixture(scope="module")
+def ray_head() -> Iterator[str]:
+    """A real single-node Ray cluster on 127.0.0.1; yields its dashboard (job API) address."""
+    temp_dir = tempfile.mkdtemp(prefix="rlf-", dir="/tmp")
+    gcs, dashboard, client, node, objects, agent, agent_grpc, metrics, env_agent = free_ports(9)
+    workers = ",".join(map(str, free_ports(40)))
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_ADDRESS": "",
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "TMPDIR": temp_dir,
+        "HF_HUB_OFFLINE": "1",
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    }
+    log = Path(temp_dir) / "ray-start.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [
+                str(BIN / "ray"),
+                "start",
+                "--head",
+                "--block",
+                "--disable-usage-stats",
+                "--node-ip-address=127.0.0.1",
+                f"--port={gcs}",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dashboard}",
+                f"--ray-client-server-port={client}",
+                f"--node-manager-port={node}",
+                f"--object-manager-port={objects}",
+                f"--dashboard-agent-listen-port={agent}",
+                f"--dashboard-agent-grpc-port={agent_grpc}",
+                f"--metrics-export-port={metrics}",
+                f"--runtime-env-agent-port={env_agent}",
+                f"--worker-port-list={workers}",
+                "--num-cpus=4",
+                f"--temp-dir={temp_dir}",
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        wait_for_dashboard(address, proc, log, timeout_s=120)
+        yield address
+    finally:
+        stop_cluster(proc, temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def tiny_job_dir(root: Path, model_dir: Path, output_dir: Path) -> Path:
+    """A working dir with the model, prompts and a 2-iteration job config, paths relative."""
+    job_dir = root / "job"
+    shutil.copytree(model_dir, job_dir / "model")
+    shutil.copy(REPO / "examples" / "demo_prompts.jsonl", job_dir / "prompts.jsonl")
+    config = {
+        "name": "submit-test",
+        "model": "model",
+        "dataset": {"path": "prompts.jsonl"},
+        "generators": {"num_actors": 1, "max_new_tokens": 8},
+        "reward": {"function": "reward.functions:sentiment"},
+        "ppo": {"batch_size": 8, "mini_batch_size": 4, "ppo_epochs": 1, "learning_rate": 1e-3},
+        "iterations": 2,
+        "output_dir": str(output_dir),
+    }
+    (job_dir / "job.yaml").write_text(yaml.safe_dump(config))
+    return job_dir
+
+
+@pytest.mark.slow
+def test_rlfleet_submit_runs_a_job_to_success_on_a_real_cluster(
+    ray_head: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    output_dir = tmp_path / "out"
+    job_dir = tiny_job_dir(tmp_path, tiny_model_dir, output_dir)
+    proc = subprocess.run(
+        [
+            str(BIN / "rlfleet"),
+            "submit",
+            "--address",
+            ray_head,
+            "--working-dir",
+            str(job_dir),
+            "--config",
+            "job.yaml",
+            "--runtime-env",
+            str(REPO / "deploy" / "ray" / "runtime_env.yaml"),
+            "--timeout",
+            "400",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ""},
+        timeout=480,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "SUCCEEDED" in proc.stdout
+    assert "done: 2 iterations, 16 rollouts" in proc.stdout
+    stats = [json.loads(line) for line in (output_dir / "stats.jsonl").read_text().splitlines()]
+    assert [line["iteration"] for line in stats] == [1, 2]
+    assert [line["rollout_ids"] for line in stats] == [[0, 7], [8, 15]]
+
+
+def test_the_entrypoint_repeats_the_train_arguments() -> None:
+    entrypoint = train_entrypoint("job.yaml", ["generators.num_actors=3", "name=a b"], "latest")
+    assert entrypoint == (
+        "rlfleet train --config job.yaml --set generators.num_actors=3 --set 'name=a b' "
+        "--resume-from latest"
+    )
+
+
+def test_the_runtime_env_uploads_the_working_dir_and_keeps_the_file_settings(
+    tmp_path: Path,
+) -> None:
+    env = runtime_env(str(tmp_path), str(REPO / "deploy" / "ray" / "runtime_env.yaml"))
+    assert env["working_dir"] == str(tmp_path)
+    assert env["env_vars"]["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert ".venv" in env["excludes"]
+
+
+def test_the_auth_token_comes_from_the_file_then_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    assert auth_token() is None
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("home-token\n")
+    assert auth_token() == "home-token"
+    (tmp_path / "elsewhere").write_text("path-token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "elsewhere"))
+    assert auth_token() == "path-token"
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "env-token")
+    assert auth_token() == "env-token"
+    (tmp_path / "given").write_text("file-token")
+    assert auth_token(str(tmp_path / "given")) == "file-token"

@@ -1,0 +1,124 @@
+"""A real HTTP reward server on 127.0.0.1 and a user reward module, shared by the reward tests."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+SLOW_ENDPOINT_SECONDS = 1.0
+
+
+def served_scores(request: dict) -> list[float]:
+    """What ``/score`` answers: 100 * len(prompt) + len(response) + the sample's ``bonus``."""
+    return [
+        100.0 * len(prompt) + len(response) + meta.get("bonus", 0)
+        for prompt, response, meta in zip(
+            request["prompts"], request["responses"], request["metadata"], strict=True
+        )
+    ]
+
+
+class RewardHandler(BaseHTTPRequestHandler):
+    def do_POST(self) -> None:
+        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.path == "/score":
+            self._answer(200, json.dumps({"scores": served_scores(request)}))
+        elif self.path == "/slow":
+            time.sleep(SLOW_ENDPOINT_SECONDS)
+            self._answer(200, json.dumps({"scores": served_scores(request)}))
+        elif self.path == "/bad-json":
+            self._answer(200, "scores: [1, 2")
+        elif self.path == "/no-scores":
+            self._answer(200, json.dumps({"rewards": served_scores(request)}))
+        elif self.path == "/short":
+            self._answer(200, json.dumps({"scores": served_scores(request)[:-1]}))
+        elif self.path == "/nan":
+            nans = [float("nan")] * (len(request["responses"]) - 1)
+            self._answer(200, json.dumps({"scores": [0.0, *nans]}))
+        else:
+            self._answer(500, "internal failure")
+
+    def _answer(self, status: int, body: str) -> None:
+        data = body.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        try:
+            self.wfile.write(data)
+        except BrokenPipeError:
+            pass  # the client timed out and left
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="session")
+def reward_server() -> Iterator[str]:
+    """The base URL of a real threaded HTTP reward server on 127.0.0.1."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), RewardHandler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+USER_REWARDS = """
+import math
+
+import numpy as np
+
+def bonus_plus_weight(prompts, responses, *, bonus, weight, **_):
+    return [bonus + (w or 0.0) for w in weight]
+
+def numpy_lengths(prompts, responses, **_):
+    return np.array([len(r) for r in responses], dtype=np.float32)
+
+def wrong_length(prompts, responses, **_):
+    return [0.0] * (len(responses) + 1)
+
+def nan_at_1(prompts, responses, **_):
+    return [0.0, math.nan, 0.0][: len(responses)]
+
+def text_at_2(prompts, responses, **_):
+    return [0.0, 1.0, "high"][: len(responses)]
+
+def not_a_list(prompts, responses, **_):
+    return 1.0
+
+def a_dict(prompts, responses, **_):
+    return {"scores": [0.0] * len(responses)}
+
+def fail_on_bad(prompts, responses, **_):
+    for response in responses:
+        if "bad" in response:
+            raise KeyError("cannot score " + response)
+    return [1.0] * len(responses)
+
+def weighted_fail_on_bad(prompts, responses, *, weight, **_):
+    return fail_on_bad(prompts, responses)
+
+def fail_on_batches(prompts, responses, **_):
+    if len(responses) > 1:
+        raise RuntimeError("batches not supported")
+    return [1.0]
+
+threshold = 0.5
+"""
+
+
+@pytest.fixture(scope="session")
+def user_rewards(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The name of an importable module of user reward functions, written for the session."""
+    directory = tmp_path_factory.mktemp("user-rewards")
+    (directory / "rlfleet_user_rewards.py").write_text(USER_REWARDS)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(directory))
+        yield "rlfleet_user_rewards"

@@ -1,0 +1,118 @@
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from common.config import RewardConfig
+from common.schema import ROLLOUT_SCHEMA, prompt_batch, with_columns
+from reward.actor import RewardActor
+from reward.functions import sentiment
+from reward.scorers import RewardError, RewardTimeoutError
+
+
+def rollout_batch(rollout_ids, prompts, responses, metadata=None) -> pa.RecordBatch:
+    """Generated rollouts waiting for their score."""
+    batch = prompt_batch(rollout_ids, prompts, [[1, 2]] * len(prompts), metadata)
+    return with_columns(batch, response=responses, response_ids=[[3]] * len(prompts))
+
+
+SENTIMENT = RewardConfig(function="reward.functions:sentiment", num_cpus=0.5)
+EXACT_MATCH = RewardConfig(
+    function="reward.functions:exact_match", kwargs={"extract": "last_number"}, num_cpus=0.5
+)
+PROMPTS = ["Say something nice:", "Say something mean:", "Say nothing:"]
+RESPONSES = ["What a wonderful, lovely day!", "This is terrible, I hate it.", "The table is red."]
+
+
+def test_actor_fills_score_and_keeps_the_rest():
+    actor = RewardActor(0, SENTIMENT)
+    batch = rollout_batch([100, 101, 102], PROMPTS, RESPONSES)
+    scored = actor.score(batch)
+    assert scored.schema == ROLLOUT_SCHEMA
+    expected = np.array(sentiment(PROMPTS, RESPONSES), dtype=np.float32)
+    assert scored.column("score").to_numpy().tolist() == expected.tolist()
+    assert scored.drop_columns(["score"]).equals(batch.drop_columns(["score"]))
+    stats = actor.stats()
+    assert (stats["batches_scored"], stats["samples_scored"], stats["errors"]) == (1, 3, 0)
+    assert stats["last_latency_s"] > 0
+
+
+def test_actor_passes_metadata_fields_to_the_function():
+    actor = RewardActor(0, EXACT_MATCH)
+    batch = rollout_batch([1, 2], ["2+2=", "3+3="], ["4", "7"], [{"answer": 4}, {"answer": 6}])
+    assert actor.score(batch).column("score").to_pylist() == [1.0, 0.0]
+
+
+def test_actor_error_names_rollout_id_and_sample_text():
+    actor = RewardActor(3, EXACT_MATCH)
+    batch = rollout_batch(
+        [15, 16, 17], ["a", "b", "c"], ["1", "2", "x" * 200], [{"answer": 1}] * 2 + [{}]
+    )
+    with pytest.raises(RewardError) as raised:
+        actor.score(batch)
+    message = str(raised.value)
+    assert (
+        "reward actor 3 failed on rollout 17: reward function 'reward.functions:exact_match' "
+        "raised ValueError: exact_match: sample 2 has no 'answer'" in message
+    )
+    assert "prompt 'c', response '" + "x" * 80 + "'... (200 chars)]" in message
+    assert raised.value.indices == (2,)
+    assert actor.stats()["errors"] == 1
+
+
+def test_actor_rejects_rollouts_without_response():
+    actor = RewardActor(0, SENTIMENT)
+    batch = rollout_batch([5, 6], ["a", "b"], ["fine", None])
+    with pytest.raises(RewardError, match="failed on rollout 6: no response to score"):
+        actor.score(batch)
+
+
+def test_actor_rejects_metadata_that_is_not_a_json_object():
+    actor = RewardActor(0, SENTIMENT)
+    batch = with_columns(
+        rollout_batch([8, 9], ["a", "b"], ["x", "y"]), metadata=["{}", json.dumps([1])]
+    )
+    with pytest.raises(
+        RewardError, match="failed on rollout 9: metadata is a JSON list, not an object"
+    ):
+        actor.score(batch)
+
+
+@pytest.mark.slow
+def test_reward_actors_in_ray_score_and_report_failures(ray_local):
+    ray = ray_local
+    actors = [
+        ray.remote(RewardActor)
+        .options(num_cpus=config.num_cpus, num_gpus=config.num_gpus)
+        .remote(i, config)
+        for i, config in enumerate([SENTIMENT, EXACT_MATCH])
+    ]
+    assert ray.get([actor.ready.remote() for actor in actors]) == [True, True]
+
+    scored = ray.get(actors[0].score.remote(rollout_batch([100, 101, 102], PROMPTS, RESPONSES)))
+    expected = np.array(sentiment(PROMPTS, RESPONSES), dtype=np.float32)
+    assert scored.column("score").to_numpy().tolist() == expected.tolist()
+
+    failing = rollout_batch(
+        [41, 42], ["2+2=", "3+3="], ["4", "six"], [{"answer": 4}, {"answer": "six"}]
+    )
+    with pytest.raises(RewardError, match="failed on rollout 42: .*'six' is not a number"):
+        ray.get(actors[1].score.remote(failing))
+
+    stats = ray.get([actor.stats.remote() for actor in actors])
+    assert (stats[0]["samples_scored"], stats[0]["errors"]) == (3, 0)
+    assert (stats[1]["samples_scored"], stats[1]["errors"]) == (0, 1)
+
+
+@pytest.mark.slow
+def test_remote_reward_actor_in_ray_counts_timeouts(ray_local, reward_server):
+    ray = ray_local
+    config = RewardConfig(url=f"{reward_server}/slow", timeout_s=0.2, num_cpus=0.5)
+    actor = ray.remote(RewardActor).options(num_cpus=config.num_cpus).remote(0, config)
+    with pytest.raises(
+        RewardTimeoutError, match=r"failed on rollout 7: .*did not answer within 0.2 s"
+    ):
+        ray.get(actor.score.remote(rollout_batch([7], ["a"], ["b"])))
+    stats = ray.get(actor.stats.remote())
+    assert (stats["timeouts"], stats["errors"], stats["samples_scored"]) == (1, 0, 0)
