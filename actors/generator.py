@@ -7,8 +7,6 @@ resources from the config: ``RemoteGenerator.options(**generator_options(config)
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pyarrow as pa
 import ray
 
@@ -30,7 +28,7 @@ class GeneratorActor:
         self._index = index
         self._config = config
         self._engine = make_engine(model_dir, config, seed + index)
-        self._tokenizer = AutoTokenizer.from_pretrained(str(Path(model_dir)))
+        self._tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self._version = 0
 
     def ready(self) -> bool:

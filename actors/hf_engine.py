@@ -23,7 +23,8 @@ class HFEngine:
         self._model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
         self._model.eval()
         config = self._model.config
-        self._eos_ids = _as_list(self._model.generation_config.eos_token_id or config.eos_token_id)
+        eos = self._model.generation_config.eos_token_id
+        self._eos_ids = _as_list(config.eos_token_id if eos is None else eos)
         self._pad_id = self._eos_ids[0] if self._eos_ids else 0
         self._context = getattr(config, "n_positions", None) or config.max_position_embeddings
         self._rng = torch.Generator().manual_seed(seed)

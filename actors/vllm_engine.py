@@ -8,11 +8,11 @@ Logprobs are vLLM's default ``raw_logprobs``: the log-softmax of the model's log
 temperature, top-k and top-p, for the sampled token only.
 
 Weights are reloaded in place on every worker through ``collective_rpc`` (see
-``reload_worker_weights``); the engine is never restarted. The engine core always runs in this
-process (the engine sets ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, on GPUs too): the reload
-function and the weights then reach the worker as plain Python objects, without the copy and
-the pickled-callable permission (``VLLM_ALLOW_INSECURE_SERIALIZATION``) a separate engine
-process would need.
+``reload_worker_weights``) and the prefix cache is reset; the engine is never restarted. The
+engine core always runs in this process (the engine sets ``VLLM_ENABLE_V1_MULTIPROCESSING=0``,
+on GPUs too): the reload function and the weights then reach the worker as plain Python
+objects, without the copy and the pickled-callable permission
+(``VLLM_ALLOW_INSECURE_SERIALIZATION``) a separate engine process would need.
 """
 
 from __future__ import annotations
@@ -100,7 +100,11 @@ class VLLMEngine:
         return [params(spec.seed + i) for i in range(n)]
 
     def load_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Reload in place, then drop the prefix cache: its KV blocks were computed with the
+        old weights and would otherwise be reused for prompts that share a cached prefix."""
         self._llm.collective_rpc(reload_worker_weights, args=(list(state_dict.items()),))
+        if not self._llm.reset_prefix_cache():
+            raise RuntimeError("vLLM could not reset its prefix cache after a weight reload")
 
 
 def _completion(output) -> Completion:

@@ -11,7 +11,7 @@ Ray sets ``OMP_NUM_THREADS`` to an actor's ``num_cpus``; the bare process runs t
 actor's thread count (the like-for-like baseline) and with OpenMP's default of every core,
 which on a loaded 2-core machine is far slower (spinning OpenMP threads wait on each other).
 
-    .venv/bin/python bench/generation.py [--prompts 64] [--tokens 32] [--runs 7]
+    .venv/bin/python bench/generation.py [--prompts 64] [--tokens 32] [--runs 15] [--engine vllm|hf]
 """
 
 from __future__ import annotations
@@ -96,11 +96,32 @@ def asking(connection: Connection, batch: pa.RecordBatch) -> Callable[[], int]:
     return generate
 
 
+def measure(sides: dict[str, Callable[[], int]], runs: int) -> dict[str, list[float]]:
+    """Tokens per second of each side, ``runs`` times, the sides alternating, after a warm-up."""
+    for generate in sides.values():
+        generate()
+    rates: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(runs):
+        for name, generate in sides.items():
+            rates[name].append(tokens_per_second(generate))
+    return rates
+
+
+def median_round_trip_ms(actor: ray.actor.ActorHandle, calls: int = 20) -> float:
+    """Ray's own cost per call: the median round trip of a call that does nothing."""
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        ray.get(actor.policy_version.remote())
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--engine", choices=["vllm", "hf"], default="vllm")
     args = parser.parse_args()
 
@@ -128,12 +149,8 @@ def main() -> None:
         sides[f"Ray actor, num_cpus={config.num_cpus:g}"] = lambda: count_tokens(
             ray.get(actor.generate.remote(batch))
         )
-        for generate in sides.values():
-            generate()  # warm-up
-        rates: dict[str, list[float]] = {name: [] for name in sides}
-        for _ in range(args.runs):
-            for name, generate in sides.items():
-                rates[name].append(tokens_per_second(generate))
+        rates = measure(sides, args.runs)
+        round_trip_ms = median_round_trip_ms(actor)
         for connection, process in bare.values():
             connection.send(None)
             process.join()
@@ -146,6 +163,7 @@ def main() -> None:
         f"load average {os.getloadavg()[0]:.1f})"
     )
     print_table(rates, baseline=like_for_like)
+    print(f"Ray round trip of a no-op actor call: {round_trip_ms:.1f} ms (median)")
 
 
 def print_table(rates: dict[str, list[float]], baseline: str) -> None:

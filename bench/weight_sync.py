@@ -6,6 +6,10 @@ hold the new version. Times are split into pack + put (learner side, once) and l
 last generator has loaded). 1-generator and 3-generator syncs alternate run by run so that load
 from other processes on a shared machine hits both alike. Target: 3 generators <= 1.5x 1.
 
+The in-place reload is CPU work in each generator (vLLM's layerwise reload and CPU GEMM
+repacking), so on C cores 3 reloads take at least 3/min(3, C) times one: 1.5x on 2 cores,
+before any load from other processes.
+
 A second table times only the transfer, for the packed format and for a plain state dict of
 torch tensors put as is: N reader actors ``ray.get`` the object and sum its tensors.
 

@@ -4,6 +4,9 @@ The tiny demo model is pretrained on these sentences, and the demo prompts are t
 ("the movie was", "honestly this phone is"). Sentences are positive, negative or neutral in
 about equal parts, so a pretrained model continues a review prompt either way and the sentiment
 reward starts near zero with room for PPO to raise it.
+
+``examples/demo_prompts.jsonl`` is ``write_demo_prompts``'s output, committed (a test keeps the
+two in step): ``python -c "import common.corpus as c; c.write_demo_prompts(PATH)"``.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ SUBJECTS: dict[str, tuple[tuple[str, bool], ...]] = {
         ("coffee", False),
         ("service", False),
         ("restaurant", False),
-        ("fries", True),
+        ("burgers", True),
     ),
     "place": (
         ("hotel", False),
@@ -158,17 +161,12 @@ SENTIMENTS = ("positive", "negative", "neutral")
 
 @dataclass(frozen=True)
 class _Subject:
-    domain: str
     noun: str
     plural: bool
 
 
 def _all_subjects() -> list[_Subject]:
-    return [
-        _Subject(domain, noun, plural)
-        for domain, subjects in SUBJECTS.items()
-        for noun, plural in subjects
-    ]
+    return [_Subject(noun, plural) for subjects in SUBJECTS.values() for noun, plural in subjects]
 
 
 def _domain_word(subject: _Subject) -> str:
@@ -176,15 +174,20 @@ def _domain_word(subject: _Subject) -> str:
     return subject.noun if not subject.plural else subject.noun[:-1]
 
 
-def _opening(rng: random.Random, subject: _Subject) -> str:
-    """The prompt part of a sentence: opener, determiner, noun, verb ("honestly the film was")."""
-    opener = rng.choice(OPENERS)
-    determiner = rng.choice(DETERMINERS)
+def _verbs(subject: _Subject) -> tuple[str, str]:
+    return ("are", "were") if subject.plural else ("is", "was")
+
+
+def _join_opening(opener: str, determiner: str, subject: _Subject, verb: str) -> str:
     if subject.plural and determiner == "this":
         determiner = "these"
-    verb = rng.choice(("are", "were") if subject.plural else ("is", "was"))
-    words = [opener, determiner, subject.noun, verb]
-    return " ".join(word for word in words if word)
+    return " ".join(word for word in (opener, determiner, subject.noun, verb) if word)
+
+
+def _opening(rng: random.Random, subject: _Subject) -> str:
+    """The prompt part of a sentence: opener, determiner, noun, verb ("honestly the film was")."""
+    opener, determiner = rng.choice(OPENERS), rng.choice(DETERMINERS)
+    return _join_opening(opener, determiner, subject, rng.choice(_verbs(subject)))
 
 
 def _adjective_phrase(rng: random.Random, adjective: str) -> str:
@@ -220,14 +223,24 @@ def review_sentences(n: int = 6000, seed: int = 0) -> list[str]:
     return sentences
 
 
+def all_openings() -> list[str]:
+    """Every distinct review opening the corpus uses, sorted."""
+    openings = {
+        _join_opening(opener, determiner, subject, verb)
+        for opener in OPENERS
+        for determiner in DETERMINERS
+        for subject in _all_subjects()
+        for verb in _verbs(subject)
+    }
+    return sorted(openings)
+
+
 def demo_prompts(n: int = 300, seed: int = 1) -> list[str]:
-    """``n`` distinct review openings ("the movie was"), in a fixed order for the same ``seed``."""
-    rng = random.Random(seed)
-    subjects = _all_subjects()
-    prompts: dict[str, None] = {}
-    while len(prompts) < n:
-        prompts.setdefault(_opening(rng, rng.choice(subjects)))
-    return list(prompts)
+    """``n`` distinct review openings ("the movie was"), the same list for the same ``seed``."""
+    openings = all_openings()
+    if not 1 <= n <= len(openings):
+        raise ValueError(f"n must be between 1 and {len(openings)} (distinct openings), got {n}")
+    return random.Random(seed).sample(openings, n)
 
 
 def write_demo_prompts(path: str | Path, n: int = 300, seed: int = 1) -> Path:

@@ -129,21 +129,19 @@ def build_tiny_model(
     return out_dir
 
 
-def _sentence_batches(
-    token_ids: list[list[int]], batch_size: int, steps: int, rng: random.Random, pad_id: int
-):
-    """``steps`` right-padded batches of whole sentences: (input_ids, attention_mask, labels)."""
-    for _ in range(steps):
-        batch = rng.sample(token_ids, batch_size)
-        width = max(len(ids) for ids in batch)
-        input_ids = torch.full((batch_size, width), pad_id, dtype=torch.long)
-        labels = torch.full((batch_size, width), -100, dtype=torch.long)
-        mask = torch.zeros((batch_size, width), dtype=torch.long)
-        for row, ids in enumerate(batch):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            labels[row, : len(ids)] = torch.tensor(ids)
-            mask[row, : len(ids)] = 1
-        yield input_ids, mask, labels
+def sentence_batch(
+    token_ids: list[list[int]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ``(input_ids, attention_mask, labels)``; padding is masked out of the loss."""
+    width = max(len(ids) for ids in token_ids)
+    input_ids = torch.full((len(token_ids), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(token_ids), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(token_ids), width), dtype=torch.long)
+    for row, ids in enumerate(token_ids):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(ids)] = torch.tensor(ids)
+        mask[row, : len(ids)] = 1
+    return input_ids, mask, labels
 
 
 def corpus_token_ids(tokenizer, sentences: list[str]) -> list[list[int]]:
@@ -197,10 +195,11 @@ def _pretrain(out_dir: Path, *, steps: int, seed: int, batch_size: int, lr: floa
     )
     token_ids = corpus_token_ids(tokenizer, review_sentences())
     model.train()
-    batches = _sentence_batches(
-        token_ids, batch_size, steps, random.Random(seed), tokenizer.pad_token_id
-    )
-    for input_ids, mask, labels in batches:
+    rng = random.Random(seed)
+    for _ in range(steps):
+        input_ids, mask, labels = sentence_batch(
+            rng.sample(token_ids, batch_size), tokenizer.pad_token_id
+        )
         loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -107,16 +107,16 @@ class LearnerActor:
         self.metrics.record_step(stats, time.perf_counter() - started, self.version)
         return stats
 
-    def publish_weights(self) -> list[ray.ObjectRef]:
-        """Puts the current policy once in the object store; the ref is wrapped so Ray keeps it
-        a reference (generators then read the one copy)."""
+    def publish_weights(self) -> tuple[int, list[ray.ObjectRef]]:
+        """Puts the current policy once in the object store: ``(version, [ref])``; the ref is
+        wrapped so that Ray hands it over as a reference (generators then read the one copy)."""
         started = time.perf_counter()
         packed = pack_state_dict(self.trainer.model.pretrained_model.state_dict(), self.version)
         ref = ray.put(packed)
         self.metrics.record_weight_broadcast(
             time.perf_counter() - started, packed.nbytes, self.version
         )
-        return [ref]
+        return self.version, [ref]
 
     def metrics_target(self) -> MetricsTarget | None:
         """Where this actor serves its Prometheus metrics (None when metrics are disabled)."""

@@ -410,8 +410,7 @@ class PPOJob:
 
     def sync_weights(self) -> None:
         """Publishes the learner's policy once and waits until every generator holds it."""
-        [self.weights_ref] = ray.get(self.learner.publish_weights.remote())
-        self.weights_version = ray.get(self.learner.policy_version.remote())
+        self.weights_version, [self.weights_ref] = ray.get(self.learner.publish_weights.remote())
         versions = self.generators.call_all("load_weights", self.weights_ref)
         for index, version in enumerate(versions):
             if version is not None:
@@ -438,7 +437,8 @@ class PPOJob:
         all_stats = []
         bar = tqdm(total=self.config.iterations, initial=self.iteration, desc="ppo", unit="it")
         with stats_path.open("a") as out:
-            batch, pending, dispatch_s = self.start_generation()
+            if self.iteration < self.config.iterations:
+                batch, pending, dispatch_s = self.start_generation()
             while self.iteration < self.config.iterations:
                 stats, batch, pending, dispatch_s = self.run_iteration(batch, pending, dispatch_s)
                 out.write(json.dumps(stats) + "\n")

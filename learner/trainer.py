@@ -108,24 +108,50 @@ def response_forward(
     packed = hidden[rows_t, torch.tensor(hidden_index, device=device)]
     logits = lm_head_of(model)(packed).float()
     labels = torch.cat(responses)
-    log_normalizer = torch.logsumexp(logits, dim=-1)
-    logprobs = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - log_normalizer
 
     def unpack(values: torch.Tensor) -> torch.Tensor:
         out = values.new_zeros(len(rows), width)
         out[rows_t, torch.tensor(out_index, device=device)] = values
         return out
 
-    outputs = ResponseOutputs(logprobs=unpack(logprobs))
+    if with_full_logprobs:
+        full_logprobs = torch.log_softmax(logits, dim=-1)
+        logprobs = full_logprobs.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        outputs = ResponseOutputs(logprobs=unpack(logprobs), full_logprobs=full_logprobs)
+    else:
+        logprobs, entropy = TokenLogprobs.apply(logits, labels)
+        outputs = ResponseOutputs(logprobs=unpack(logprobs))
+        if with_entropy:
+            outputs.entropy = unpack(entropy)
     if with_values:
         outputs.values = unpack(model.v_head(packed).squeeze(-1))
-    if with_entropy:
-        with torch.no_grad():
-            probs = torch.exp(logits - log_normalizer.unsqueeze(-1))
-            outputs.entropy = unpack(log_normalizer - (probs * logits).sum(-1))
-    if with_full_logprobs:
-        outputs.full_logprobs = logits - log_normalizer.unsqueeze(-1)
     return outputs
+
+
+class TokenLogprobs(torch.autograd.Function):
+    """``log softmax(logits)[label]`` and the (non-differentiable) entropy per row.
+
+    One softmax serves the logprob, the entropy ``logsumexp(x) - sum(p * x)`` and the backward
+    pass ``d logprob / d x = onehot(label) - p``, instead of autograd's separate passes over the
+    ``[n_tokens, vocab]`` logits.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor):
+        log_normalizer = torch.logsumexp(logits, dim=-1, keepdim=True)
+        probs = torch.exp(logits - log_normalizer)
+        logprobs = (logits.gather(-1, labels.unsqueeze(-1)) - log_normalizer).squeeze(-1)
+        entropy = log_normalizer.squeeze(-1) - torch.linalg.vecdot(probs, logits)
+        ctx.save_for_backward(probs, labels)
+        ctx.mark_non_differentiable(entropy)
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs: torch.Tensor, _grad_entropy: torch.Tensor):
+        probs, labels = ctx.saved_tensors
+        grad_logits = probs * -grad_logprobs.unsqueeze(-1)
+        grad_logits.scatter_add_(-1, labels.unsqueeze(-1), grad_logprobs.unsqueeze(-1))
+        return grad_logits, None
 
 
 def backbone_of(model: nn.Module) -> nn.Module:
@@ -220,7 +246,9 @@ class PPOTrainer:
         self.lr_scheduler = lr_scheduler
         self.dataset = dataset
         self.data_collator = data_collator
-        self.dataloader = self.prepare_dataloader(dataset, data_collator) if dataset else None
+        self.dataloader = (
+            None if dataset is None else self.prepare_dataloader(dataset, data_collator)
+        )
         if config.adap_kl_ctrl:
             self.kl_ctl = ppo.AdaptiveKLController(
                 config.init_kl_coef, config.target, config.horizon
@@ -412,12 +440,16 @@ class PPOTrainer:
         device = self.current_device
         for name, items in (("queries", queries), ("responses", responses)):
             for i, ids in enumerate(items):
-                if not isinstance(ids, torch.Tensor) or ids.dim() != 1:
-                    raise ValueError(f"{name}[{i}] must be a 1-D tensor of token ids")
+                if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.is_floating_point():
+                    raise ValueError(f"{name}[{i}] must be a 1-D tensor of integer token ids")
                 if len(ids) == 0:
                     raise ValueError(f"{name}[{i}] is empty")
-                if ids.is_floating_point() or int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
-                    raise ValueError(f"{name}[{i}] has token ids outside [0, {vocab_size})")
+            every_id = torch.cat([ids.cpu() for ids in items])
+            if every_id.min() < 0 or every_id.max() >= vocab_size:
+                bad = next(
+                    i for i, ids in enumerate(items) if ids.min() < 0 or ids.max() >= vocab_size
+                )
+                raise ValueError(f"{name}[{bad}] has token ids outside [0, {vocab_size})")
         checked_scores = []
         for i, score in enumerate(scores):
             score = torch.as_tensor(score)
@@ -507,6 +539,7 @@ class PPOTrainer:
             permutation = self.shuffle_rng.permutation(config.batch_size)
             for start in range(0, config.batch_size, config.backward_batch_size):
                 backward_rows = permutation[start : start + config.backward_batch_size]
+                skipped = False
                 for mini_start in range(0, config.backward_batch_size, config.mini_batch_size):
                     rows = backward_rows[mini_start : mini_start + config.mini_batch_size].tolist()
                     outputs = response_forward(
@@ -520,10 +553,12 @@ class PPOTrainer:
                         advantages[rows],
                         returns[rows],
                     )
-                    if loss is not None:
+                    if loss is None:
+                        skipped = True
+                    else:
                         (loss / config.gradient_accumulation_steps).backward()
                     all_stats.append(stats)
-                self._optimizer_step()
+                self._optimizer_step(zero_fill_missing_grads=skipped)
             if config.early_stopping and all_stats[-1]["policy/policykl"] > 1.5 * config.target_kl:
                 self.optimizer.zero_grad()
                 break
@@ -583,16 +618,17 @@ class PPOTrainer:
         }
         return trained_loss, stats
 
-    def _optimizer_step(self) -> None:
+    def _optimizer_step(self, zero_fill_missing_grads: bool) -> None:
         """Clip (if ``max_grad_norm``), step and zero the gradients of the trainable parameters.
 
-        A parameter without a gradient (its minibatches were all skipped) gets a zero gradient,
-        so Adam still advances it exactly as TRL's ``0 * loss`` backward did.
+        After a skipped minibatch, parameters without a gradient get a zero one, so the optimizer
+        still steps them as TRL's ``0 * loss`` backward did (minus its NaN when the loss is inf).
         """
         parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
-        for parameter in parameters:
-            if parameter.grad is None and parameter.requires_grad:
-                parameter.grad = torch.zeros_like(parameter)
+        if zero_fill_missing_grads:
+            for parameter in parameters:
+                if parameter.grad is None:
+                    parameter.grad = torch.zeros_like(parameter)
         if self.config.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(parameters, self.config.max_grad_norm)
         self.optimizer.step()

@@ -9,8 +9,8 @@ import torch
 
 from actors.engine import Completion
 
-PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14]]
-"""Prompts of different lengths, so batched engines must pad correctly."""
+PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14], list(range(20, 120))]
+"""Prompts of very different lengths, so batched engines must pad correctly."""
 
 
 def load_model(model_dir: Path) -> torch.nn.Module:

@@ -56,3 +56,25 @@ def test_sampling_shapes_and_seeded_repeat(engine, tiny_model_dir):
     assert first == engine.generate(PROMPTS, spec)
     assert all(len(c.token_ids) == len(c.logprobs) == 5 for c in first)
     assert all(c.finish_reason == "length" and max(c.logprobs) < 0 for c in first)
+
+
+def test_sync_drops_kv_blocks_cached_with_the_old_weights(tmp_path_factory):
+    """A prompt that fills a KV block (128 tokens on CPU) is prefix-cached; after a sync, its
+    cached keys and values belong to the old weights and must not be reused."""
+    from actors.vllm_engine import VLLMEngine
+    from common.tiny_model import build_tiny_model
+
+    old, new = (
+        build_tiny_model(
+            tmp_path_factory.mktemp(f"long-context-{seed}"), n_positions=320, seed=seed
+        )
+        for seed in (0, 1)
+    )
+    engine = VLLMEngine(old, GeneratorConfig(kv_cache_gib=0.125), seed=0)
+    prompt = [list(range(20, 280))]
+    engine.generate(prompt, SamplingSpec.greedy(4))
+    new_model = load_model(new)
+    engine.load_weights(new_model.state_dict())
+    assert_same_completions(
+        engine.generate(prompt, SamplingSpec.greedy(4)), reference(new_model, prompt, 4)
+    )

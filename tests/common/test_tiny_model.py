@@ -12,12 +12,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Tokenizer
 
 from common import tiny_model
-from common.corpus import demo_prompts, review_sentences
+from common.corpus import all_openings, demo_prompts, review_sentences
 from common.tiny_model import (
     EOS_TOKEN,
     build_tiny_model,
     corpus_token_ids,
     pretrain_demo_model,
+    sentence_batch,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,13 +39,9 @@ def _corpus_loss(model_dir: Path, n_sentences: int = 256) -> float:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     token_ids = corpus_token_ids(tokenizer, review_sentences()[:n_sentences])
-    total, count = 0.0, 0
+    input_ids, mask, labels = sentence_batch(token_ids, tokenizer.pad_token_id)
     with torch.no_grad():
-        for ids in token_ids:
-            input_ids = torch.tensor([ids])
-            total += model(input_ids=input_ids, labels=input_ids).loss.item() * (len(ids) - 1)
-            count += len(ids) - 1
-    return total / count
+        return model(input_ids=input_ids, attention_mask=mask, labels=labels).loss.item()
 
 
 def test_two_builds_write_identical_files(tmp_path: Path) -> None:
@@ -133,6 +130,13 @@ def test_corpus_and_prompts_are_reproducible() -> None:
     assert review_sentences(100, seed=3) != review_sentences(100, seed=4)
     prompts = demo_prompts()
     assert len(prompts) == len(set(prompts)) == 300
+    assert set(prompts) <= set(all_openings())
+
+
+@pytest.mark.parametrize("n", [0, len(all_openings()) + 1])
+def test_demo_prompts_beyond_the_distinct_openings_is_an_error(n: int) -> None:
+    with pytest.raises(ValueError, match=f"got {n}"):
+        demo_prompts(n)
 
 
 def test_committed_demo_prompts_match_the_generator() -> None:

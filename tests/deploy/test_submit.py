@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -16,8 +17,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -50,6 +53,8 @@ def wait_for_dashboard(url: str, proc: subprocess.Popen, log: Path, timeout_s: f
             with urllib.request.urlopen(f"{url}/api/version", timeout=2) as response:
                 if response.status == 200:
                     return
+        except urllib.error.HTTPError:
+            return  # it answered: 401 on a token-auth cluster
         except OSError:
             time.sleep(1)
     raise TimeoutError(f"no Ray dashboard at {url} after {timeout_s} s:\n{log.read_text()}")
@@ -73,15 +78,16 @@ def stop_cluster(proc: subprocess.Popen, temp_dir: str) -> None:
     psutil.wait_procs(leftovers, timeout=10)
 
 
-@pytest.fixture(scope="module")
-def ray_head() -> Iterator[str]:
-    """A real single-node Ray cluster on 127.0.0.1; yields its dashboard (job API) address."""
+@contextmanager
+def ray_cluster(auth_env: dict[str, str]) -> Iterator[str]:
+    """A real single-node Ray cluster on 127.0.0.1 with the given RAY_AUTH_* settings; yields
+    its dashboard (job API) address."""
     temp_dir = tempfile.mkdtemp(prefix="rlf-", dir="/tmp")
     gcs, dashboard, client, node, objects, agent, agent_grpc, metrics, env_agent = free_ports(9)
     workers = ",".join(map(str, free_ports(40)))
     env = {
         **os.environ,
-        "RAY_AUTH_MODE": "disabled",
+        **auth_env,
         "RAY_ADDRESS": "",
         "PATH": f"{BIN}:{os.environ['PATH']}",
         "TMPDIR": temp_dir,
@@ -126,6 +132,12 @@ def ray_head() -> Iterator[str]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def ray_head() -> Iterator[str]:
+    with ray_cluster({"RAY_AUTH_MODE": "disabled"}) as address:
+        yield address
+
+
 def tiny_job_dir(root: Path, model_dir: Path, output_dir: Path) -> Path:
     """A working dir with the model, prompts and a 2-iteration job config, paths relative."""
     job_dir = root / "job"
@@ -145,18 +157,15 @@ def tiny_job_dir(root: Path, model_dir: Path, output_dir: Path) -> Path:
     return job_dir
 
 
-@pytest.mark.slow
-def test_rlfleet_submit_runs_a_job_to_success_on_a_real_cluster(
-    ray_head: str, tiny_model_dir: Path, tmp_path: Path
-) -> None:
-    output_dir = tmp_path / "out"
-    job_dir = tiny_job_dir(tmp_path, tiny_model_dir, output_dir)
-    proc = subprocess.run(
+def rlfleet_submit(address: str, job_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    """``rlfleet submit`` from a client with no Ray auth settings of its own."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    return subprocess.run(
         [
             str(BIN / "rlfleet"),
             "submit",
             "--address",
-            ray_head,
+            address,
             "--working-dir",
             str(job_dir),
             "--config",
@@ -165,18 +174,45 @@ def test_rlfleet_submit_runs_a_job_to_success_on_a_real_cluster(
             str(REPO / "deploy" / "ray" / "runtime_env.yaml"),
             "--timeout",
             "400",
+            *extra,
         ],
         capture_output=True,
         text=True,
-        env={**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ""},
+        env={**env, "RAY_ADDRESS": "", "HOME": str(job_dir.parent)},
         timeout=480,
     )
+
+
+@pytest.mark.slow
+def test_rlfleet_submit_runs_a_job_to_success_on_a_real_cluster(
+    ray_head: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    output_dir = tmp_path / "out"
+    job_dir = tiny_job_dir(tmp_path, tiny_model_dir, output_dir)
+    proc = rlfleet_submit(ray_head, job_dir)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "SUCCEEDED" in proc.stdout
     assert "done: 2 iterations, 16 rollouts" in proc.stdout
     stats = [json.loads(line) for line in (output_dir / "stats.jsonl").read_text().splitlines()]
     assert [line["iteration"] for line in stats] == [1, 2]
     assert [line["rollout_ids"] for line in stats] == [[0, 7], [8, 15]]
+
+
+@pytest.mark.slow
+def test_a_token_cluster_refuses_a_submission_without_the_token_and_runs_one_with_it(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    token = secrets.token_hex(16)
+    (tmp_path / "token").write_text(token)
+    output_dir = tmp_path / "out"
+    job_dir = tiny_job_dir(tmp_path, tiny_model_dir, output_dir)
+    with ray_cluster({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}) as address:
+        refused = rlfleet_submit(address, job_dir)
+        accepted = rlfleet_submit(address, job_dir, "--token-file", str(tmp_path / "token"))
+    assert refused.returncode != 0
+    assert "Authentication required" in refused.stderr
+    assert accepted.returncode == 0, accepted.stdout + accepted.stderr
+    assert "done: 2 iterations, 16 rollouts" in accepted.stdout
 
 
 def test_the_entrypoint_repeats_the_train_arguments() -> None:

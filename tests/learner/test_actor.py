@@ -115,7 +115,8 @@ def test_published_weights_load_into_a_generator_whose_greedy_output_matches_the
     try:
         before = ray.get(learner.greedy.remote(probe, 6))
         ray.get(learner.step.remote(scored_batch(0)))
-        [weights] = ray.get(learner.publish_weights.remote())
+        version, [weights] = ray.get(learner.publish_weights.remote())
+        assert version == 1
         assert ray.get(generator.load_weights.remote(weights)) == 1
         after = ray.get(learner.greedy.remote(probe, 6))
         completions = ray.get(generator.greedy.remote(probe, 6))

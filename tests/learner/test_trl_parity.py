@@ -7,9 +7,15 @@ updated weights (value head included) must agree.
 
 How stats are compared:
 
-- scalar stats: ``rtol=1e-5, atol=1e-6``. TRL itself moves by up to ~1e-6 relative under a
-  mathematically neutral change (one thread instead of two), and rlfleet pads differently (per
-  minibatch, response positions only), which changes float32 summation order, not the math;
+- first ``step`` of a trainer: ``rtol=1e-5, atol=1e-6``. TRL itself moves by up to ~6e-6
+  relative under a mathematically neutral change (another padding width, or one thread instead
+  of two), and rlfleet pads differently (per minibatch, response positions only), which changes
+  float32 summation order, not the math. ``objective/kl`` and ``objective/kl_dist`` get
+  ``atol=1e-5``: each is a per-sample sum of up to a dozen differences of logprobs near -4.9,
+  each rounded to ~3e-7, that cancel to values near 0;
+- later steps: ``rtol=1e-3, atol=1e-5``. They start from weights that already differ by
+  Adam-amplified rounding (see :func:`weight_mismatches`); TRL against itself with another
+  padding width differs there by up to 1.3e-4 relative (``objective/kl`` at batch size 1);
 - array stats whose layout is TRL's padding (``objective/logprobs``, ``objective/ref_logprobs``:
   ``[batch, padded_len - 1]``; ``ppo/policy/advantages``, ``ppo/policy/ratio``: every
   minibatch's ``[mini_batch, padded_len - 1]`` grid flattened) are compared on the response
@@ -17,7 +23,9 @@ How stats are compared:
   values. rlfleet returns ``[batch, max_response_len]`` and packed response tokens, in the same
   minibatch order;
 - ``time/ppo/*``: only present and non-negative;
-- the three std stats TRL reports as NaN at batch size 1 (``torch.std`` of one value) must be 0.
+- the three std stats TRL reports as NaN at batch size 1 (``torch.std`` of one value) must be 0;
+- updated weights: ``atol=0.02 * learning_rate``, attention key bias left out (see
+  :func:`weight_mismatches` and :func:`without_key_bias`).
 """
 
 from __future__ import annotations
@@ -33,14 +41,19 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, GPT2Config
 
+# Submodules, not ``from learner import ...``: with pytest's default import mode, tests/ lands on
+# sys.path and the test folder tests/learner shadows the package root as a namespace package.
 from common.config import PPOConfig
 from learner.trainer import PPOTrainer
 from learner.value_head import AutoModelForCausalLMWithValueHead
 
 REFERENCE = Path(__file__).parent / "trl_reference"
 CASE_NAMES = sorted(path.stem for path in (REFERENCE / "cases").glob("*.json"))
-STAT_RTOL, STAT_ATOL = 1e-5, 1e-6
-WEIGHT_RTOL, WEIGHT_ATOL = 1e-5, 1e-6
+FIRST_STEP_TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
+KL_SUM_STATS = ("objective/kl", "objective/kl_dist")
+KL_SUM_TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
+LATER_STEP_TOLERANCE = {"rtol": 1e-3, "atol": 1e-5}
+WEIGHT_RTOL, WEIGHT_ATOL_IN_LR = 1e-5, 2e-2
 RESPONSE_GRID_STATS = ("objective/logprobs", "objective/ref_logprobs")
 MINIBATCH_GRID_STATS = ("ppo/policy/advantages", "ppo/policy/ratio")
 NAN_IN_TRL_AT_BATCH_1 = ("ppo/std_scores", "tokens/queries_len_std", "tokens/responses_len_std")
@@ -99,8 +112,14 @@ def rlfleet_meaningful(key: str, value: Any, record: dict[str, Any]) -> np.ndarr
     return array
 
 
+def stat_tolerance(key: str, step_index: int) -> dict[str, float]:
+    if step_index > 0:
+        return LATER_STEP_TOLERANCE
+    return KL_SUM_TOLERANCE if key in KL_SUM_STATS else FIRST_STEP_TOLERANCE
+
+
 def stat_mismatches(
-    stats: dict[str, Any], record: dict[str, Any], mini: int, batch_size: int
+    stats: dict[str, Any], record: dict[str, Any], mini: int, batch_size: int, step_index: int
 ) -> list[str]:
     """Every stat that differs from TRL's beyond float32 rounding, described."""
     problems = []
@@ -121,7 +140,7 @@ def stat_mismatches(
         got = rlfleet_meaningful(key, actual, record)
         if want.shape != got.shape:
             problems.append(f"{key}: shape {got.shape}, TRL {want.shape}")
-        elif not np.allclose(got, want, rtol=STAT_RTOL, atol=STAT_ATOL, equal_nan=False):
+        elif not np.allclose(got, want, **stat_tolerance(key, step_index)):
             diff = np.abs(got - want)
             worst = int(np.argmax(diff))
             problems.append(
@@ -131,17 +150,39 @@ def stat_mismatches(
     return problems
 
 
-def weight_mismatches(model: AutoModelForCausalLMWithValueHead, name: str) -> list[str]:
+def without_key_bias(key: str, tensor: torch.Tensor) -> torch.Tensor:
+    """Drops the attention key bias (the middle third of GPT-2's ``c_attn.bias``): softmax is
+    invariant to it, so its exact gradient is 0 and Adam turns the rounding noise left in its
+    place into arbitrary updates of up to ``lr`` in TRL and rlfleet alike."""
+    if not key.endswith("attn.c_attn.bias"):
+        return tensor
+    third = tensor.shape[0] // 3
+    return torch.cat([tensor[:third], tensor[2 * third :]])
+
+
+def weight_mismatches(
+    model: AutoModelForCausalLMWithValueHead, name: str, learning_rate: float
+) -> list[str]:
+    """Updated weights against TRL's. Adam's update ``lr * m / (sqrt(v) + eps)`` is about ``lr``
+    whatever the gradient's scale, so where a gradient element is near ``eps`` or cancels,
+    float32 rounding moves the update by a fraction of ``lr``: TRL against itself with another
+    padding width differs by up to 0.0066 lr. The tolerance is 0.02 lr, far below the ~2 lr
+    that a wrong gradient sign makes."""
     expected = load_file(REFERENCE / "cases" / f"{name}.safetensors")
     initial = load_file(REFERENCE / "initial.safetensors")
     actual = model.state_dict()
+    atol = WEIGHT_ATOL_IN_LR * learning_rate
     problems = []
     for key, want in expected.items():
-        got = actual[key].detach()
-        if not torch.allclose(got, want, rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL):
+        got = without_key_bias(key, actual[key].detach())
+        want = without_key_bias(key, want)
+        if not torch.allclose(got, want, rtol=WEIGHT_RTOL, atol=atol):
             diff = (got - want).abs().max().item()
-            update = (want - initial[key]).abs().max().item()
-            problems.append(f"{key}: max |diff| {diff:.3g} (TRL's update: {update:.3g})")
+            update = (want - without_key_bias(key, initial[key])).abs().max().item()
+            problems.append(
+                f"{key}: max |diff| {diff:.3g} = {diff / learning_rate:.3g} lr "
+                f"(TRL's update: {update:.3g})"
+            )
     return problems
 
 
@@ -201,7 +242,9 @@ def test_step_matches_trl(name: str, tokenizer, checkpoints):
             continue
         problems += [
             f"step {index}: {p}"
-            for p in stat_mismatches(stats, record, config.mini_batch_size, config.batch_size)
+            for p in stat_mismatches(
+                stats, record, config.mini_batch_size, config.batch_size, index
+            )
         ]
-    problems += [f"weights: {p}" for p in weight_mismatches(model, name)]
+    problems += [f"weights: {p}" for p in weight_mismatches(model, name, config.learning_rate)]
     assert not problems, f"{name}:\n" + "\n".join(problems)

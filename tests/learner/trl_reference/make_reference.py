@@ -36,6 +36,12 @@ TRL v0.11.4 quirks met here (what rlfleet must not copy, or where the data steer
   (``convert_to_scalar``). A one-token response at mini-batch 1 makes ``masked_var``'s Bessel
   factor 1/0: NaN advantages, then NaN weights; the ``batch_size_1`` case uses responses of 2+
   tokens, so TRL stays finite apart from those three stats.
+- ``whiten_rewards`` leaks padding into the advantages: ``masked_whiten(rewards, mask,
+  shift_mean=False)`` leaves ``mean * (1 - 1/std)`` on every masked-out position, and GAE
+  carries the trailing padding's share back onto each response's last token, so the result
+  depends on the batch's padded width (TRL's own ``ppo/returns/mean`` moves from -0.043 to
+  -0.130 on this case's batch with ``pad_to_multiple_of=32``). The case ``whiten_rewards``
+  patches the whitened rewards to 0 outside the mask, which makes TRL padding-independent.
 - ``use_score_scaling`` crashes (``RunningMoments.std`` is a float, TRL calls ``.to`` on it): no
   case covers score scaling or normalisation.
 - A ``ratio_threshold`` skip multiplies the loss by 0 but still calls ``optimizer.step()``: Adam
@@ -108,6 +114,7 @@ class Case:
     """Weights of the frozen reference model: ``reference`` (another seed, so KL is non-zero from
     the first step) or ``initial`` (the policy's own start, as TRL's quickstart does)."""
     clip_every_step: bool = False
+    zero_whitened_rewards_outside_mask: bool = False
 
 
 BASE = {"batch_size": 8, "mini_batch_size": 2, "ppo_epochs": 2, "learning_rate": 3e-3}
@@ -117,7 +124,11 @@ CASES: dict[str, Case] = {
     "kl_penalty_abs": Case({**BASE, "kl_penalty": "abs", "seed": 3}, input_seed=2),
     "kl_penalty_mse": Case({**BASE, "kl_penalty": "mse", "seed": 4}, input_seed=3),
     "kl_penalty_full": Case({**BASE, "kl_penalty": "full", "seed": 5}, input_seed=4),
-    "whiten_rewards": Case({**BASE, "whiten_rewards": True, "seed": 6}, input_seed=5),
+    "whiten_rewards": Case(
+        {**BASE, "whiten_rewards": True, "seed": 6},
+        input_seed=5,
+        zero_whitened_rewards_outside_mask=True,
+    ),
     "score_clip": Case({**BASE, "score_clip": 0.5, "seed": 7}, input_seed=6, score_scale=3.0),
     "max_grad_norm_one_step": Case(
         {
@@ -407,6 +418,8 @@ def run_case(name: str) -> None:
     assert_global_rng_is_seeded(case.ppo.get("seed", 0))
     if case.clip_every_step:
         trainer.model_params = [p for p in trainer.model.parameters() if p.requires_grad]
+    if case.zero_whitened_rewards_outside_mask:
+        zero_whitened_rewards_outside_mask()
     records = []
     for inputs in all_inputs:
         stats = trainer.step(
@@ -427,6 +440,20 @@ def run_case(name: str) -> None:
     }
     (CASES_DIR / f"{name}.json").write_text(json.dumps(document) + "\n")
     save_file(policy_state(model), CASES_DIR / f"{name}.safetensors", metadata={"format": "pt"})
+
+
+def zero_whitened_rewards_outside_mask() -> None:
+    """Patches TRL's reward whitening (its only ``masked_whiten(..., shift_mean=False)`` call)
+    to leave 0 outside the response mask, as the rewards were before whitening."""
+    import trl.trainer.ppo_trainer as ppo_trainer
+
+    masked_whiten = ppo_trainer.masked_whiten
+
+    def whiten_within_mask(values, mask, shift_mean=True):
+        whitened = masked_whiten(values, mask, shift_mean=shift_mean)
+        return whitened if shift_mean else whitened * mask
+
+    ppo_trainer.masked_whiten = whiten_within_mask
 
 
 def assert_global_rng_is_seeded(seed: int) -> None:
