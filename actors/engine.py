@@ -38,18 +38,20 @@ class SamplingSpec:
     top_p: float = 1.0
     top_k: int = 0
     """0 disables top-k filtering."""
-    seed: int | None = None
-    """None: draw from the engine's own random stream (seeded once when it was made); an int:
-    prompt ``i`` of a call is sampled with seed ``seed + i``, independent of batching."""
+    seeds: tuple[int, ...] | None = None
+    """None: draw from the engine's own random stream (seeded once when it was made); else one
+    seed per prompt of the call, so a prompt's sample does not depend on how it was batched."""
 
     @classmethod
-    def from_config(cls, config: GeneratorConfig, seed: int | None = None) -> SamplingSpec:
+    def from_config(
+        cls, config: GeneratorConfig, seeds: Sequence[int] | None = None
+    ) -> SamplingSpec:
         return cls(
             max_new_tokens=config.max_new_tokens,
             temperature=config.temperature,
             top_p=config.top_p,
             top_k=config.top_k,
-            seed=seed,
+            seeds=None if seeds is None else tuple(seeds),
         )
 
     @classmethod
@@ -64,8 +66,12 @@ class Engine(Protocol):
         """Replace the model's weights in place (HF parameter names, e.g. from the learner)."""
 
 
-def check_prompts(prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, context: int) -> None:
-    """Reject empty prompts and prompts too long for ``max_new_tokens`` more tokens."""
+def check_prompts(prompt_ids: Sequence[Sequence[int]], params: SamplingSpec, context: int) -> None:
+    """Reject empty prompts, prompts too long for ``max_new_tokens`` more tokens, and a seed
+    list that does not match the prompts."""
+    max_new_tokens = params.max_new_tokens
+    if params.seeds is not None and len(params.seeds) != len(prompt_ids):
+        raise ValueError(f"{len(params.seeds)} seeds for {len(prompt_ids)} prompts")
     for index, ids in enumerate(prompt_ids):
         if not ids:
             raise ValueError(f"prompt {index} is empty")

@@ -16,17 +16,24 @@ from common.schema import with_columns
 from common.weights import PackedWeights, unpack
 
 
+def rollout_seed(job_seed: int, rollout_id: int) -> int:
+    """The sampling seed of one rollout: distinct across rollout ids and job seeds."""
+    return (job_seed << 32) + rollout_id
+
+
 class GeneratorActor:
     def __init__(self, index: int, model_dir: str, config: GeneratorConfig, seed: int) -> None:
         """Load ``model_dir`` (policy version 0) into the engine ``config.engine`` names.
 
-        The engine's sampling stream is seeded with ``seed + index`` so that generators of
-        one job draw different samples for the same prompt.
+        Each rollout is sampled with its own seed derived from ``seed`` and its rollout id, so
+        a rollout's sample is the same whichever generator draws it and in whatever batch: a
+        re-dispatched shard or a resumed job reproduces the samples of an uninterrupted run.
         """
         from transformers import AutoTokenizer
 
         self._index = index
         self._config = config
+        self._seed = seed
         self._engine = make_engine(model_dir, config, seed + index)
         self._tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self._version = 0
@@ -47,7 +54,10 @@ class GeneratorActor:
     def generate(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         """Fill the rollout columns of a ``common.schema.prompt_batch`` with sampled responses."""
         prompt_ids = batch.column("prompt_ids").to_pylist()
-        completions = self._engine.generate(prompt_ids, SamplingSpec.from_config(self._config))
+        seeds = [rollout_seed(self._seed, rid) for rid in batch.column("rollout_id").to_pylist()]
+        completions = self._engine.generate(
+            prompt_ids, SamplingSpec.from_config(self._config, seeds)
+        )
         responses = [c.token_ids for c in completions]
         return with_columns(
             batch,

@@ -34,7 +34,7 @@ class HFEngine:
 
     @torch.inference_mode()
     def generate(self, prompt_ids: list[list[int]], params: SamplingSpec) -> list[Completion]:
-        check_prompts(prompt_ids, params.max_new_tokens, self._context)
+        check_prompts(prompt_ids, params, self._context)
         if not prompt_ids:
             return []
         rngs = self._row_generators(params, len(prompt_ids))
@@ -64,9 +64,9 @@ class HFEngine:
         return self._completions(torch.stack(tokens, 1), torch.stack(logprobs, 1))
 
     def _row_generators(self, params: SamplingSpec, n: int) -> list[torch.Generator]:
-        if params.seed is None:
+        if params.seeds is None:
             return [self._rng] * n
-        return [torch.Generator().manual_seed(params.seed + i) for i in range(n)]
+        return [torch.Generator().manual_seed(seed) for seed in params.seeds]
 
     def _left_pad(self, prompt_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(ids) for ids in prompt_ids)

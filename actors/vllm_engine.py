@@ -58,20 +58,19 @@ class VLLMEngine:
         from vllm import LLM
         from vllm.platforms import current_platform
 
-        cpu_only = {"kv_cache_memory_bytes": int(config.kv_cache_gib * 2**30)}
+        if current_platform.is_cpu():
+            memory = {"kv_cache_memory_bytes": int(config.kv_cache_gib * 2**30)}
+        else:
+            memory = {"gpu_memory_utilization": config.gpu_memory_utilization}
         self._llm = LLM(
-            model=str(model_dir),
-            dtype="float32",
-            enforce_eager=True,
-            seed=seed,
-            **(cpu_only if current_platform.is_cpu() else {}),
+            model=str(model_dir), dtype="float32", enforce_eager=True, seed=seed, **memory
         )
         self._context = self._llm.llm_engine.model_config.max_model_len
 
     def generate(self, prompt_ids: list[list[int]], params: SamplingSpec) -> list[Completion]:
         from vllm.inputs import TokensPrompt
 
-        check_prompts(prompt_ids, params.max_new_tokens, self._context)
+        check_prompts(prompt_ids, params, self._context)
         if not prompt_ids:
             return []
         prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids]
@@ -95,9 +94,9 @@ class VLLMEngine:
                 detokenize=False,
             )
 
-        if spec.seed is None:
+        if spec.seeds is None:
             return params(None)
-        return [params(spec.seed + i) for i in range(n)]
+        return [params(seed) for seed in spec.seeds]
 
     def load_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Reload in place, then drop the prefix cache: its KV blocks were computed with the

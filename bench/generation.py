@@ -17,8 +17,10 @@ which on a loaded 2-core machine is far slower (spinning OpenMP threads wait on 
 from __future__ import annotations
 
 import argparse
+import atexit
 import multiprocessing as mp
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -126,6 +128,7 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-generation-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
     os.environ["TMPDIR"] = str(work)
     model_dir = build_tiny_model(work / "model")
     config = GeneratorConfig(

@@ -19,7 +19,9 @@ torch tensors put as is: N reader actors ``ray.get`` the object and sum its tens
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -143,6 +145,7 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-weight-sync-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
     os.environ["TMPDIR"] = str(work)
     model_dir = build_tiny_model(work / "model", n_embd=args.n_embd, n_layer=args.n_layer, n_head=4)
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)

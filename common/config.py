@@ -152,6 +152,8 @@ class GeneratorConfig(StrictModel):
     top_k: int = Field(default=0, ge=0)
     """0 disables top-k sampling."""
     kv_cache_gib: PositiveFloat = 0.25
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    """Fraction of a GPU's memory vLLM may take; lower it when generators share a GPU."""
     """vLLM CPU KV-cache size (VLLM_CPU_KVCACHE_SPACE); ignored on GPUs and by the hf engine."""
 
 

@@ -69,4 +69,5 @@ def with_columns(batch: pa.RecordBatch, **columns: Sequence[Any]) -> pa.RecordBa
 
 
 def concat_batches(batches: Sequence[pa.RecordBatch]) -> pa.RecordBatch:
-    return pa.Table.from_batches(list(batches), schema=ROLLOUT_SCHEMA).combine_chunks().to_batches()[0]
+    table = pa.Table.from_batches(list(batches), schema=ROLLOUT_SCHEMA)
+    return table.combine_chunks().to_batches()[0]

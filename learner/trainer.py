@@ -1,9 +1,11 @@
 """``PPOTrainer``: TRL v0.11.4's classic in-process PPO API on rlfleet's PPO math.
 
 The math is :mod:`learner.ppo`; this module feeds it. Speed comes from touching the vocabulary
-only where it matters: the transformer runs once per padded (right-padded, hence no attention
-mask needed) sequence, then the LM head, log-softmax and entropy run on the hidden states of
-response positions only, packed as ``[n_tokens, hidden]``. Per-sample tensors use a
+only where it matters: the transformer runs on each (minibatch-, not batch-) padded sequence,
+right-padded so no attention mask is needed, then the LM head, log-softmax and entropy run on
+the hidden states of response positions only, packed as ``[n_tokens, hidden]``, with one
+softmax shared by logprob, entropy and gradient (:class:`TokenLogprobs`). The default optimizer
+is the fused Adam kernel (same update as TRL's ``Adam``). Per-sample tensors use a
 ``[batch, max_response_len]`` layout with a token mask; the masked statistics are the same as
 TRL's over its ``[batch, padded_len - 1]`` layout.
 """

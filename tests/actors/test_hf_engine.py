@@ -43,7 +43,7 @@ def test_eos_stops_with_eos_as_last_token(engine, tiny_model_dir):
 
 def test_seeded_sampling_repeats_and_top_k_1_is_greedy(engine, tiny_model_dir):
     engine.load_weights(load_model(tiny_model_dir).state_dict())
-    spec = SamplingSpec(max_new_tokens=5, temperature=1.0, seed=3)
+    spec = SamplingSpec(max_new_tokens=5, temperature=1.0, seeds=(3, 4, 5, 6))
     first, again = engine.generate(PROMPTS, spec), engine.generate(PROMPTS, spec)
     assert first == again
     assert all(len(c.token_ids) == len(c.logprobs) == 5 for c in first)
@@ -51,6 +51,17 @@ def test_seeded_sampling_repeats_and_top_k_1_is_greedy(engine, tiny_model_dir):
     assert [c.token_ids for c in top_1] == [
         c.token_ids for c in engine.generate(PROMPTS, SamplingSpec.greedy(5))
     ]
+
+
+def test_a_seeded_prompt_samples_the_same_in_any_batch(engine, tiny_model_dir):
+    engine.load_weights(load_model(tiny_model_dir).state_dict())
+    spec = SamplingSpec(max_new_tokens=5, temperature=1.0, seeds=(3, 4, 5, 6))
+    together = engine.generate(PROMPTS, spec)
+    alone = engine.generate(PROMPTS[2:3], SamplingSpec(max_new_tokens=5, seeds=(5,)))
+    assert alone[0].token_ids == together[2].token_ids
+    assert alone[0].logprobs == pytest.approx(together[2].logprobs, abs=1e-5)
+    with pytest.raises(ValueError, match="2 seeds for 4 prompts"):
+        engine.generate(PROMPTS, SamplingSpec(max_new_tokens=5, seeds=(1, 2)))
 
 
 def test_too_long_prompt_is_rejected_by_index(engine):

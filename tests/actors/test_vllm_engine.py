@@ -51,7 +51,7 @@ def test_eos_stops_like_hf_engine(engine, tiny_model_dir):
 
 def test_sampling_shapes_and_seeded_repeat(engine, tiny_model_dir):
     engine.load_weights(load_model(tiny_model_dir).state_dict())
-    spec = SamplingSpec(max_new_tokens=5, temperature=1.0, top_p=0.9, top_k=50, seed=3)
+    spec = SamplingSpec(max_new_tokens=5, temperature=1.0, top_p=0.9, top_k=50, seeds=(3, 4, 5, 6))
     first = engine.generate(PROMPTS, spec)
     assert first == engine.generate(PROMPTS, spec)
     assert all(len(c.token_ids) == len(c.logprobs) == 5 for c in first)
