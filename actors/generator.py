@@ -7,11 +7,14 @@ resources from the config: ``RemoteGenerator.options(**generator_options(config)
 
 from __future__ import annotations
 
+import time
+
 import pyarrow as pa
 import ray
 
 from actors.engine import Completion, SamplingSpec, make_engine
-from common.config import GeneratorConfig
+from common.config import GeneratorConfig, MetricsConfig
+from common.metrics import GeneratorMetrics, MetricsTarget
 from common.schema import with_columns
 from common.weights import PackedWeights, unpack
 
@@ -22,8 +25,17 @@ def rollout_seed(job_seed: int, rollout_id: int) -> int:
 
 
 class GeneratorActor:
-    def __init__(self, index: int, model_dir: str, config: GeneratorConfig, seed: int) -> None:
-        """Load ``model_dir`` (policy version 0) into the engine ``config.engine`` names.
+    def __init__(
+        self,
+        index: int,
+        model_dir: str,
+        config: GeneratorConfig,
+        seed: int,
+        job_name: str = "rlfleet",
+        metrics: MetricsConfig | None = None,
+    ) -> None:
+        """Load ``model_dir`` (policy version 0) into the engine ``config.engine`` names; serve
+        this generator's Prometheus metrics as ``job_name`` unless ``metrics.enabled`` is off.
 
         Each rollout is sampled with its own seed derived from ``seed`` and its rollout id, so
         a rollout's sample is the same whichever generator draws it and in whatever batch: a
@@ -37,28 +49,40 @@ class GeneratorActor:
         self._engine = make_engine(model_dir, config, seed + index)
         self._tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self._version = 0
+        self._metrics = GeneratorMetrics.from_config(job_name, index, metrics or MetricsConfig())
 
     def ready(self) -> bool:
         return True
+
+    def metrics_target(self) -> MetricsTarget | None:
+        """Where this actor serves its Prometheus metrics (None when metrics are disabled)."""
+        return self._metrics.served_target
 
     def policy_version(self) -> int:
         return self._version
 
     def load_weights(self, packed: PackedWeights) -> int:
         """Load a packed state dict in place; returns the policy version now held."""
+        started = time.perf_counter()
         version, state_dict = unpack(packed)
         self._engine.load_weights(state_dict)
         self._version = version
+        self._metrics.record_weight_load(time.perf_counter() - started, version)
         return self._version
 
     def generate(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         """Fill the rollout columns of a ``common.schema.prompt_batch`` with sampled responses."""
         prompt_ids = batch.column("prompt_ids").to_pylist()
         seeds = [rollout_seed(self._seed, rid) for rid in batch.column("rollout_id").to_pylist()]
-        completions = self._engine.generate(
-            prompt_ids, SamplingSpec.from_config(self._config, seeds)
-        )
+        started = time.perf_counter()
+        with self._metrics.busy():
+            completions = self._engine.generate(
+                prompt_ids, SamplingSpec.from_config(self._config, seeds)
+            )
         responses = [c.token_ids for c in completions]
+        self._metrics.record_generation(
+            len(responses), sum(map(len, responses)), time.perf_counter() - started
+        )
         return with_columns(
             batch,
             response=self._tokenizer.batch_decode(responses, skip_special_tokens=True),

@@ -99,7 +99,14 @@ class PPOConfig(BaseModel):
         derived = ("backward_batch_size", "global_backward_batch_size", "global_batch_size")
         values = {**self.model_dump(), **{name: getattr(self, name) for name in derived}}
         values["total_ppo_epochs"] = self.total_ppo_epochs
-        return _flatten(values)
+        flat: dict[str, Any] = {}
+        while values:
+            key, value = values.popitem()
+            if isinstance(value, dict):
+                values.update({f"{key}/{inner}": item for inner, item in value.items()})
+            else:
+                flat[key] = value
+        return dict(sorted(flat.items()))
 
     @model_validator(mode="before")
     @classmethod
@@ -118,16 +125,6 @@ class PPOConfig(BaseModel):
                 f"({self.gradient_accumulation_steps})"
             )
         return self
-
-
-def _flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in nested.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}/"))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 class StrictModel(BaseModel):

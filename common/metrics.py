@@ -211,6 +211,11 @@ class MetricSet:
             raise RuntimeError(f"{type(self).__name__} is not served: call serve() first")
         return MetricsTarget(self._server.host, self._server.port, self.job, self.role, self.index)
 
+    @property
+    def served_target(self) -> MetricsTarget | None:
+        """The target while served, else None (what an actor reports with metrics disabled)."""
+        return self.target if self._server is not None else None
+
     def close(self) -> None:
         if self._server is not None:
             self._server.close()

@@ -83,9 +83,7 @@ class LearnerActor:
         self.consumed: list[int] = []
         self._consumed_set: set[int] = set()
         self._saver: Any = None
-        metrics = metrics or MetricsConfig()
-        self.metrics = LearnerMetrics.from_config(job_name, 0, metrics)
-        self.metrics_enabled = metrics.enabled
+        self.metrics = LearnerMetrics.from_config(job_name, 0, metrics or MetricsConfig())
 
     def ready(self) -> int:
         return self.version
@@ -120,7 +118,7 @@ class LearnerActor:
 
     def metrics_target(self) -> MetricsTarget | None:
         """Where this actor serves its Prometheus metrics (None when metrics are disabled)."""
-        return self.metrics.target if self.metrics_enabled else None
+        return self.metrics.served_target
 
     def consumed_rollout_ids(self) -> list[int]:
         """Rollout ids in the order they were trained on."""

@@ -315,15 +315,17 @@ class PPOJob:
         )
         generators = ActorPool(
             "generator",
-            lambda i: generator_cls.remote(i, cfg.model, cfg.generators, cfg.seed),
+            lambda i: generator_cls.remote(
+                i, cfg.model, cfg.generators, cfg.seed, cfg.name, cfg.metrics
+            ),
             cfg.generators.num_actors,
             on_restart=self._on_generator_restart,
         )
         rewards = ActorPool(
             "reward",
-            lambda i: reward_cls.remote(i, cfg.reward),
+            lambda i: reward_cls.remote(i, cfg.reward, cfg.name, cfg.metrics),
             cfg.reward.num_actors,
-            on_restart=lambda index, actor: self.metrics.record_actor_restart("reward"),
+            on_restart=self._on_reward_restart,
         )
         ray.get(learner.ready.remote())
         generators.wait_ready()
@@ -334,12 +336,13 @@ class PPOJob:
         return learner, generators, rewards
 
     def publish_metrics_targets(self) -> None:
-        """Writes the driver's and the learner's metrics endpoints to the job's Prometheus
-        file_sd file (see common/metrics.py); nothing when metrics are disabled."""
+        """Writes the metrics endpoints of the driver and of every actor to the job's Prometheus
+        file_sd file (see common/metrics.py); again after a restart. Nothing when disabled."""
         if not self.config.metrics.enabled:
             return
-        targets = [self.metrics.target, ray.get(self.learner.metrics_target.remote())]
-        write_file_sd(file_sd_path(self.config.name), targets)
+        actors = [self.learner, *self.generators.actors, *self.rewards.actors]
+        targets = ray.get([actor.metrics_target.remote() for actor in actors])
+        write_file_sd(file_sd_path(self.config.name), [self.metrics.target, *targets])
 
     def _ppo_config(self):
         """The PPO config, seeded by the job's seed unless ``ppo.seed`` was given."""
@@ -351,10 +354,15 @@ class PPOJob:
     def _on_generator_restart(self, index: int, actor: Any) -> None:
         """A restarted generator starts from the model directory: give it the current policy."""
         self.metrics.record_actor_restart("generator")
+        self.publish_metrics_targets()
         if self.weights_ref is None:
             return
         version = ray.get(actor.load_weights.remote(self.weights_ref))
         self._check_version(index, version)
+
+    def _on_reward_restart(self, index: int, actor: Any) -> None:
+        self.metrics.record_actor_restart("reward")
+        self.publish_metrics_targets()
 
     def _check_version(self, index: int, version: int) -> None:
         if version != self.weights_version:

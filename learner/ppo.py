@@ -169,12 +169,6 @@ def clipped_policy_loss(
     return loss, clipfrac, ratio
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the softmax of ``logits`` along the last axis."""
-    probs = torch.softmax(logits, dim=-1)
-    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
-
-
 class AdaptiveKLController:
     """Adaptive KL coefficient (Ziegler et al. 2019): ``beta *= 1 + clip(KL / target - 1,
     -0.2, 0.2) * n_steps / horizon``."""

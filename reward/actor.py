@@ -1,10 +1,10 @@
 """The reward actor: scores rollout batches with the job's one reward source.
 
-Use it as a Ray actor, its resources taken from the job config::
+Use it as a Ray actor, its resources taken from the job config (``job``, a ``JobConfig``)::
 
     actor = ray.remote(RewardActor).options(
-        num_cpus=config.num_cpus, num_gpus=config.num_gpus
-    ).remote(index, config)
+        num_cpus=job.reward.num_cpus, num_gpus=job.reward.num_gpus
+    ).remote(index, job.reward, job.name, job.metrics)
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from common.config import RewardConfig
+from common.config import MetricsConfig, RewardConfig
+from common.metrics import MetricsTarget, RewardMetrics
 from common.schema import with_columns
 from reward.scorers import RewardError, make_scorer
 
@@ -66,14 +67,27 @@ def _decode_metadata(raw: list[str | None]) -> list[dict[str, Any]]:
 class RewardActor:
     """Fills the ``score`` column of rollout batches (``common.schema.ROLLOUT_SCHEMA``)."""
 
-    def __init__(self, index: int, config: RewardConfig) -> None:
+    def __init__(
+        self,
+        index: int,
+        config: RewardConfig,
+        job_name: str = "rlfleet",
+        metrics: MetricsConfig | None = None,
+    ) -> None:
+        """Load the reward source; serve this actor's Prometheus metrics as ``job_name``
+        unless ``metrics.enabled`` is off."""
         self.index = index
         self.scorer = make_scorer(config)
         self._stats = ScoringStats()
+        self._metrics = RewardMetrics.from_config(job_name, index, metrics or MetricsConfig())
 
     def ready(self) -> bool:
         """True once the scorer (and any reward model) is loaded."""
         return True
+
+    def metrics_target(self) -> MetricsTarget | None:
+        """Where this actor serves its Prometheus metrics (None when metrics are disabled)."""
+        return self._metrics.served_target
 
     def stats(self) -> dict[str, float]:
         return asdict(self._stats)
@@ -96,13 +110,16 @@ class RewardActor:
         self._stats.last_latency_s = time.perf_counter() - started
         self._stats.batches_scored += 1
         self._stats.samples_scored += len(scores)
+        self._metrics.record_scores(scores, self._stats.last_latency_s)
         return with_columns(batch, score=scores)
 
     def _count_failure(self, exc: Exception) -> None:
         if isinstance(exc, TimeoutError):
             self._stats.timeouts += 1
+            self._metrics.record_timeout()
         else:
             self._stats.errors += 1
+            self._metrics.record_error()
 
     def _describe_failure(
         self,

@@ -24,6 +24,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -177,20 +178,59 @@ class PrometheusServer:
                 )
             time.sleep(0.25)
 
+    def job_targets(self, job: str) -> list[dict[str, Any]]:
+        """The active targets labelled ``job``, as /api/v1/targets describes them."""
+        return [
+            target
+            for target in self.api("targets", state="active")["activeTargets"]
+            if target["labels"].get("job") == job
+        ]
+
     def wait_for_targets(self, job: str, count: int, timeout: float = 30.0) -> list[dict]:
         """Wait until exactly ``count`` targets labelled ``job`` are discovered, all up."""
         deadline = time.monotonic() + timeout
         while True:
-            targets = [
-                target
-                for target in self.api("targets", state="active")["activeTargets"]
-                if target["labels"].get("job") == job
-            ]
+            targets = self.job_targets(job)
             if len(targets) == count and all(t["health"] == "up" for t in targets):
                 return targets
             if time.monotonic() > deadline:
                 raise PrometheusError(f"wanted {count} targets of job {job} up, got {targets}")
             time.sleep(0.25)
+
+    def wait_for_scrapes_after(self, job: str, moment: float, timeout: float = 30.0) -> None:
+        """Wait until every active target labelled ``job`` was scraped (successfully) by a
+        scrape that started after the unix time ``moment``: Prometheus then holds every value
+        the job's processes had recorded by then."""
+        deadline = time.monotonic() + timeout
+        while True:
+            targets = self.job_targets(job)
+            if targets and all(
+                target["health"] == "up" and scraped_at(target) > moment for target in targets
+            ):
+                return
+            if time.monotonic() > deadline:
+                raise PrometheusError(f"targets of job {job} not scraped after {moment}: {targets}")
+            time.sleep(0.25)
+
+
+def scraped_at(target: dict[str, Any]) -> float:
+    """A target's ``lastScrape`` (RFC 3339, nanoseconds) as a unix time."""
+    return datetime.fromisoformat(target["lastScrape"]).timestamp()
+
+
+def scrape(target: Any) -> dict[str, float]:
+    """{sample name: value} read from a ``MetricsTarget``'s /metrics (histogram buckets left
+    out, so each name is one sample in a process's single-series metric sets)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://{target.address}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if "le" not in sample.labels
+    }
 
 
 def values_by(result: Result, label: str) -> dict[str, float]:

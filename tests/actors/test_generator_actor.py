@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from generator_reference import PROMPTS, assert_same_completions, load_model
 from generator_reference import reference_greedy as reference
+from prometheus_server import scrape
 
 from actors.generator import RemoteGenerator, generator_options
 from common.config import GeneratorConfig
@@ -60,3 +61,27 @@ def test_each_weight_sync_takes_effect_and_advances_the_version(
         assert ray_local.get(generator.policy_version.remote()) == version
         greedy = ray_local.get(generator.greedy.remote(PROMPTS, 6))
         assert_same_completions(greedy, reference(model, PROMPTS, 6))
+
+
+def test_metrics_endpoint_counts_rollouts_tokens_and_weight_loads(
+    ray_local, generator, tiny_model_dir
+):
+    target = ray_local.get(generator.metrics_target.remote())
+    assert (target.job, target.role, target.index) == ("rlfleet", "generator", 2)
+    before = scrape(target)
+    out = ray_local.get(generator.generate.remote(prompt_batch([30, 31], TEXTS[:2], PROMPTS[:2])))
+    version = ray_local.get(generator.policy_version.remote()) + 1
+    weights = ray_local.put(pack_state_dict(load_model(tiny_model_dir).state_dict(), version))
+    assert ray_local.get(generator.load_weights.remote(weights)) == version
+    after = scrape(target)
+
+    def grew(name: str) -> float:
+        return after[name] - before[name]
+
+    tokens = sum(len(ids) for ids in out.column("response_ids").to_pylist())
+    assert grew("rlfleet_generator_rollouts_total") == 2
+    assert grew("rlfleet_generator_tokens_total") == tokens
+    assert grew("rlfleet_generator_generation_seconds_count") == 1
+    assert grew("rlfleet_generator_weight_load_seconds_count") == 1
+    assert after["rlfleet_generator_policy_version"] == version
+    assert after["rlfleet_generator_busy"] == 0

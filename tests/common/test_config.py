@@ -80,3 +80,19 @@ def test_one_step_off_needs_policy_lag():
 def test_malformed_override_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="section.field=value"):
         load_job_config(write_job(tmp_path), ["generators.num_actors"])
+
+
+def test_forward_batch_size_overrides_mini_batch_size_as_in_trl():
+    config = PPOConfig(batch_size=8, forward_batch_size=4)
+    assert config.mini_batch_size == 4
+    assert config.backward_batch_size == 4
+
+
+def test_to_dict_flattens_nested_fields_and_adds_derived_sizes():
+    config = PPOConfig(batch_size=8, mini_batch_size=2, gradient_accumulation_steps=2, steps=20)
+    flat = PPOConfig(tracker_kwargs={"wandb": {"name": "run"}}).to_dict()
+    assert flat["tracker_kwargs/wandb/name"] == "run"
+    derived = config.to_dict()
+    assert derived["backward_batch_size"] == 4
+    assert derived["global_batch_size"] == 8
+    assert derived["total_ppo_epochs"] == 3

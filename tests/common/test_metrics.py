@@ -208,10 +208,13 @@ def test_from_config_serves_only_when_enabled() -> None:
     served = RewardMetrics.from_config("demo", 3, MetricsConfig())
     try:
         assert (served.target.host, served.target.index) == ("127.0.0.1", 3)
+        assert served.served_target == served.target
     finally:
         served.close()
+    assert served.served_target is None
     unserved = RewardMetrics.from_config("demo", 3, MetricsConfig(enabled=False))
     unserved.record_timeout()
+    assert unserved.served_target is None
     with pytest.raises(RuntimeError, match="not served"):
         _ = unserved.target
 

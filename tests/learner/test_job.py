@@ -129,16 +129,27 @@ def test_demo_config_is_valid_and_uses_vllm_and_the_sentiment_reward() -> None:
 def test_job_writes_stats_and_consumes_every_rollout_id_once(
     ray_local, tiny_model_dir: Path, tmp_path: Path, generators: int, rewards: int
 ) -> None:
+    from common.metrics import file_sd_path
     from learner.job import run_job
 
     config = small_job(
         tiny_model_dir,
         tmp_path / "run",
+        name=f"test-job-{generators}-{rewards}-{os.getpid()}",
         generators={"num_actors": generators},
         reward={"num_actors": rewards},
         iterations=3,
     )
     result = run_job(config)
+
+    groups = json.loads(file_sd_path(config.name).read_text())
+    roles = sorted((g["labels"]["role"], g["labels"]["index"]) for g in groups)
+    assert roles == sorted(
+        [("job", "0"), ("learner", "0")]
+        + [("generator", str(i)) for i in range(generators)]
+        + [("reward", str(i)) for i in range(rewards)]
+    )
+    file_sd_path(config.name).unlink()
 
     stats = read_stats(tmp_path / "run")
     assert stats == result.stats

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoTokenizer
 
 from common.config import PPOConfig
-from learner.trainer import PPOTrainer
+from learner.trainer import PPOTrainer, TokenLogprobs
 from learner.value_head import AutoModelForCausalLMWithValueHead
 
 TRL_STAT_KEYS = {
@@ -293,3 +293,13 @@ def test_training_state_round_trip_resumes_exactly(tiny_model_dir, tokenizer):
     for name, tensor in first.model.state_dict().items():
         assert torch.equal(resumed.model.state_dict()[name], tensor), name
     assert resumed.training_state() == first.training_state()
+
+
+def test_token_logprobs_match_log_softmax_with_entropy_and_gradient():
+    logits = torch.randn(5, 40, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 40, (5,))
+    logprobs, entropy = TokenLogprobs.apply(logits, labels)
+    log_softmax = torch.log_softmax(logits, dim=-1)
+    torch.testing.assert_close(logprobs, log_softmax.gather(-1, labels[:, None]).squeeze(-1))
+    torch.testing.assert_close(entropy, -(log_softmax.exp() * log_softmax).sum(-1))
+    assert torch.autograd.gradcheck(lambda x: TokenLogprobs.apply(x, labels)[0], (logits,))

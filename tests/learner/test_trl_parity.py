@@ -41,11 +41,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, GPT2Config
 
-# Submodules, not ``from learner import ...``: with pytest's default import mode, tests/ lands on
-# sys.path and the test folder tests/learner shadows the package root as a namespace package.
-from common.config import PPOConfig
-from learner.trainer import PPOTrainer
-from learner.value_head import AutoModelForCausalLMWithValueHead
+from learner import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
 
 REFERENCE = Path(__file__).parent / "trl_reference"
 CASE_NAMES = sorted(path.stem for path in (REFERENCE / "cases").glob("*.json"))

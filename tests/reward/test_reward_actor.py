@@ -3,8 +3,9 @@ import json
 import numpy as np
 import pyarrow as pa
 import pytest
+from prometheus_server import scrape
 
-from common.config import RewardConfig
+from common.config import MetricsConfig, RewardConfig
 from common.schema import ROLLOUT_SCHEMA, prompt_batch, with_columns
 from reward.actor import RewardActor
 from reward.functions import sentiment
@@ -36,6 +37,12 @@ def test_actor_fills_score_and_keeps_the_rest():
     stats = actor.stats()
     assert (stats["batches_scored"], stats["samples_scored"], stats["errors"]) == (1, 3, 0)
     assert stats["last_latency_s"] > 0
+
+
+def test_actor_with_metrics_disabled_serves_nothing_and_still_scores():
+    actor = RewardActor(0, SENTIMENT, "reward-test", MetricsConfig(enabled=False))
+    assert actor.metrics_target() is None
+    assert actor.score(rollout_batch([1], ["a"], ["lovely"])).column("score")[0].as_py() > 0
 
 
 def test_actor_passes_metadata_fields_to_the_function():
@@ -103,6 +110,14 @@ def test_reward_actors_in_ray_score_and_report_failures(ray_local):
     stats = ray.get([actor.stats.remote() for actor in actors])
     assert (stats[0]["samples_scored"], stats[0]["errors"]) == (3, 0)
     assert (stats[1]["samples_scored"], stats[1]["errors"]) == (0, 1)
+    targets = ray.get([actor.metrics_target.remote() for actor in actors])
+    assert [(t.job, t.role, t.index) for t in targets] == [("rlfleet", "reward", i) for i in (0, 1)]
+    served = [scrape(target) for target in targets]
+    assert served[0]["rlfleet_reward_samples_total"] == 3
+    assert served[0]["rlfleet_reward_value_count"] == 3
+    assert served[0]["rlfleet_reward_scoring_seconds_count"] == 1
+    assert served[1]["rlfleet_reward_samples_total"] == 0
+    assert served[1]["rlfleet_reward_errors_total"] == 1
 
 
 @pytest.mark.slow
@@ -116,3 +131,6 @@ def test_remote_reward_actor_in_ray_counts_timeouts(ray_local, reward_server):
         ray.get(actor.score.remote(rollout_batch([7], ["a"], ["b"])))
     stats = ray.get(actor.stats.remote())
     assert (stats["timeouts"], stats["errors"], stats["samples_scored"]) == (1, 0, 0)
+    served = scrape(ray.get(actor.metrics_target.remote()))
+    assert served["rlfleet_reward_timeouts_total"] == 1
+    assert served["rlfleet_reward_errors_total"] == 0
