@@ -43,7 +43,8 @@ def test_batch_size_must_divide_into_backward_batches():
 
 def test_job_config_loads_with_overrides(tmp_path):
     config = load_job_config(
-        write_job(tmp_path), ["generators.num_actors=3", "ppo.batch_size=8", "ppo.mini_batch_size=4"]
+        write_job(tmp_path),
+        ["generators.num_actors=3", "ppo.batch_size=8", "ppo.mini_batch_size=4"],
     )
     assert config.generators.num_actors == 3
     assert config.ppo.batch_size == 8
