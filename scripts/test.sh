@@ -12,6 +12,9 @@ if ! command -v prometheus >/dev/null; then
 fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-export TMPDIR=${RLFLEET_TEST_TMPDIR:-$PWD/.pytest-tmp}
-mkdir -p "$TMPDIR"
+# A short private temp dir: vLLM and Ray put sockets there (Unix socket paths are short), and
+# everything they leave is removed afterwards.
+TMPDIR=$(mktemp -d /tmp/rlfleet-tests.XXXXXX)
+export TMPDIR
+trap 'rm -rf "$TMPDIR"' EXIT
 .venv/bin/pytest "$@"

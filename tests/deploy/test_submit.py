@@ -12,7 +12,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,22 +25,12 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
+from ports import free_ports
 
 from learner.submit import auth_token, runtime_env, train_entrypoint
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def wait_for_dashboard(url: str, proc: subprocess.Popen, log: Path, timeout_s: float) -> None:
