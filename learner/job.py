@@ -342,7 +342,11 @@ class PPOJob:
             return
         actors = [self.learner, *self.generators.actors, *self.rewards.actors]
         targets = ray.get([actor.metrics_target.remote() for actor in actors])
-        write_file_sd(file_sd_path(self.config.name), [self.metrics.target, *targets])
+        write_file_sd(self.file_sd_path, [self.metrics.target, *targets])
+
+    @property
+    def file_sd_path(self) -> Path:
+        return file_sd_path(self.config.name, self.config.metrics.file_sd_dir)
 
     def _ppo_config(self):
         """The PPO config, seeded by the job's seed unless ``ppo.seed`` was given."""
@@ -566,6 +570,9 @@ class PPOJob:
             stats_path.write_text("".join(f"{line}\n" for line in kept))
 
     def shutdown(self) -> None:
+        """Stops every actor; Prometheus is first told to forget the job's endpoints."""
+        if self.config.metrics.enabled:
+            self.file_sd_path.unlink(missing_ok=True)
         for actor in [self.learner, *self.generators.actors, *self.rewards.actors]:
             ray.kill(actor, no_restart=True)
         self.metrics.close()

@@ -139,17 +139,25 @@ def test_job_writes_stats_and_consumes_every_rollout_id_once(
         generators={"num_actors": generators},
         reward={"num_actors": rewards},
         iterations=3,
+        metrics={"file_sd_dir": str(tmp_path / "sd")},
     )
-    result = run_job(config)
+    sd_file = file_sd_path(config.name, config.metrics.file_sd_dir)
+    groups = []
 
-    groups = json.loads(file_sd_path(config.name).read_text())
+    def read_discovery_file(kind: str, iteration: int, actors: list) -> None:
+        """The job's Prometheus discovery file, read while the job runs."""
+        if not groups:
+            groups.extend(json.loads(sd_file.read_text()))
+
+    result = run_job(config, on_dispatch=read_discovery_file)
+
     roles = sorted((g["labels"]["role"], g["labels"]["index"]) for g in groups)
     assert roles == sorted(
         [("job", "0"), ("learner", "0")]
         + [("generator", str(i)) for i in range(generators)]
         + [("reward", str(i)) for i in range(rewards)]
     )
-    file_sd_path(config.name).unlink()
+    assert not sd_file.exists()
 
     stats = read_stats(tmp_path / "run")
     assert stats == result.stats
