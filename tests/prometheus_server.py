@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -30,6 +29,7 @@ from typing import Any
 
 import pytest
 import yaml
+from ports import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_CONFIG = REPO / "deploy" / "prometheus" / "prometheus-local.yml"
@@ -45,12 +45,6 @@ def prometheus_binary() -> str:
     if not binary:
         raise RuntimeError(f"no prometheus binary on PATH (nor PROMETHEUS_BIN): {INSTALL_HINT}")
     return binary
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def scrape_config_for_tests(sd_dir: Path, scrape_interval: str = "1s") -> dict[str, Any]:
@@ -93,7 +87,7 @@ class PrometheusServer:
             yaml.safe_dump(scrape_config_for_tests(self.sd_dir, self.scrape_interval))
         )
         for _ in range(attempts):
-            self.port = free_port()
+            (self.port,) = free_ports(1)
             self._process = self._launch()
             if self._wait_ready(timeout):
                 return self
