@@ -295,7 +295,7 @@ class PPOJob:
     # -- actors --------------------------------------------------------------------------------
 
     def _start_actors(self) -> tuple[Any, ActorPool, ActorPool]:
-        from actors.generator import GeneratorActor
+        from actors.generator import RemoteGenerator, generator_options
         from learner.actor import LearnerActor
         from reward.actor import RewardActor
 
@@ -307,9 +307,7 @@ class PPOJob:
                 cfg.model, self._ppo_config(), cfg.seed, cfg.max_policy_lag, cfg.name, cfg.metrics
             )
         )
-        generator_cls = ray.remote(GeneratorActor).options(
-            num_cpus=cfg.generators.num_cpus, num_gpus=cfg.generators.num_gpus
-        )
+        generator_cls = RemoteGenerator.options(**generator_options(cfg.generators))
         reward_cls = ray.remote(RewardActor).options(
             num_cpus=cfg.reward.num_cpus, num_gpus=cfg.reward.num_gpus
         )
@@ -582,10 +580,11 @@ def run_job(
     config: JobConfig,
     resume_from: str | None = None,
     on_dispatch: DispatchHook | None = None,
+    rows: list[dict[str, Any]] | None = None,
 ) -> JobResult:
-    """Checks the config, starts the actors on the connected Ray cluster and runs the job;
-    ``resume_from`` is a checkpoint URI, or ``"latest"`` under ``checkpoint.uri``."""
-    rows = check_config(config)
+    """Starts the actors on the connected Ray cluster and runs the job; ``resume_from`` is a
+    checkpoint URI, or ``"latest"`` under ``checkpoint.uri``. ``rows`` are the prompt rows
+    ``check_config`` returned; without them the config is checked here."""
     resume_uri = resolve_resume(config, resume_from)
     job = PPOJob(config, rows, on_dispatch=on_dispatch)
     try:
@@ -653,13 +652,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         config = load_job_config(args.config, args.overrides)
-        check_config(config)
+        rows = check_config(config)
         resolve_resume(config, args.resume_from)
     except (ValidationError, ConfigError, OSError) as exc:
         print(f"rlfleet train: invalid job config {args.config}:\n{exc}", file=sys.stderr)
         return 2
     init_ray(config)
-    result = run_job(config, args.resume_from)
+    result = run_job(config, args.resume_from, rows=rows)
     last = result.stats[-1]
     print(
         f"done: {len(result.stats)} iterations, {len(result.consumed_rollout_ids)} rollouts, "
