@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 import torch
-
-from common.config import GeneratorConfig
+from rlfleet.common.config import GeneratorConfig
 
 FinishReason = Literal["stop", "length"]
 
@@ -85,9 +84,9 @@ def check_prompts(prompt_ids: Sequence[Sequence[int]], params: SamplingSpec, con
 def make_engine(model_dir: str | Path, config: GeneratorConfig, seed: int) -> Engine:
     """The engine ``config.engine`` names, loaded from ``model_dir`` and seeded with ``seed``."""
     if config.engine == "vllm":
-        from actors.vllm_engine import VLLMEngine
+        from rlfleet.actors.vllm_engine import VLLMEngine
 
         return VLLMEngine(model_dir, config, seed)
-    from actors.hf_engine import HFEngine
+    from rlfleet.actors.hf_engine import HFEngine
 
     return HFEngine(model_dir, seed)

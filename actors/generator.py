@@ -11,12 +11,11 @@ import time
 
 import pyarrow as pa
 import ray
-
-from actors.engine import Completion, SamplingSpec, make_engine
-from common.config import GeneratorConfig, MetricsConfig
-from common.metrics import GeneratorMetrics, MetricsTarget
-from common.schema import with_columns
-from common.weights import PackedWeights, unpack
+from rlfleet.actors.engine import Completion, SamplingSpec, make_engine
+from rlfleet.common.config import GeneratorConfig, MetricsConfig
+from rlfleet.common.metrics import GeneratorMetrics, MetricsTarget
+from rlfleet.common.schema import with_columns
+from rlfleet.common.weights import PackedWeights, unpack
 
 
 def rollout_seed(job_seed: int, rollout_id: int) -> int:

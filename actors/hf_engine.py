@@ -12,8 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-
-from actors.engine import Completion, SamplingSpec, check_prompts
+from rlfleet.actors.engine import Completion, SamplingSpec, check_prompts
 
 
 class HFEngine:

@@ -22,9 +22,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-
-from actors.engine import Completion, SamplingSpec, check_prompts
-from common.config import GeneratorConfig
+from rlfleet.actors.engine import Completion, SamplingSpec, check_prompts
+from rlfleet.common.config import GeneratorConfig
 
 
 def reload_worker_weights(worker, weights: list[tuple[str, torch.Tensor]]) -> int:

@@ -33,11 +33,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import ray  # noqa: E402
 import torch  # noqa: E402
-
-from actors.generator import start_generators  # noqa: E402
-from common.config import GeneratorConfig  # noqa: E402
-from common.tiny_model import build_tiny_model  # noqa: E402
-from common.weights import pack_state_dict, unpack  # noqa: E402
+from rlfleet.actors.generator import start_generators  # noqa: E402
+from rlfleet.common.config import GeneratorConfig  # noqa: E402
+from rlfleet.common.tiny_model import build_tiny_model  # noqa: E402
+from rlfleet.common.weights import pack_state_dict, unpack  # noqa: E402
 
 COUNTS = (1, 3)
 

@@ -156,7 +156,7 @@ class GeneratorConfig(StrictModel):
 
 class RewardConfig(StrictModel):
     function: str | None = None
-    """A reward function as ``"module:function"``, e.g. ``"reward.functions:sentiment"``."""
+    """A reward function as ``"module:function"``, e.g. ``"rlfleet.reward.functions:sentiment"``."""
     model: str | None = None
     """A sequence-classification model directory."""
     url: str | None = None

@@ -6,7 +6,7 @@ about equal parts, so a pretrained model continues a review prompt either way an
 reward starts near zero with room for PPO to raise it.
 
 ``examples/demo_prompts.jsonl`` is ``write_demo_prompts``'s output, committed (a test keeps the
-two in step): ``python -c "import common.corpus as c; c.write_demo_prompts(PATH)"``.
+two in step): ``python -c "import rlfleet.common.corpus as c; c.write_demo_prompts(PATH)"``.
 """
 
 from __future__ import annotations

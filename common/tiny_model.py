@@ -1,7 +1,7 @@
 """A tiny GPT-2 and its byte-level BPE tokenizer, built offline and byte-for-byte reproducibly.
 
 Nothing is downloaded: the tokenizer is trained on the built-in review corpus
-(``common.corpus``) and the model starts from seeded random weights. ``pretrain_demo_model``
+(``rlfleet.common.corpus``) and the model starts from seeded random weights. ``pretrain_demo_model``
 then trains it briefly on the same corpus so that it writes short review sentences, which is the
 demo task's starting policy. The directory loads with ``GPT2Tokenizer``, ``AutoTokenizer``,
 ``AutoModelForCausalLM`` and vLLM.
@@ -17,9 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from rlfleet.common.corpus import review_sentences
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-from common.corpus import review_sentences
 
 EOS_TOKEN = "<|endoftext|>"
 DEFAULT_PRETRAIN_STEPS = 600

@@ -16,10 +16,9 @@ import numpy as np
 import pyarrow as pa
 import ray
 import torch
-
-from common.config import CheckpointConfig, MetricsConfig, PPOConfig
-from common.metrics import LearnerMetrics, MetricsTarget
-from common.weights import pack_state_dict
+from rlfleet.common.config import CheckpointConfig, MetricsConfig, PPOConfig
+from rlfleet.common.metrics import LearnerMetrics, MetricsTarget
+from rlfleet.common.weights import pack_state_dict
 
 
 def scalar_stats(stats: dict[str, Any]) -> dict[str, float]:
@@ -70,9 +69,8 @@ class LearnerActor:
         job_name: str = "rlfleet",
         metrics: MetricsConfig | None = None,
     ) -> None:
+        from rlfleet import AutoModelForCausalLMWithValueHead, PPOTrainer
         from transformers import AutoTokenizer
-
-        from learner import AutoModelForCausalLMWithValueHead, PPOTrainer
 
         torch.manual_seed(seed)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -132,7 +130,7 @@ class LearnerActor:
     def save_checkpoint(self, config: CheckpointConfig, job_state: dict[str, Any]) -> str:
         """Saves checkpoint ``step-<version>`` (trainer + ``job_state`` + this actor's ledger);
         for object stores the upload goes on in the background (see ``wait_for_checkpoint``)."""
-        from learner.checkpoint import CheckpointSaver
+        from rlfleet.learner.checkpoint import CheckpointSaver
 
         if self._saver is None:
             self._saver = CheckpointSaver(config.uri, keep_last=config.keep_last, config=config)
@@ -145,7 +143,7 @@ class LearnerActor:
 
     def load_checkpoint(self, uri: str, config: CheckpointConfig) -> dict[str, Any]:
         """Restores the trainer and ledger from a checkpoint; returns the saved job state."""
-        from learner.checkpoint import load_checkpoint
+        from rlfleet.learner.checkpoint import load_checkpoint
 
         state = load_checkpoint(uri, self.trainer, config=config)
         self.version = state["learner"]["version"]

@@ -42,10 +42,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from rlfleet.common.config import CheckpointConfig
+from rlfleet.common.storage import Storage, fsync_dir, join_uri, open_storage
 from safetensors.torch import load_file, save_file
-
-from common.config import CheckpointConfig
-from common.storage import Storage, fsync_dir, join_uri, open_storage
 
 FORMAT = "rlfleet-checkpoint/1"
 MANIFEST = "MANIFEST.json"

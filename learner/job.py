@@ -32,10 +32,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 from pydantic import ValidationError
-
-from common.config import JobConfig, load_job_config
-from common.metrics import JobMetrics, file_sd_path, write_file_sd
-from common.schema import concat_batches, prompt_batch
+from rlfleet.common.config import JobConfig, load_job_config
+from rlfleet.common.metrics import JobMetrics, file_sd_path, write_file_sd
+from rlfleet.common.schema import concat_batches, prompt_batch
 
 MAX_DISPATCH_ATTEMPTS = 3
 """An unfinished shard is dispatched at most this often before the job gives up."""
@@ -137,7 +136,7 @@ def check_config(config: JobConfig) -> list[dict[str, Any]]:
     if not (model_dir / "config.json").is_file():
         raise ConfigError(f"model: {model_dir} is not a model directory (no config.json)")
     if config.reward.function:
-        from reward.functions import load_function
+        from rlfleet.reward.functions import load_function
 
         try:
             load_function(config.reward.function)
@@ -295,9 +294,9 @@ class PPOJob:
     # -- actors --------------------------------------------------------------------------------
 
     def _start_actors(self) -> tuple[Any, ActorPool, ActorPool]:
-        from actors.generator import RemoteGenerator, generator_options
-        from learner.actor import LearnerActor
-        from reward.actor import RewardActor
+        from rlfleet.actors.generator import RemoteGenerator, generator_options
+        from rlfleet.learner.actor import LearnerActor
+        from rlfleet.reward.actor import RewardActor
 
         cfg = self.config
         learner = (

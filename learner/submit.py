@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-from common.config import load_job_config
+from rlfleet.common.config import load_job_config
 
 TERMINAL_STATES = {"SUCCEEDED", "FAILED", "STOPPED"}
 DEFAULT_EXCLUDES = [".git", ".venv", ".venv-trl", "runs", "**/__pycache__", "*.egg-info"]

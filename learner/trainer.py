@@ -1,9 +1,9 @@
 """``PPOTrainer``: TRL v0.11.4's classic in-process PPO API on rlfleet's PPO math.
 
-The math is :mod:`learner.ppo`; this module feeds it. Speed comes from touching the vocabulary
-only where it matters: the transformer runs on each (minibatch-, not batch-) padded sequence,
-right-padded so no attention mask is needed, then the LM head, log-softmax and entropy run on
-the hidden states of response positions only, packed as ``[n_tokens, hidden]``, with one
+The math is :mod:`rlfleet.learner.ppo`; this module feeds it. Speed comes from touching the
+vocabulary only where it matters: the transformer runs on each (minibatch-, not batch-) padded
+sequence, right-padded so no attention mask is needed, then the LM head, log-softmax and entropy
+run on the hidden states of response positions only, packed as ``[n_tokens, hidden]``, with one
 softmax shared by logprob, entropy and gradient (:class:`TokenLogprobs`). The default optimizer
 is the fused Adam kernel (same update as TRL's ``Adam``). Per-sample tensors use a
 ``[batch, max_response_len]`` layout with a token mask; the masked statistics are the same as
@@ -21,12 +21,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from rlfleet.common.config import PPOConfig
+from rlfleet.learner import ppo
+from rlfleet.learner.value_head import AutoModelForCausalLMWithValueHead
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-from common.config import PPOConfig
-from learner import ppo
-from learner.value_head import AutoModelForCausalLMWithValueHead
 
 LAYER_PATTERNS = (
     "transformer.h.{layer}",

@@ -15,11 +15,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import pyarrow as pa
-
-from common.config import MetricsConfig, RewardConfig
-from common.metrics import MetricsTarget, RewardMetrics
-from common.schema import with_columns
-from reward.scorers import RewardError, make_scorer
+from rlfleet.common.config import MetricsConfig, RewardConfig
+from rlfleet.common.metrics import MetricsTarget, RewardMetrics
+from rlfleet.common.schema import with_columns
+from rlfleet.reward.scorers import RewardError, make_scorer
 
 _TEXT_PREVIEW_CHARS = 80
 _IDS_NAMED = 8
@@ -65,7 +64,7 @@ def _decode_metadata(raw: list[str | None]) -> list[dict[str, Any]]:
 
 
 class RewardActor:
-    """Fills the ``score`` column of rollout batches (``common.schema.ROLLOUT_SCHEMA``)."""
+    """Fills the ``score`` column of rollout batches (``rlfleet.common.schema.ROLLOUT_SCHEMA``)."""
 
     def __init__(
         self,

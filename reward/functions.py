@@ -22,11 +22,18 @@ RewardFunction = Callable[..., Sequence[float]]
 _NUMBER = re.compile(r"[-+]?(?:\d[\d,]*)?\.?\d+(?:[eE][-+]?\d+)?")
 
 
+LEGACY_MODULES = ("reward.functions",)
+"""Built-in modules by their name before the ``rlfleet`` namespace: configs written as
+``reward.functions:sentiment`` keep working."""
+
+
 def load_function(spec: str) -> RewardFunction:
     """The callable named by ``"package.module:function"``; a clear ``ValueError`` otherwise."""
     module_name, sep, attribute = spec.partition(":")
     if not sep or not module_name or not attribute:
         raise ValueError(f"reward function {spec!r} must look like 'package.module:function'")
+    if module_name in LEGACY_MODULES:
+        module_name = f"rlfleet.{module_name}"
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -143,7 +150,7 @@ def length_penalty(
     prompts: Sequence[str],
     responses: Sequence[str],
     *,
-    base: str = "reward.functions:sentiment",
+    base: str = "rlfleet.reward.functions:sentiment",
     target: int,
     coef: float,
     unit: Literal["chars", "words"] = "chars",
@@ -156,8 +163,8 @@ def length_penalty(
     fields) goes to the base function. From a job config::
 
         reward:
-          function: reward.functions:length_penalty
-          kwargs: {base: "reward.functions:sentiment", target: 64, coef: 0.01}
+          function: rlfleet.reward.functions:length_penalty
+          kwargs: {base: "rlfleet.reward.functions:sentiment", target: 64, coef: 0.01}
     """
     if unit not in ("chars", "words"):
         raise ValueError(f"length_penalty: unit must be 'chars' or 'words', got {unit!r}")

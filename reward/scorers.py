@@ -17,8 +17,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
-from common.config import RewardConfig
-from reward.functions import load_function
+from rlfleet.common.config import RewardConfig
+from rlfleet.reward.functions import load_function
 
 
 class RewardError(RuntimeError):

@@ -5,7 +5,7 @@ The server runs the Debian package's ``prometheus`` binary (CI: ``apt-get instal
 with a free port and a private storage directory. Its config is the shipped
 ``deploy/prometheus/prometheus-local.yml`` with a 1 s scrape interval and the file_sd files
 read from the server's own ``sd_dir``, so every test that scrapes through it also proves the
-shipped scrape config. Tests register endpoints with ``common.metrics.write_file_sd(
+shipped scrape config. Tests register endpoints with ``rlfleet.common.metrics.write_file_sd(
 server.sd_file(name), targets)``.
 
 The fixture ``prometheus`` gives each test its own server, stopped at teardown.

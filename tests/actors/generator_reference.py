@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from actors.engine import Completion
+from rlfleet.actors.engine import Completion
 
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14], list(range(20, 120))]
 """Prompts of very different lengths, so batched engines must pad correctly."""

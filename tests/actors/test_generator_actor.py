@@ -6,11 +6,10 @@ import pytest
 from generator_reference import PROMPTS, assert_same_completions, load_model
 from generator_reference import reference_greedy as reference
 from prometheus_server import scrape
-
-from actors.generator import RemoteGenerator, generator_options
-from common.config import GeneratorConfig
-from common.schema import ROLLOUT_SCHEMA, prompt_batch
-from common.weights import pack_state_dict
+from rlfleet.actors.generator import RemoteGenerator, generator_options
+from rlfleet.common.config import GeneratorConfig
+from rlfleet.common.schema import ROLLOUT_SCHEMA, prompt_batch
+from rlfleet.common.weights import pack_state_dict
 
 pytestmark = pytest.mark.slow
 

@@ -5,17 +5,16 @@ from __future__ import annotations
 import pytest
 from generator_reference import PROMPTS, always_eos_state_dict, assert_same_completions, load_model
 from generator_reference import reference_greedy as reference
-
-from actors.engine import SamplingSpec
-from actors.hf_engine import HFEngine
-from common.config import GeneratorConfig
+from rlfleet.actors.engine import SamplingSpec
+from rlfleet.actors.hf_engine import HFEngine
+from rlfleet.common.config import GeneratorConfig
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir, tmp_path_factory):
-    from actors.vllm_engine import VLLMEngine
+    from rlfleet.actors.vllm_engine import VLLMEngine
 
     with pytest.MonkeyPatch.context() as env:
         env.setenv("TMPDIR", str(tmp_path_factory.mktemp("vllm-tmp")))
@@ -61,8 +60,8 @@ def test_sampling_shapes_and_seeded_repeat(engine, tiny_model_dir):
 def test_sync_drops_kv_blocks_cached_with_the_old_weights(tmp_path_factory):
     """A prompt that fills a KV block (128 tokens on CPU) is prefix-cached; after a sync, its
     cached keys and values belong to the old weights and must not be reused."""
-    from actors.vllm_engine import VLLMEngine
-    from common.tiny_model import build_tiny_model
+    from rlfleet.actors.vllm_engine import VLLMEngine
+    from rlfleet.common.tiny_model import build_tiny_model
 
     old, new = (
         build_tiny_model(

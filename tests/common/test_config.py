@@ -2,13 +2,12 @@ from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
-
-from common.config import JobConfig, PPOConfig, RewardConfig, load_job_config
+from rlfleet.common.config import JobConfig, PPOConfig, RewardConfig, load_job_config
 
 MINIMAL_JOB = """
 model: models/demo
 dataset: {path: data/prompts.jsonl}
-reward: {function: "reward.functions:sentiment"}
+reward: {function: "rlfleet.reward.functions:sentiment"}
 """
 
 
@@ -63,7 +62,7 @@ def test_bad_engine_names_allowed_values(tmp_path):
 
 def test_reward_needs_exactly_one_source():
     with pytest.raises(ValidationError, match="exactly one of function, model or url"):
-        RewardConfig(function="reward.functions:sentiment", url="http://127.0.0.1:1")
+        RewardConfig(function="rlfleet.reward.functions:sentiment", url="http://127.0.0.1:1")
     with pytest.raises(ValidationError, match="exactly one of function, model or url"):
         RewardConfig()
 

@@ -18,9 +18,8 @@ from prometheus_server import (
     expand_dashboard_variables,
     values_by,
 )
-
-from common.config import MetricsConfig
-from common.metrics import (
+from rlfleet.common.config import MetricsConfig
+from rlfleet.common.metrics import (
     DEFAULT_FILE_SD_DIR,
     METRIC_SETS,
     PPO_STAT_GAUGES,

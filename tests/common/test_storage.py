@@ -6,8 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-
-from common.storage import (
+from rlfleet.common.storage import (
     BucketNotFoundError,
     StorageCredentialsError,
     StorageUnreachableError,

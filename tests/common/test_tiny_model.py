@@ -9,17 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Tokenizer
-
-from common import tiny_model
-from common.corpus import all_openings, demo_prompts, review_sentences
-from common.tiny_model import (
+from rlfleet.common import tiny_model
+from rlfleet.common.corpus import all_openings, demo_prompts, review_sentences
+from rlfleet.common.tiny_model import (
     EOS_TOKEN,
     build_tiny_model,
     corpus_token_ids,
     pretrain_demo_model,
     sentence_batch,
 )
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE_TEXTS = [

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from common.weights import ALIGNMENT, pack_state_dict, unpack
+from rlfleet.common.weights import ALIGNMENT, pack_state_dict, unpack
 
 
 def _tied_state_dict() -> dict[str, torch.Tensor]:

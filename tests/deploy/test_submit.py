@@ -26,8 +26,7 @@ import psutil
 import pytest
 import yaml
 from ports import free_ports
-
-from learner.submit import auth_token, runtime_env, train_entrypoint
+from rlfleet.learner.submit import auth_token, runtime_env, train_entrypoint
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -137,7 +136,7 @@ def tiny_job_dir(root: Path, model_dir: Path, output_dir: Path) -> Path:
         "model": "model",
         "dataset": {"path": "prompts.jsonl"},
         "generators": {"num_actors": 1, "max_new_tokens": 8},
-        "reward": {"function": "reward.functions:sentiment"},
+        "reward": {"function": "rlfleet.reward.functions:sentiment"},
         "ppo": {"batch_size": 8, "mini_batch_size": 4, "ppo_epochs": 1, "learning_rate": 1e-3},
         "iterations": 2,
         "output_dir": str(output_dir),

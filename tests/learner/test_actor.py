@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-
-from common.config import GeneratorConfig, PPOConfig
-from common.schema import concat_batches, prompt_batch, with_columns
+from rlfleet.common.config import GeneratorConfig, PPOConfig
+from rlfleet.common.schema import concat_batches, prompt_batch, with_columns
 
 BATCH = 4
 
@@ -37,8 +36,7 @@ def scored_batch(
 @pytest.fixture
 def learner(ray_local, tiny_model_dir: Path):
     import ray
-
-    from learner.actor import LearnerActor
+    from rlfleet.learner.actor import LearnerActor
 
     config = PPOConfig(batch_size=BATCH, mini_batch_size=2, ppo_epochs=2, learning_rate=1e-2)
     actor = ray.remote(LearnerActor).options(num_cpus=0.5).remote(str(tiny_model_dir), config, 0)
@@ -103,8 +101,7 @@ def test_published_weights_load_into_a_generator_whose_greedy_output_matches_the
     learner, tiny_model_dir: Path
 ) -> None:
     import ray
-
-    from actors.generator import GeneratorActor
+    from rlfleet.actors.generator import GeneratorActor
 
     generator = (
         ray.remote(GeneratorActor)

@@ -14,11 +14,9 @@ from typing import TYPE_CHECKING
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from common.config import CheckpointConfig, PPOConfig
-from common.storage import StorageCredentialsError, open_storage
-from learner.checkpoint import (
+from rlfleet.common.config import CheckpointConfig, PPOConfig
+from rlfleet.common.storage import StorageCredentialsError, open_storage
+from rlfleet.learner.checkpoint import (
     MANIFEST,
     CheckpointError,
     CheckpointSaver,
@@ -28,9 +26,10 @@ from learner.checkpoint import (
     pull_checkpoint,
     save_checkpoint,
 )
-from learner.cli import main as rlfleet
-from learner.trainer import PPOTrainer
-from learner.value_head import AutoModelForCausalLMWithValueHead
+from rlfleet.learner.cli import main as rlfleet
+from rlfleet.learner.trainer import PPOTrainer
+from rlfleet.learner.value_head import AutoModelForCausalLMWithValueHead
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 pytest_plugins = ["s3_server"]
 
@@ -179,8 +178,8 @@ KILLED_SAVE = textwrap.dedent(
     import os, signal, sys
     sys.path.insert(0, {test_dir!r})
     from test_checkpoint import build_trainer, ppo_batch
-    from common.storage import Storage
-    from learner.checkpoint import save_checkpoint
+    from rlfleet.common.storage import Storage
+    from rlfleet.learner.checkpoint import save_checkpoint
 
     uri, model_dir, where = sys.argv[1:]
     trainer = build_trainer(model_dir, init_seed=0)

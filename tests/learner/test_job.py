@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from common.config import JobConfig, load_job_config
+from rlfleet.common.config import JobConfig, load_job_config
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO / "examples" / "demo.yaml"
@@ -21,7 +20,7 @@ PROMPTS = REPO / "examples" / "demo_prompts.jsonl"
 @pytest.fixture(scope="module")
 def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo's starting policy: the tiny GPT-2 pretrained on the built-in corpus (seed 0)."""
-    from common.tiny_model import pretrain_demo_model
+    from rlfleet.common.tiny_model import pretrain_demo_model
 
     return pretrain_demo_model(tmp_path_factory.mktemp("demo-model"))
 
@@ -39,7 +38,7 @@ def small_job(model_dir: Path, out: Path, **fields) -> JobConfig:
         "model": str(model_dir),
         "dataset": {"path": str(PROMPTS)},
         "generators": {"num_actors": 1, "num_cpus": 0.5, "max_new_tokens": 8},
-        "reward": {"function": "reward.functions:sentiment", "num_cpus": 0.5},
+        "reward": {"function": "rlfleet.reward.functions:sentiment", "num_cpus": 0.5},
         "learner": {"num_cpus": 0.5},
         "ppo": {"batch_size": 8, "mini_batch_size": 4, "ppo_epochs": 1, "learning_rate": 1e-3},
         "iterations": 2,
@@ -74,14 +73,14 @@ def write_config(path: Path, config: JobConfig) -> Path:
         ("ppo.learning_rate=-1", "ppo.learning_rate"),
         ("dataset.prompt_field=text", "dataset.prompt_field"),
         ("model=/nonexistent/model", "model"),
-        ("reward.function=reward.functions:nope", "reward.function"),
+        ("reward.function=rlfleet.reward.functions:nope", "reward.function"),
     ],
 )
 def test_config_errors_fail_before_any_actor_starts_and_name_the_key(
     tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, override: str, key: str
 ) -> None:
     """The job makes output_dir before it starts any actor: no output_dir, no actor."""
-    from learner.cli import main
+    from rlfleet.learner.cli import main
 
     out = tmp_path / "run"
     config = write_config(tmp_path / "job.yaml", small_job(tiny_model_dir, out))
@@ -116,7 +115,7 @@ def test_cli_exits_2_on_a_bad_config_without_starting_ray(tiny_model_dir: Path, 
 def test_demo_config_is_valid_and_uses_vllm_and_the_sentiment_reward() -> None:
     config = load_job_config(DEMO_CONFIG)
     assert config.generators.engine == "vllm"
-    assert config.reward.function == "reward.functions:sentiment"
+    assert config.reward.function == "rlfleet.reward.functions:sentiment"
     assert config.ray_address is None
 
 
@@ -129,8 +128,8 @@ def test_demo_config_is_valid_and_uses_vllm_and_the_sentiment_reward() -> None:
 def test_job_writes_stats_and_consumes_every_rollout_id_once(
     ray_local, tiny_model_dir: Path, tmp_path: Path, generators: int, rewards: int
 ) -> None:
-    from common.metrics import file_sd_path
-    from learner.job import run_job
+    from rlfleet.common.metrics import file_sd_path
+    from rlfleet.learner.job import run_job
 
     config = small_job(
         tiny_model_dir,
@@ -181,8 +180,7 @@ def test_killed_actors_mid_batch_have_their_shards_redispatched_and_nothing_coun
     ray_local, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     import ray
-
-    from learner.job import run_job
+    from rlfleet.learner.job import run_job
 
     killed = []
 
@@ -218,8 +216,7 @@ def test_after_every_sync_the_generators_greedy_tokens_and_logprobs_match_the_le
     ray_local, demo_model_dir: Path, tmp_path: Path
 ) -> None:
     import ray
-
-    from learner.job import PPOJob
+    from rlfleet.learner.job import PPOJob
 
     config = small_job(
         demo_model_dir,
@@ -252,7 +249,7 @@ def test_after_every_sync_the_generators_greedy_tokens_and_logprobs_match_the_le
 def test_one_step_off_overlaps_generation_and_trains_with_lag_one(
     ray_local, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    from learner.job import run_job
+    from rlfleet.learner.job import run_job
 
     config = small_job(
         tiny_model_dir, tmp_path / "run", iterations=4, one_step_off=True, max_policy_lag=1
@@ -271,7 +268,7 @@ def test_demo_job_raises_the_mean_reward_with_bounded_kl(
 ) -> None:
     """The embedded demo (examples/demo.yaml, seed 0) on the demo model, with CPUs scaled to
     the 4-CPU test cluster."""
-    from learner.job import run_job
+    from rlfleet.learner.job import run_job
 
     config = load_job_config(
         DEMO_CONFIG,
@@ -296,7 +293,7 @@ def test_demo_job_raises_the_mean_reward_with_bounded_kl(
 def test_a_resumed_job_continues_from_the_latest_checkpoint_without_reusing_rollout_ids(
     ray_local, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    from learner.job import run_job
+    from rlfleet.learner.job import run_job
 
     checkpoint = {"uri": str(tmp_path / "checkpoints"), "every": 1}
     first = small_job(tiny_model_dir, tmp_path / "run", iterations=2, checkpoint=checkpoint)
@@ -308,6 +305,6 @@ def test_a_resumed_job_continues_from_the_latest_checkpoint_without_reusing_roll
     assert [line["rollout_ids"] for line in stats] == [[0, 7], [8, 15], [16, 23]]
     assert [line["sampled_with_versions"] for line in stats] == [[0], [1], [2]]
     assert resumed.consumed_rollout_ids == list(range(24))
-    from learner.checkpoint import list_checkpoints
+    from rlfleet.learner.checkpoint import list_checkpoints
 
     assert [info.step for info in list_checkpoints(checkpoint["uri"])] == [1, 2, 3]

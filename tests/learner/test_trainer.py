@@ -12,11 +12,10 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from rlfleet.common.config import PPOConfig
+from rlfleet.learner.trainer import PPOTrainer, TokenLogprobs
+from rlfleet.learner.value_head import AutoModelForCausalLMWithValueHead
 from transformers import AutoTokenizer
-
-from common.config import PPOConfig
-from learner.trainer import PPOTrainer, TokenLogprobs
-from learner.value_head import AutoModelForCausalLMWithValueHead
 
 TRL_STAT_KEYS = {
     "objective/kl", "objective/kl_dist", "objective/logprobs", "objective/ref_logprobs",
@@ -36,7 +35,7 @@ QUICKSTART = """
 import sys
 import torch
 from transformers import AutoTokenizer, AutoModelForCausalLM
-from learner import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
+from rlfleet import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
 
 model_dir, out_dir = sys.argv[1], sys.argv[2]
 model = AutoModelForCausalLMWithValueHead.from_pretrained(model_dir)

@@ -4,12 +4,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from prometheus_server import scrape
-
-from common.config import MetricsConfig, RewardConfig
-from common.schema import ROLLOUT_SCHEMA, prompt_batch, with_columns
-from reward.actor import RewardActor
-from reward.functions import sentiment
-from reward.scorers import RewardError, RewardTimeoutError
+from rlfleet.common.config import MetricsConfig, RewardConfig
+from rlfleet.common.schema import ROLLOUT_SCHEMA, prompt_batch, with_columns
+from rlfleet.reward.actor import RewardActor
+from rlfleet.reward.functions import sentiment
+from rlfleet.reward.scorers import RewardError, RewardTimeoutError
 
 
 def rollout_batch(rollout_ids, prompts, responses, metadata=None) -> pa.RecordBatch:
@@ -18,9 +17,9 @@ def rollout_batch(rollout_ids, prompts, responses, metadata=None) -> pa.RecordBa
     return with_columns(batch, response=responses, response_ids=[[3]] * len(prompts))
 
 
-SENTIMENT = RewardConfig(function="reward.functions:sentiment", num_cpus=0.5)
+SENTIMENT = RewardConfig(function="rlfleet.reward.functions:sentiment", num_cpus=0.5)
 EXACT_MATCH = RewardConfig(
-    function="reward.functions:exact_match", kwargs={"extract": "last_number"}, num_cpus=0.5
+    function="rlfleet.reward.functions:exact_match", kwargs={"extract": "last_number"}, num_cpus=0.5
 )
 PROMPTS = ["Say something nice:", "Say something mean:", "Say nothing:"]
 RESPONSES = ["What a wonderful, lovely day!", "This is terrible, I hate it.", "The table is red."]
@@ -59,10 +58,9 @@ def test_actor_error_names_rollout_id_and_sample_text():
     with pytest.raises(RewardError) as raised:
         actor.score(batch)
     message = str(raised.value)
-    assert (
-        "reward actor 3 failed on rollout 17: reward function 'reward.functions:exact_match' "
-        "raised ValueError: exact_match: sample 2 has no 'answer'" in message
-    )
+    function = "rlfleet.reward.functions:exact_match"
+    cause = "raised ValueError: exact_match: sample 2 has no 'answer'"
+    assert f"reward actor 3 failed on rollout 17: reward function '{function}' {cause}" in message
     assert "prompt 'c', response '" + "x" * 80 + "'... (200 chars)]" in message
     assert raised.value.indices == (2,)
     assert actor.stats()["errors"] == 1

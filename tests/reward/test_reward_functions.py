@@ -1,8 +1,7 @@
 import re
 
 import pytest
-
-from reward.functions import exact_match, length_penalty, load_function, sentiment
+from rlfleet.reward.functions import exact_match, length_penalty, load_function, sentiment
 
 VADER_EXAMPLE = "VADER is smart, handsome, and funny."
 
@@ -81,7 +80,7 @@ def test_length_penalty_in_words_passes_fields_and_kwargs_to_base():
     scores = length_penalty(
         ["", "", ""],
         ["4", "so the answer is 4", "5"],
-        base="reward.functions:exact_match",
+        base="rlfleet.reward.functions:exact_match",
         target=2,
         coef=0.25,
         unit="words",
@@ -102,15 +101,15 @@ def test_length_penalty_rejects_negative_target_or_coef():
 
 
 def test_load_function_returns_the_callable():
-    assert load_function("reward.functions:sentiment") is sentiment
+    assert load_function("rlfleet.reward.functions:sentiment") is sentiment
 
 
 @pytest.mark.parametrize(
     ("spec", "reason"),
     [
         ("no_such_module_xyz:score", "cannot import 'no_such_module_xyz'"),
-        ("reward.functions:nope", "has no attribute 'nope'"),
-        ("reward.functions", "must look like 'package.module:function'"),
+        ("rlfleet.reward.functions:nope", "has no attribute 'nope'"),
+        ("rlfleet.reward.functions", "must look like 'package.module:function'"),
         (":sentiment", "must look like 'package.module:function'"),
         ("math:pi", "is not callable"),
     ],

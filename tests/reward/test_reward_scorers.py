@@ -1,14 +1,7 @@
 import pytest
 import torch
-from transformers import (
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    GPT2Config,
-    GPT2ForSequenceClassification,
-)
-
-from common.config import RewardConfig
-from reward.scorers import (
+from rlfleet.common.config import RewardConfig
+from rlfleet.reward.scorers import (
     FunctionScorer,
     RemoteScorer,
     RewardError,
@@ -16,6 +9,12 @@ from reward.scorers import (
     RewardTimeoutError,
     make_scorer,
     metadata_columns,
+)
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2ForSequenceClassification,
 )
 
 PROMPTS = ["Review: ", "Review: the film", "Q: "]
@@ -35,7 +34,9 @@ def test_function_scorer_passes_dataset_fields_and_config_kwargs(user_rewards):
 
 def test_function_scorer_exact_match_from_config():
     scorer = make_scorer(
-        RewardConfig(function="reward.functions:exact_match", kwargs={"extract": "last_number"})
+        RewardConfig(
+            function="rlfleet.reward.functions:exact_match", kwargs={"extract": "last_number"}
+        )
     )
     scores = scorer.score(["", ""], ["it is 4", "it is 6"], [{"answer": 4}, {"answer": 5}])
     assert scores == [1.0, 0.0]
@@ -54,8 +55,8 @@ def test_dataset_field_clashing_with_config_kwarg_is_an_error_naming_it(user_rew
 
 
 def test_function_scorer_bad_spec_is_a_value_error_naming_it():
-    with pytest.raises(ValueError, match="'reward.functions:missing'"):
-        make_scorer(RewardConfig(function="reward.functions:missing"))
+    with pytest.raises(ValueError, match="'rlfleet.reward.functions:missing'"):
+        make_scorer(RewardConfig(function="rlfleet.reward.functions:missing"))
 
 
 @pytest.mark.parametrize(
@@ -98,7 +99,7 @@ def test_function_exception_on_the_batch_only_names_every_sample(user_rewards):
 
 
 def test_scorer_rejects_inputs_of_different_lengths():
-    scorer = make_scorer(RewardConfig(function="reward.functions:sentiment"))
+    scorer = make_scorer(RewardConfig(function="rlfleet.reward.functions:sentiment"))
     with pytest.raises(ValueError, match="differ in length: 2, 1, 2"):
         scorer.score(["a", "b"], ["x"], [{}, {}])
 
