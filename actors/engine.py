@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 import torch
+
 from rlfleet.common.config import GeneratorConfig
 
 FinishReason = Literal["stop", "length"]

@@ -11,6 +11,7 @@ import time
 
 import pyarrow as pa
 import ray
+
 from rlfleet.actors.engine import Completion, SamplingSpec, make_engine
 from rlfleet.common.config import GeneratorConfig, MetricsConfig
 from rlfleet.common.metrics import GeneratorMetrics, MetricsTarget

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+
 from rlfleet.actors.engine import Completion, SamplingSpec, check_prompts
 
 

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+
 from rlfleet.actors.engine import Completion, SamplingSpec, check_prompts
 from rlfleet.common.config import GeneratorConfig
 

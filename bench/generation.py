@@ -34,6 +34,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pyarrow as pa  # noqa: E402
 import ray  # noqa: E402
+
 from rlfleet.actors.generator import GeneratorActor, RemoteGenerator, generator_options  # noqa: E402
 from rlfleet.common.config import GeneratorConfig  # noqa: E402
 from rlfleet.common.schema import prompt_batch  # noqa: E402

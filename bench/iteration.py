@@ -28,6 +28,7 @@ def median_parts(stats: list[dict]) -> dict[str, float]:
 
 def bench(config_path: str, generators: list[int], iterations: int, overrides: list[str]):
     import ray
+
     from rlfleet.common.config import load_job_config
     from rlfleet.learner.job import init_ray, required_cpus, run_job
 

@@ -33,6 +33,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import ray  # noqa: E402
 import torch  # noqa: E402
+
 from rlfleet.actors.generator import start_generators  # noqa: E402
 from rlfleet.common.config import GeneratorConfig  # noqa: E402
 from rlfleet.common.tiny_model import build_tiny_model  # noqa: E402

@@ -17,8 +17,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from rlfleet.common.corpus import review_sentences
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from rlfleet.common.corpus import review_sentences
 
 EOS_TOKEN = "<|endoftext|>"
 DEFAULT_PRETRAIN_STEPS = 600

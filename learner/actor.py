@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 import torch
+
 from rlfleet.common.config import CheckpointConfig, MetricsConfig, PPOConfig
 from rlfleet.common.metrics import LearnerMetrics, MetricsTarget
 from rlfleet.common.weights import pack_state_dict
@@ -69,8 +70,9 @@ class LearnerActor:
         job_name: str = "rlfleet",
         metrics: MetricsConfig | None = None,
     ) -> None:
-        from rlfleet import AutoModelForCausalLMWithValueHead, PPOTrainer
         from transformers import AutoTokenizer
+
+        from rlfleet import AutoModelForCausalLMWithValueHead, PPOTrainer
 
         torch.manual_seed(seed)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -42,9 +42,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
+
 from rlfleet.common.config import CheckpointConfig
 from rlfleet.common.storage import Storage, fsync_dir, join_uri, open_storage
-from safetensors.torch import load_file, save_file
 
 FORMAT = "rlfleet-checkpoint/1"
 MANIFEST = "MANIFEST.json"

@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 from pydantic import ValidationError
+
 from rlfleet.common.config import JobConfig, load_job_config
 from rlfleet.common.metrics import JobMetrics, file_sd_path, write_file_sd
 from rlfleet.common.schema import concat_batches, prompt_batch

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from rlfleet.common.config import load_job_config
 
 TERMINAL_STATES = {"SUCCEEDED", "FAILED", "STOPPED"}

@@ -21,11 +21,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 from rlfleet.common.config import PPOConfig
 from rlfleet.learner import ppo
 from rlfleet.learner.value_head import AutoModelForCausalLMWithValueHead
-from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 LAYER_PATTERNS = (
     "transformer.h.{layer}",

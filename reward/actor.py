@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import pyarrow as pa
+
 from rlfleet.common.config import MetricsConfig, RewardConfig
 from rlfleet.common.metrics import MetricsTarget, RewardMetrics
 from rlfleet.common.schema import with_columns

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from rlfleet.actors.engine import Completion
 
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14], list(range(20, 120))]

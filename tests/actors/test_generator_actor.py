@@ -6,6 +6,7 @@ import pytest
 from generator_reference import PROMPTS, assert_same_completions, load_model
 from generator_reference import reference_greedy as reference
 from prometheus_server import scrape
+
 from rlfleet.actors.generator import RemoteGenerator, generator_options
 from rlfleet.common.config import GeneratorConfig
 from rlfleet.common.schema import ROLLOUT_SCHEMA, prompt_batch

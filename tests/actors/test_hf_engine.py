@@ -6,6 +6,7 @@ import pytest
 import torch
 from generator_reference import PROMPTS, always_eos_state_dict, assert_same_completions, load_model
 from generator_reference import reference_greedy as reference
+
 from rlfleet.actors.engine import SamplingSpec
 from rlfleet.actors.hf_engine import HFEngine, _filter_top_k, _filter_top_p
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from generator_reference import PROMPTS, always_eos_state_dict, assert_same_completions, load_model
 from generator_reference import reference_greedy as reference
+
 from rlfleet.actors.engine import SamplingSpec
 from rlfleet.actors.hf_engine import HFEngine
 from rlfleet.common.config import GeneratorConfig

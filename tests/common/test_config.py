@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
+
 from rlfleet.common.config import JobConfig, PPOConfig, RewardConfig, load_job_config
 
 MINIMAL_JOB = """

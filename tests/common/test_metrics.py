@@ -18,6 +18,7 @@ from prometheus_server import (
     expand_dashboard_variables,
     values_by,
 )
+
 from rlfleet.common.config import MetricsConfig
 from rlfleet.common.metrics import (
     DEFAULT_FILE_SD_DIR,

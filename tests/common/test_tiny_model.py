@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Tokenizer
+
 from rlfleet.common import tiny_model
 from rlfleet.common.corpus import all_openings, demo_prompts, review_sentences
 from rlfleet.common.tiny_model import (
@@ -18,7 +20,6 @@ from rlfleet.common.tiny_model import (
     pretrain_demo_model,
     sentence_batch,
 )
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE_TEXTS = [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from rlfleet.common.weights import ALIGNMENT, pack_state_dict, unpack
 
 

@@ -19,6 +19,7 @@ from prometheus_server import (
     dashboard_queries,
     expand_dashboard_variables,
 )
+
 from rlfleet.common.metrics import (
     ACTOR_ROLES,
     DEFAULT_FILE_SD_DIR,

@@ -26,6 +26,7 @@ import psutil
 import pytest
 import yaml
 from ports import free_ports
+
 from rlfleet.learner.submit import auth_token, runtime_env, train_entrypoint
 
 REPO = Path(__file__).resolve().parents[2]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+
 from rlfleet.common.config import GeneratorConfig, PPOConfig
 from rlfleet.common.schema import concat_batches, prompt_batch, with_columns
 
@@ -36,6 +37,7 @@ def scored_batch(
 @pytest.fixture
 def learner(ray_local, tiny_model_dir: Path):
     import ray
+
     from rlfleet.learner.actor import LearnerActor
 
     config = PPOConfig(batch_size=BATCH, mini_batch_size=2, ppo_epochs=2, learning_rate=1e-2)
@@ -101,6 +103,7 @@ def test_published_weights_load_into_a_generator_whose_greedy_output_matches_the
     learner, tiny_model_dir: Path
 ) -> None:
     import ray
+
     from rlfleet.actors.generator import GeneratorActor
 
     generator = (

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from rlfleet.common.config import CheckpointConfig, PPOConfig
 from rlfleet.common.storage import StorageCredentialsError, open_storage
 from rlfleet.learner.checkpoint import (
@@ -29,7 +31,6 @@ from rlfleet.learner.checkpoint import (
 from rlfleet.learner.cli import main as rlfleet
 from rlfleet.learner.trainer import PPOTrainer
 from rlfleet.learner.value_head import AutoModelForCausalLMWithValueHead
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 pytest_plugins = ["s3_server"]
 

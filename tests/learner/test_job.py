@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from rlfleet.common.config import JobConfig, load_job_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -180,6 +181,7 @@ def test_killed_actors_mid_batch_have_their_shards_redispatched_and_nothing_coun
     ray_local, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     import ray
+
     from rlfleet.learner.job import run_job
 
     killed = []
@@ -216,6 +218,7 @@ def test_after_every_sync_the_generators_greedy_tokens_and_logprobs_match_the_le
     ray_local, demo_model_dir: Path, tmp_path: Path
 ) -> None:
     import ray
+
     from rlfleet.learner.job import PPOJob
 
     config = small_job(

@@ -19,6 +19,7 @@ from prometheus_server import (
     expand_dashboard_variables,
     values_by,
 )
+
 from rlfleet.common.config import JobConfig
 from rlfleet.common.metrics import PPO_STAT_GAUGES, STAGES, file_sd_path
 
@@ -57,8 +58,9 @@ def metrics_job(model_dir: Path, out: Path, sd_dir: Path) -> JobConfig:
 
 def weights_nbytes(model_dir: Path) -> int:
     """The size of one published policy version of the model in ``model_dir``."""
-    from rlfleet.common.weights import pack_state_dict
     from transformers import AutoModelForCausalLM
+
+    from rlfleet.common.weights import pack_state_dict
 
     return pack_state_dict(AutoModelForCausalLM.from_pretrained(model_dir).state_dict(), 0).nbytes
 
@@ -73,6 +75,7 @@ def test_every_dashboard_query_has_data_and_counters_match_stats_jsonl_across_a_
     """Reward actor 1 is killed while it scores the first batch: the job restarts it and
     rewrites the discovery file, so Prometheus scrapes the new process in its place."""
     import ray
+
     from rlfleet.learner.job import PPOJob
 
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # vLLM leaves sockets there
@@ -182,6 +185,7 @@ def test_a_job_with_metrics_disabled_serves_nothing_and_writes_no_discovery_file
     ray_local, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import ray
+
     from rlfleet.learner.job import PPOJob
 
     monkeypatch.setenv("TMPDIR", str(tmp_path))

@@ -6,8 +6,9 @@ import math
 
 import numpy as np
 import pytest
-import rlfleet.learner.ppo as ppo
 import torch
+
+import rlfleet.learner.ppo as ppo
 
 
 def test_every_kl_estimator_is_exactly_zero_when_policy_equals_reference():

@@ -12,10 +12,11 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from transformers import AutoTokenizer
+
 from rlfleet.common.config import PPOConfig
 from rlfleet.learner.trainer import PPOTrainer, TokenLogprobs
 from rlfleet.learner.value_head import AutoModelForCausalLMWithValueHead
-from transformers import AutoTokenizer
 
 TRL_STAT_KEYS = {
     "objective/kl", "objective/kl_dist", "objective/logprobs", "objective/ref_logprobs",

@@ -38,9 +38,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from rlfleet import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, GPT2Config
+
+from rlfleet import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
 
 REFERENCE = Path(__file__).parent / "trl_reference"
 CASE_NAMES = sorted(path.stem for path in (REFERENCE / "cases").glob("*.json"))

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import torch
-from rlfleet.learner.value_head import AutoModelForCausalLMWithValueHead
 from safetensors import safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+from rlfleet.learner.value_head import AutoModelForCausalLMWithValueHead
 
 
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:

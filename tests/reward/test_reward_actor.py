@@ -4,6 +4,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from prometheus_server import scrape
+
 from rlfleet.common.config import MetricsConfig, RewardConfig
 from rlfleet.common.schema import ROLLOUT_SCHEMA, prompt_batch, with_columns
 from rlfleet.reward.actor import RewardActor

@@ -1,6 +1,7 @@
 import re
 
 import pytest
+
 from rlfleet.reward.functions import exact_match, length_penalty, load_function, sentiment
 
 VADER_EXAMPLE = "VADER is smart, handsome, and funny."

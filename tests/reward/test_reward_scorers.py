@@ -1,5 +1,12 @@
 import pytest
 import torch
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+)
+
 from rlfleet.common.config import RewardConfig
 from rlfleet.reward.scorers import (
     FunctionScorer,
@@ -9,12 +16,6 @@ from rlfleet.reward.scorers import (
     RewardTimeoutError,
     make_scorer,
     metadata_columns,
-)
-from transformers import (
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    GPT2Config,
-    GPT2ForSequenceClassification,
 )
 
 PROMPTS = ["Review: ", "Review: the film", "Q: "]
