@@ -72,8 +72,10 @@ def ray_cluster(auth_env: dict[str, str]) -> Iterator[str]:
     """A real single-node Ray cluster on 127.0.0.1 with the given RAY_AUTH_* settings; yields
     its dashboard (job API) address."""
     temp_dir = tempfile.mkdtemp(prefix="rlf-", dir="/tmp")
-    gcs, dashboard, client, node, objects, agent, agent_grpc, metrics, env_agent = free_ports(9)
-    workers = ",".join(map(str, free_ports(40)))
+    # One call, so that no worker port repeats a component's port.
+    ports = free_ports(9 + 40)
+    gcs, dashboard, client, node, objects, agent, agent_grpc, metrics, env_agent = ports[:9]
+    workers = ",".join(map(str, ports[9:]))
     env = {
         **os.environ,
         **auth_env,
