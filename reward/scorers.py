@@ -8,14 +8,18 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import numbers
+import threading
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Any, TypeVar
 
 from rlfleet.common.config import RewardConfig
 from rlfleet.reward.functions import load_function
@@ -34,6 +38,53 @@ class RewardError(RuntimeError):
 
 class RewardTimeoutError(RewardError, TimeoutError):
     """A reward source did not answer in time."""
+
+
+T = TypeVar("T")
+
+TRANSIENT_HTTP_STATUS = (502, 503, 504)
+"""Answers of a busy or restarting server: retried with backoff until ``timeout_s`` runs out."""
+FIRST_RETRY_DELAY_S = 0.1
+
+
+def call_with_timeout(function: Callable[[], T], timeout_s: float, source: str) -> T:
+    """``function()``, or a ``RewardTimeoutError`` once it has run ``timeout_s`` seconds.
+
+    The call runs in a daemon thread: Python cannot stop a thread, so a function that never
+    returns keeps its thread until the actor ends, but the caller is free (the job then fails
+    or restarts the actor instead of waiting forever).
+    """
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = function()
+        except BaseException as exc:  # handed to the caller below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name="reward-call", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise RewardTimeoutError(f"{source} did not return within reward.timeout_s={timeout_s:g} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def redacted_url(url: str) -> str:
+    """``url`` without its credentials (user:password@ and query values), for messages."""
+    parts = urllib.parse.urlsplit(url)
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc = f"{netloc}:{parts.port}"
+    if parts.username or parts.password:
+        netloc = f"***@{netloc}"
+    query = urllib.parse.urlencode(
+        [(key, "***") for key, _ in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)],
+        safe="*",
+    )
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
 def check_scores(scores: Any, count: int, source: str) -> list[float]:
@@ -99,9 +150,12 @@ class FunctionScorer(Scorer):
     their inputs, so the retry only costs time on the error path.
     """
 
-    def __init__(self, spec: str, kwargs: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, spec: str, kwargs: dict[str, Any] | None = None, timeout_s: float = 30.0
+    ) -> None:
         self.function = load_function(spec)
         self.kwargs = dict(kwargs or {})
+        self.timeout_s = timeout_s
         self.source = f"reward function {spec!r}"
 
     def _score(self, prompts, responses, metadata):
@@ -113,7 +167,9 @@ class FunctionScorer(Scorer):
                 "responses or reward.kwargs of the same name"
             )
         try:
-            return self.function(prompts, responses, **columns, **self.kwargs)
+            return self._call(prompts, responses, columns)
+        except RewardTimeoutError:
+            raise
         except Exception as exc:
             index = self._first_failing_sample(prompts, responses, columns)
             indices = range(len(prompts)) if index is None else [index]
@@ -126,10 +182,20 @@ class FunctionScorer(Scorer):
             one = slice(index, index + 1)
             sample_columns = {name: values[one] for name, values in columns.items()}
             try:
-                self.function(prompts[one], responses[one], **sample_columns, **self.kwargs)
+                self._call(prompts[one], responses[one], sample_columns)
+            except RewardTimeoutError:
+                return None
             except Exception:
                 return index
         return None
+
+    def _call(self, prompts: list[str], responses: list[str], columns: dict[str, list[Any]]):
+        """The function on these samples, cut off after ``reward.timeout_s``."""
+        return call_with_timeout(
+            lambda: self.function(prompts, responses, **columns, **self.kwargs),
+            self.timeout_s,
+            self.source,
+        )
 
 
 class RewardModelScorer(Scorer):
@@ -206,22 +272,27 @@ class RewardModelScorer(Scorer):
 
 
 class RemoteScorer(Scorer):
-    """An HTTP endpoint: POST ``{"prompts", "responses", "metadata"}``, answer ``{"scores"}``."""
+    """An HTTP endpoint: POST ``{"prompts", "responses", "metadata"}``, answer ``{"scores"}``.
+
+    ``user:password@`` in the URL is sent as HTTP basic authentication; messages name the URL
+    with its credentials and query values masked. Connection failures and 502/503/504 answers
+    are retried with exponential backoff until ``timeout_s`` (the whole call's budget) runs out.
+    """
 
     def __init__(self, url: str, timeout_s: float) -> None:
-        self.url = url
+        parts = urllib.parse.urlsplit(url)
+        self.url = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+        self.headers = {"Content-Type": "application/json"}
+        if parts.username or parts.password:
+            userinfo = f"{urllib.parse.unquote(parts.username or '')}:"
+            userinfo += urllib.parse.unquote(parts.password or "")
+            self.headers["Authorization"] = "Basic " + base64.b64encode(userinfo.encode()).decode()
         self.timeout_s = timeout_s
-        self.source = f"reward url {url!r}"
+        self.source = f"reward url {redacted_url(url)!r}"
 
     def _score(self, prompts, responses, metadata):
         body = json.dumps({"prompts": prompts, "responses": responses, "metadata": metadata})
-        request = urllib.request.Request(
-            self.url,
-            data=body.encode(),
-            headers={"Content-Type": "application/json"},
-            method="POST",
-        )
-        raw = self._post(request)
+        raw = self._post_with_retries(body.encode())
         try:
             answer = json.loads(raw)
         except ValueError as exc:
@@ -230,29 +301,55 @@ class RemoteScorer(Scorer):
             raise RewardError(f"{self.source} answered without a 'scores' key: {raw[:200]!r}")
         return answer["scores"]
 
-    def _post(self, request: urllib.request.Request) -> bytes:
+    def _post_with_retries(self, body: bytes) -> bytes:
+        deadline = time.monotonic() + self.timeout_s
+        delay = FIRST_RETRY_DELAY_S
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                return self._post(body, deadline - time.monotonic())
+            except _TransientError as exc:
+                if time.monotonic() + delay >= deadline:
+                    raise RewardError(
+                        f"{self.source} {exc} ({attempts} attempts in {self.timeout_s:g} s, "
+                        "reward.timeout_s)"
+                    ) from exc.__cause__
+                time.sleep(delay)
+                delay *= 2
+
+    def _post(self, body: bytes, timeout_s: float) -> bytes:
+        request = urllib.request.Request(self.url, data=body, headers=self.headers, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+            with urllib.request.urlopen(request, timeout=max(timeout_s, 0.001)) as response:
                 return response.read()
         except urllib.error.HTTPError as exc:
             detail = exc.read()[:200]
-            raise RewardError(f"{self.source} answered HTTP {exc.code}: {detail!r}") from exc
+            message = f"answered HTTP {exc.code}: {detail!r}"
+            if exc.code in TRANSIENT_HTTP_STATUS:
+                raise _TransientError(message) from exc
+            raise RewardError(f"{self.source} {message}") from exc
         except TimeoutError as exc:
-            raise RewardTimeoutError(
-                f"{self.source} did not answer within {self.timeout_s} s"
-            ) from exc
+            raise self._timeout() from exc
         except urllib.error.URLError as exc:
             if isinstance(exc.reason, TimeoutError):
-                raise RewardTimeoutError(
-                    f"{self.source} did not answer within {self.timeout_s} s"
-                ) from exc
-            raise RewardError(f"{self.source} is unreachable: {exc.reason}") from exc
+                raise self._timeout() from exc
+            raise _TransientError(f"is unreachable: {exc.reason}") from exc
+        except ConnectionError as exc:
+            raise _TransientError(f"dropped the connection: {exc}") from exc
+
+    def _timeout(self) -> RewardTimeoutError:
+        return RewardTimeoutError(f"{self.source} did not answer within {self.timeout_s} s")
+
+
+class _TransientError(Exception):
+    """A failure worth retrying (the message says what happened, without the source)."""
 
 
 def make_scorer(config: RewardConfig) -> Scorer:
     """The scorer for the one reward source the config names."""
     if config.function:
-        return FunctionScorer(config.function, config.kwargs)
+        return FunctionScorer(config.function, config.kwargs, config.timeout_s)
     if config.model:
         return RewardModelScorer(config.model, **config.kwargs)
     if config.kwargs:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import time
@@ -11,6 +12,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 SLOW_ENDPOINT_SECONDS = 1.0
+BASIC_AUTH = "Basic " + base64.b64encode(b"scorer:s3cret pass").decode()
+_FLAKY_SEEN: set[str] = set()
 
 
 def served_scores(request: dict) -> list[float]:
@@ -37,6 +40,21 @@ class RewardHandler(BaseHTTPRequestHandler):
             self._answer(200, json.dumps({"rewards": served_scores(request)}))
         elif self.path == "/short":
             self._answer(200, json.dumps({"scores": served_scores(request)[:-1]}))
+        elif self.path.startswith("/flaky/"):
+            # 503 on the first request for each key, then the scores.
+            key = self.path.removeprefix("/flaky/")
+            if key in _FLAKY_SEEN:
+                self._answer(200, json.dumps({"scores": served_scores(request)}))
+            else:
+                _FLAKY_SEEN.add(key)
+                self._answer(503, "warming up")
+        elif self.path == "/always-503":
+            self._answer(503, "overloaded")
+        elif self.path.startswith("/auth"):
+            if self.headers.get("Authorization") == BASIC_AUTH:
+                self._answer(200, json.dumps({"scores": served_scores(request)}))
+            else:
+                self._answer(401, "who are you")
         elif self.path == "/nan":
             nans = [float("nan")] * (len(request["responses"]) - 1)
             self._answer(200, json.dumps({"scores": [0.0, *nans]}))
@@ -109,6 +127,11 @@ def fail_on_batches(prompts, responses, **_):
     if len(responses) > 1:
         raise RuntimeError("batches not supported")
     return [1.0]
+
+def hangs(prompts, responses, **_):
+    import threading
+
+    threading.Event().wait()
 
 threshold = 0.5
 """

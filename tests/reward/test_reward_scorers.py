@@ -1,3 +1,5 @@
+import time
+
 import pytest
 import torch
 from transformers import (
@@ -144,7 +146,7 @@ def test_remote_scorer_unreachable_names_the_url():
         unused.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{unused.getsockname()[1]}/score"
     with pytest.raises(RewardError, match=f"reward url '{url}' is unreachable"):
-        RemoteScorer(url, timeout_s=5).score(["a"], ["b"], [{}])
+        RemoteScorer(url, timeout_s=1).score(["a"], ["b"], [{}])
 
 
 def test_url_scorer_rejects_kwargs():
@@ -219,3 +221,40 @@ def test_reward_model_single_logit(tiny_model_dir, tmp_path):
     model_dir = str(build_classifier(tiny_model_dir, tmp_path, {0: "LABEL_0"}))
     scores = RewardModelScorer(model_dir).score(["a "], ["good"], [{}])
     assert scores == pytest.approx([unpadded_logits(model_dir, ["a good"])[0][0].item()], abs=1e-5)
+
+
+def test_a_reward_function_that_hangs_is_cut_off_at_the_timeout(user_rewards):
+    scorer = make_scorer(RewardConfig(function=f"{user_rewards}:hangs", timeout_s=0.5))
+    started = time.monotonic()
+    with pytest.raises(RewardTimeoutError, match=r"hangs' did not return within reward.timeout_s"):
+        scorer.score(["p", "q"], ["a", "b"], [{}, {}])
+    assert time.monotonic() - started < 5
+
+
+def test_a_transient_503_is_retried(reward_server):
+    scorer = make_scorer(RewardConfig(url=f"{reward_server}/flaky/{time.time_ns()}", timeout_s=5))
+    assert scorer.score(["ab"], ["c"], [{}]) == [201.0]
+
+
+def test_a_server_that_stays_unavailable_fails_within_the_timeout_naming_the_status(
+    reward_server,
+):
+    scorer = make_scorer(RewardConfig(url=f"{reward_server}/always-503", timeout_s=1.0))
+    started = time.monotonic()
+    with pytest.raises(RewardError, match=r"answered HTTP 503.*attempts in 1 s") as raised:
+        scorer.score(["ab"], ["c"], [{}])
+    assert not isinstance(raised.value, RewardTimeoutError)
+    assert time.monotonic() - started < 3
+
+
+def test_credentials_in_the_url_are_sent_as_basic_auth_and_never_shown(reward_server):
+    host = reward_server.removeprefix("http://")
+    url = f"http://scorer:s3cret%20pass@{host}/auth?token=abc123"
+    scorer = make_scorer(RewardConfig(url=url, timeout_s=5))
+    assert scorer.score(["ab"], ["c"], [{}]) == [201.0]
+    assert "s3cret" not in scorer.source and "abc123" not in scorer.source
+    assert scorer.source == f"reward url 'http://***@{host}/auth?token=***'"
+    wrong = make_scorer(RewardConfig(url=url.replace("s3cret", "guess"), timeout_s=5))
+    with pytest.raises(RewardError, match="answered HTTP 401") as raised:
+        wrong.score(["ab"], ["c"], [{}])
+    assert "guess" not in str(raised.value) and "abc123" not in str(raised.value)
