@@ -63,12 +63,24 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, uncommitted, corrupt, or does not fit the trainer."""
 
 
+REQUIRED_FILES = (
+    f"{POLICY_DIR}/config.json",
+    VALUE_HEAD_FILE,
+    f"{OPTIMIZER}.json",
+    f"{TRAINING_STATE}.json",
+    f"{JOB_STATE}.json",
+)
+"""Files every checkpoint's manifest must list (besides the policy's ``*.safetensors``)."""
+
+
 @dataclass(frozen=True)
 class CheckpointInfo:
     step: int
     uri: str
     num_bytes: int
     created: str
+    problem: str | None = None
+    """Why the checkpoint cannot be used (an unreadable manifest), else None."""
 
 
 def step_dir_name(step: int) -> str:
@@ -366,22 +378,28 @@ def committed_steps(storage: Storage) -> list[int]:
 
 
 def list_checkpoints(uri: str, *, config: CheckpointConfig | None = None) -> list[CheckpointInfo]:
-    """The committed checkpoints under ``uri``, oldest first."""
+    """The committed checkpoints under ``uri``, oldest first; one whose manifest cannot be read
+    is listed with its ``problem`` instead of hiding the good ones beside it."""
     storage = open_storage(uri, _endpoint(config))
     infos = []
     for step in committed_steps(storage):
         name = step_dir_name(step)
-        manifest = json.loads(storage.read_bytes(f"{name}/{MANIFEST}"))
+        step_uri = join_uri(storage.uri, name)
+        try:
+            manifest = parse_manifest(storage.read_bytes(f"{name}/{MANIFEST}"), step_uri)
+        except CheckpointError as error:
+            infos.append(CheckpointInfo(step, step_uri, 0, "", problem=str(error)))
+            continue
         size = sum(entry["size"] for entry in manifest["files"].values())
-        infos.append(CheckpointInfo(step, join_uri(storage.uri, name), size, manifest["created"]))
+        infos.append(CheckpointInfo(step, step_uri, size, manifest["created"]))
     return infos
 
 
 def latest_checkpoint(uri: str, *, config: CheckpointConfig | None = None) -> str | None:
-    """The URI of the newest committed checkpoint under ``uri``, or None."""
-    storage = open_storage(uri, _endpoint(config))
-    steps = committed_steps(storage)
-    return join_uri(storage.uri, step_dir_name(steps[-1])) if steps else None
+    """The URI of the newest committed checkpoint under ``uri`` with a readable manifest, or
+    None. (Its files are verified when it is loaded.)"""
+    usable = [info for info in list_checkpoints(uri, config=config) if info.problem is None]
+    return usable[-1].uri if usable else None
 
 
 def resolve_checkpoint(uri: str, *, config: CheckpointConfig | None = None) -> Storage:
@@ -404,20 +422,55 @@ def resolve_checkpoint(uri: str, *, config: CheckpointConfig | None = None) -> S
     return open_storage(latest, _endpoint(config))
 
 
+def parse_manifest(raw: bytes, where: str) -> dict[str, Any]:
+    """A manifest's content, checked for shape; a ``CheckpointError`` naming ``where`` if it is
+    truncated, of another format, or does not list every file a checkpoint needs."""
+    try:
+        manifest = json.loads(raw)
+    except ValueError as error:
+        raise CheckpointError(
+            f"{where}: {MANIFEST} is not valid JSON (truncated or corrupt): {error}"
+        ) from error
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise CheckpointError(f"{where}: {MANIFEST} has format {found!r}, need {FORMAT}")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(
+        isinstance(entry, dict) and {"size", "sha256"} <= set(entry) for entry in files.values()
+    ):
+        raise CheckpointError(f"{where}: {MANIFEST} has no valid file list")
+    missing = [name for name in REQUIRED_FILES if name not in files]
+    if not any(
+        name.startswith(f"{POLICY_DIR}/") and name.endswith(".safetensors") for name in files
+    ):
+        missing.append(f"{POLICY_DIR}/*.safetensors")
+    if missing:
+        raise CheckpointError(f"{where}: {MANIFEST} does not list {missing}: incomplete checkpoint")
+    return manifest
+
+
 def verify_checkpoint(directory: Path) -> dict[str, Any]:
-    """Check every file against the manifest (size and sha256); returns the manifest."""
+    """Check the directory against its manifest: every listed file present with its size and
+    sha256, and no file that the manifest does not list. Returns the manifest."""
     manifest_path = directory / MANIFEST
     if not manifest_path.is_file():
         raise CheckpointError(f"{directory} has no {MANIFEST}: not a committed checkpoint")
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{manifest_path}: format {manifest.get('format')!r}, need {FORMAT}")
+    manifest = parse_manifest(manifest_path.read_bytes(), str(directory))
     for relative, entry in manifest["files"].items():
         path = directory / relative
         if not path.is_file():
             raise CheckpointError(f"{directory}: {relative} is listed in the manifest but missing")
         if path.stat().st_size != entry["size"] or _sha256(path) != entry["sha256"]:
             raise CheckpointError(f"{directory}: {relative} does not match the manifest (corrupt)")
+    present = {
+        path.relative_to(directory).as_posix() for path in directory.rglob("*") if path.is_file()
+    }
+    extra = sorted(present - set(manifest["files"]) - {MANIFEST})
+    if extra:
+        raise CheckpointError(
+            f"{directory}: {extra} are not in the manifest (added after the save); refusing to "
+            "load files nobody vouched for"
+        )
     return manifest
 
 
@@ -518,7 +571,10 @@ def run(args: argparse.Namespace) -> int:
         if args.action == "list":
             infos = list_checkpoints(args.uri, config=config)
             for info in infos:
-                print(f"{info.step}\t{info.num_bytes}\t{info.created}\t{info.uri}")
+                if info.problem:
+                    print(f"{info.step}\tUNUSABLE\t{info.problem}")
+                else:
+                    print(f"{info.step}\t{info.num_bytes}\t{info.created}\t{info.uri}")
             if not infos:
                 print(f"no committed checkpoints under {args.uri}", file=sys.stderr)
         else:

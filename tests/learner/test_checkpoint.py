@@ -245,6 +245,58 @@ def test_corrupt_file_is_refused(trained: PPOTrainer, tiny_model_dir: Path, tmp_
         load_checkpoint(str(tmp_path), build_trainer(tiny_model_dir, 1))
 
 
+def rewrite_manifest(step_dir: Path, edit) -> None:
+    manifest = json.loads((step_dir / MANIFEST).read_text())
+    edit(manifest)
+    (step_dir / MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    ("tamper", "message"),
+    [
+        (lambda d: rewrite_manifest(d, lambda m: m.update(files={})), "does not list"),
+        (
+            lambda d: rewrite_manifest(d, lambda m: m["files"].pop("value_head.safetensors")),
+            r"does not list \['value_head.safetensors'\]",
+        ),
+        (
+            lambda d: (d / "extra.safetensors").write_bytes(b"not vouched for"),
+            r"\['extra.safetensors'\] are not in the manifest",
+        ),
+        (
+            lambda d: (d / MANIFEST).write_text((d / MANIFEST).read_text()[:40]),
+            "MANIFEST.json is not valid JSON",
+        ),
+        (
+            lambda d: rewrite_manifest(d, lambda m: m.update(format="other/9")),
+            "format 'other/9'",
+        ),
+    ],
+    ids=["empty-file-list", "entry-removed", "extra-file", "truncated", "other-format"],
+)
+def test_a_tampered_checkpoint_is_refused_with_a_clear_error(
+    trained: PPOTrainer, tiny_model_dir: Path, tmp_path: Path, tamper, message: str
+) -> None:
+    step_dir = Path(save_checkpoint(str(tmp_path), 1, trained, {}, keep_last=1))
+    tamper(step_dir)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(str(step_dir), build_trainer(tiny_model_dir, 1))
+
+
+def test_list_shows_good_checkpoints_beside_one_with_a_truncated_manifest(
+    trained: PPOTrainer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    save_checkpoint(str(tmp_path), 1, trained, {}, keep_last=3)
+    broken = Path(save_checkpoint(str(tmp_path), 2, trained, {}, keep_last=3))
+    (broken / MANIFEST).write_text((broken / MANIFEST).read_text()[:40])
+    infos = list_checkpoints(str(tmp_path))
+    assert [(info.step, info.problem is None) for info in infos] == [(1, True), (2, False)]
+    assert latest_checkpoint(str(tmp_path)).endswith("step-00000001")
+    assert rlfleet(["checkpoints", "list", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "step-00000001" in out and "2\tUNUSABLE\t" in out and "not valid JSON" in out
+
+
 def test_no_checkpoint_is_a_clear_error(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert latest_checkpoint(str(tmp_path)) is None
     assert list_checkpoints(str(tmp_path)) == []
