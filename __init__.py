@@ -20,6 +20,7 @@ _EXPORTS = {
     "PPOConfig": "rlfleet.common.config",
     "PPOTrainer": "rlfleet.learner.trainer",
     "create_reference_model": "rlfleet.learner.trainer",
+    "set_seed": "rlfleet.core",
 }
 
 __all__ = sorted(_EXPORTS)

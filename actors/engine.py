@@ -8,9 +8,8 @@ logprobs are what the learner recomputes for the PPO ratio, so the two are compa
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal, Protocol
 
 import torch
@@ -62,8 +61,9 @@ class SamplingSpec:
 class Engine(Protocol):
     def generate(self, prompt_ids: list[list[int]], params: SamplingSpec) -> list[Completion]: ...
 
-    def load_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Replace the model's weights in place (HF parameter names, e.g. from the learner)."""
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load these tensors into the model in place (HF parameter names: all of the learner's
+        weights, or one bucket of them)."""
 
 
 def check_prompts(prompt_ids: Sequence[Sequence[int]], params: SamplingSpec, context: int) -> None:
@@ -80,14 +80,3 @@ def check_prompts(prompt_ids: Sequence[Sequence[int]], params: SamplingSpec, con
                 f"prompt {index} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} "
                 f"it exceeds the model's context of {context} tokens"
             )
-
-
-def make_engine(model_dir: str | Path, config: GeneratorConfig, seed: int) -> Engine:
-    """The engine ``config.engine`` names, loaded from ``model_dir`` and seeded with ``seed``."""
-    if config.engine == "vllm":
-        from rlfleet.actors.vllm_engine import VLLMEngine
-
-        return VLLMEngine(model_dir, config, seed)
-    from rlfleet.actors.hf_engine import HFEngine
-
-    return HFEngine(model_dir, seed)

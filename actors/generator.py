@@ -8,15 +8,28 @@ resources from the config: ``RemoteGenerator.options(**generator_options(config)
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import ray
 
-from rlfleet.actors.engine import Completion, SamplingSpec, make_engine
+from rlfleet.actors.engine import Engine, SamplingSpec
+from rlfleet.actors.metrics import GeneratorMetrics
 from rlfleet.common.config import GeneratorConfig, MetricsConfig
-from rlfleet.common.metrics import GeneratorMetrics, MetricsTarget
+from rlfleet.common.metrics import MetricsTarget
 from rlfleet.common.schema import with_columns
-from rlfleet.common.weights import PackedWeights, unpack
+from rlfleet.common.transport import DEFAULT_TRANSPORT, WeightsHandle, make_receiver
+
+
+def make_engine(model_dir: str | Path, config: GeneratorConfig, seed: int) -> Engine:
+    """The engine ``config.engine`` names, loaded from ``model_dir`` and seeded with ``seed``."""
+    if config.engine == "vllm":
+        from rlfleet.actors.vllm_engine import VLLMEngine
+
+        return VLLMEngine(model_dir, config, seed)
+    from rlfleet.actors.hf_engine import HFEngine
+
+    return HFEngine(model_dir, seed)
 
 
 def rollout_seed(job_seed: int, rollout_id: int) -> int:
@@ -33,9 +46,11 @@ class GeneratorActor:
         seed: int,
         job_name: str = "rlfleet",
         metrics: MetricsConfig | None = None,
+        weight_transport: str = DEFAULT_TRANSPORT,
     ) -> None:
         """Load ``model_dir`` (policy version 0) into the engine ``config.engine`` names; serve
-        this generator's Prometheus metrics as ``job_name`` unless ``metrics.enabled`` is off.
+        this generator's Prometheus metrics as ``job_name`` unless ``metrics.enabled`` is off;
+        receive new weights through ``weight_transport`` (``common/transport/``).
 
         Each rollout is sampled with its own seed derived from ``seed`` and its rollout id, so
         a rollout's sample is the same whichever generator draws it and in whatever batch: a
@@ -43,11 +58,11 @@ class GeneratorActor:
         """
         from transformers import AutoTokenizer
 
-        self._index = index
         self._config = config
         self._seed = seed
         self._engine = make_engine(model_dir, config, seed + index)
         self._tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self._receiver = make_receiver(weight_transport)
         self._version = 0
         self._metrics = GeneratorMetrics.from_config(job_name, index, metrics or MetricsConfig())
 
@@ -58,16 +73,14 @@ class GeneratorActor:
         """Where this actor serves its Prometheus metrics (None when metrics are disabled)."""
         return self._metrics.served_target
 
-    def policy_version(self) -> int:
-        return self._version
-
-    def load_weights(self, packed: PackedWeights) -> int:
-        """Load a packed state dict in place; returns the policy version now held."""
+    def load_weights(self, handle: WeightsHandle) -> int:
+        """Load the published weights ``handle`` names in place, bucket by bucket; returns the
+        policy version now held."""
         started = time.perf_counter()
-        version, state_dict = unpack(packed)
-        self._engine.load_weights(state_dict)
-        self._version = version
-        self._metrics.record_weight_load(time.perf_counter() - started, version)
+        for bucket in self._receiver.receive(handle):
+            self._engine.load_weights(bucket)
+        self._version = handle.version
+        self._metrics.record_weight_load(time.perf_counter() - started, handle.version)
         return self._version
 
     def generate(self, batch: pa.RecordBatch) -> pa.RecordBatch:
@@ -90,12 +103,7 @@ class GeneratorActor:
             response_logprobs=[c.logprobs for c in completions],
             finish_reason=[c.finish_reason for c in completions],
             policy_version=[self._version] * len(completions),
-            generator_index=[self._index] * len(completions),
         )
-
-    def greedy(self, prompt_ids: list[list[int]], max_new_tokens: int) -> list[Completion]:
-        """Greedy completions with the weights held now, to verify a weight sync."""
-        return self._engine.generate(prompt_ids, SamplingSpec.greedy(max_new_tokens))
 
 
 RemoteGenerator = ray.remote(GeneratorActor)

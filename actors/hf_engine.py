@@ -8,7 +8,7 @@ after temperature, top-k and top-p, and records the sampled token's raw log-prob
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -29,8 +29,10 @@ class HFEngine:
         self._context = getattr(config, "n_positions", None) or config.max_position_embeddings
         self._rng = torch.Generator().manual_seed(seed)
 
-    def load_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        self._model.load_state_dict(dict(state_dict), strict=True)
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        unexpected = self._model.load_state_dict(dict(named_tensors), strict=False).unexpected_keys
+        if unexpected:
+            raise KeyError(f"the model has no parameters named {unexpected}")
 
     @torch.inference_mode()
     def generate(self, prompt_ids: list[list[int]], params: SamplingSpec) -> list[Completion]:

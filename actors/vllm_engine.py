@@ -18,7 +18,7 @@ objects, without the copy and the pickled-callable permission
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -32,7 +32,7 @@ def reload_worker_weights(worker, weights: list[tuple[str, torch.Tensor]]) -> in
 
     ``Worker.reload_weights`` (the model runner's, under the worker's vLLM config) re-runs each
     layer's post-load processing, CPU GEMM repacking included. A tied ``lm_head`` (GPT-2's
-    shares ``wte``) loads no tensor of its own; ENVIRONMENT.md measured its CPU GEMM handle
+    shares ``wte``) loads no tensor of its own; on the vLLM CPU build its CPU GEMM handle was seen
     staying stale after a reload, so it is re-dispatched from the new weights here (about 1 ms;
     with float32 on the development machines the reload alone already refreshed it). Returns
     the number of tensors handed over.
@@ -98,10 +98,10 @@ class VLLMEngine:
             return params(None)
         return [params(seed) for seed in spec.seeds]
 
-    def load_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Reload in place, then drop the prefix cache: its KV blocks were computed with the
         old weights and would otherwise be reused for prompts that share a cached prefix."""
-        self._llm.collective_rpc(reload_worker_weights, args=(list(state_dict.items()),))
+        self._llm.collective_rpc(reload_worker_weights, args=(list(named_tensors),))
         if not self._llm.reset_prefix_cache():
             raise RuntimeError("vLLM could not reset its prefix cache after a weight reload")
 

@@ -114,7 +114,7 @@ def median_round_trip_ms(actor: ray.actor.ActorHandle, calls: int = 20) -> float
     times = []
     for _ in range(calls):
         start = time.perf_counter()
-        ray.get(actor.policy_version.remote())
+        ray.get(actor.ready.remote())
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
 

@@ -1,10 +1,11 @@
 """Weight sync time to 1 vs 3 generator actors: one pack and put, N readers loading in place.
 
-One sync is what the job does after each PPO step: ``pack_state_dict`` the new policy,
-``ray.put`` it once, call every generator's ``load_weights`` with the one ref and wait until all
-hold the new version. Times are split into pack + put (learner side, once) and load (until the
-last generator has loaded). 1-generator and 3-generator syncs alternate run by run so that load
-from other processes on a shared machine hits both alike. Target: 3 generators <= 1.5x 1.
+One sync is what the job does after each PPO step: publish the new policy through the
+object-store transport (``common/transport/object_store.py``: pack it, ``ray.put`` it once), call
+every generator's ``load_weights`` with the one handle and wait until all hold the new version.
+Times are split into pack + put (learner side, once) and load (until the last generator has
+loaded). 1-generator and 3-generator syncs alternate run by run so that load from other processes
+on a shared machine hits both alike. Target: 3 generators <= 1.5x 1.
 
 The in-place reload is CPU work in each generator (vLLM's layerwise reload and CPU GEMM
 repacking), so on C cores 3 reloads take at least 3/min(3, C) times one: 1.5x on 2 cores,
@@ -37,7 +38,8 @@ import torch  # noqa: E402
 from rlfleet.actors.generator import start_generators  # noqa: E402
 from rlfleet.common.config import GeneratorConfig  # noqa: E402
 from rlfleet.common.tiny_model import build_tiny_model  # noqa: E402
-from rlfleet.common.weights import pack_state_dict, unpack  # noqa: E402
+from rlfleet.common.transport.object_store import ObjectStorePublisher  # noqa: E402
+from rlfleet.common.transport.packing import pack_state_dict, unpack  # noqa: E402
 
 COUNTS = (1, 3)
 
@@ -48,7 +50,7 @@ class Reader:
 
     def read(self, wrapped: list) -> float:
         obj = ray.get(wrapped[0])
-        tensors = unpack(obj)[1].values() if not isinstance(obj, dict) else obj.values()
+        tensors = [t for _, t in unpack(obj)] if not isinstance(obj, dict) else obj.values()
         return float(sum(t.float().sum() for t in tensors))
 
 
@@ -66,9 +68,9 @@ def sync(
 ) -> tuple[float, float]:
     """One sync: (seconds to pack and put, seconds until every generator loaded it)."""
     start = time.perf_counter()
-    ref = ray.put(pack_state_dict(state_dict, version))
+    handle = ObjectStorePublisher().publish(state_dict, version)
     put_done = time.perf_counter()
-    versions = ray.get([g.load_weights.remote(ref) for g in generators])
+    versions = ray.get([g.load_weights.remote(handle) for g in generators])
     done = time.perf_counter()
     if versions != [version] * len(generators):
         raise RuntimeError(f"generators hold versions {versions}, expected {version}")

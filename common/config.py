@@ -24,8 +24,9 @@ def _default_exp_name() -> str:
 class PPOConfig(BaseModel):
     """Every field and default of TRL v0.11.4's ``PPOConfig``, validated.
 
-    Fields that only steered TRL's trackers or hub uploads are kept so that existing scripts run
-    unchanged; they have no effect here.
+    ``log_with``, ``tracker_kwargs``, ``tracker_project_name``, ``project_kwargs`` and ``exp_name``
+    steer ``PPOTrainer.log_stats`` (learner/trl_compat.py). Fields that only steered TRL's hub
+    uploads or accelerate are kept so that existing scripts run unchanged; they have no effect.
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)

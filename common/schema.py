@@ -23,7 +23,6 @@ ROLLOUT_SCHEMA = pa.schema(
         pa.field("response_logprobs", pa.list_(pa.float32())),
         pa.field("finish_reason", pa.string()),
         pa.field("policy_version", pa.int64()),
-        pa.field("generator_index", pa.int32()),
         pa.field("metadata", pa.string()),
         pa.field("score", pa.float32()),
     ]

@@ -1,8 +1,9 @@
 """The learner Ray actor: one PPOTrainer (policy + frozen reference + value head) behind Ray.
 
 It consumes scored rollout batches (``common.schema.ROLLOUT_SCHEMA``), runs one PPO step per batch
-and publishes each new policy version once in the object store, for every generator to read.
-Every rollout id is consumed at most once: a repeated id is refused before any update.
+and publishes each new policy version through a weight transport (``common/transport/``) for
+every generator to load. Every rollout id is consumed at most once: a repeated id is refused before
+any update. The model sits on the device Ray assigned the actor (``learner_device``).
 """
 
 from __future__ import annotations
@@ -18,8 +19,17 @@ import ray
 import torch
 
 from rlfleet.common.config import CheckpointConfig, MetricsConfig, PPOConfig
-from rlfleet.common.metrics import LearnerMetrics, MetricsTarget
-from rlfleet.common.weights import pack_state_dict
+from rlfleet.common.metrics import MetricsTarget
+from rlfleet.common.transport import DEFAULT_TRANSPORT, WeightsHandle, make_publisher
+from rlfleet.learner.metrics import LearnerMetrics
+
+
+def learner_device() -> torch.device:
+    """The GPU Ray assigned this actor, else the CPU. Ray sets ``CUDA_VISIBLE_DEVICES`` to the
+    assigned GPUs, so the first of them is ``cuda:0`` in this process."""
+    if ray.is_initialized() and ray.get_gpu_ids():
+        return torch.device("cuda", 0)
+    return torch.device("cpu")
 
 
 def scalar_stats(stats: dict[str, Any]) -> dict[str, float]:
@@ -41,21 +51,48 @@ def rollout_tensors(
     """``(queries, responses, scores)`` as PPOTrainer.step takes them; names a bad rollout."""
     columns = batch.to_pydict()
     queries, responses, scores = [], [], []
-    for rollout_id, prompt_ids, response_ids, score in zip(
+    for rollout_id, prompt_ids, response_ids, logprobs, score in zip(
         columns["rollout_id"],
         columns["prompt_ids"],
         columns["response_ids"],
+        columns["response_logprobs"],
         columns["score"],
         strict=True,
     ):
         if not prompt_ids or not response_ids:
             raise ValueError(f"rollout {rollout_id}: empty prompt_ids or response_ids")
+        if logprobs is None or len(logprobs) != len(response_ids):
+            count = "no" if logprobs is None else len(logprobs)
+            raise ValueError(
+                f"rollout {rollout_id}: {count} response_logprobs for {len(response_ids)} tokens"
+            )
         if score is None or not math.isfinite(score):
             raise ValueError(f"rollout {rollout_id}: score is {score!r}, not a finite number")
         queries.append(torch.tensor(prompt_ids, dtype=torch.long))
         responses.append(torch.tensor(response_ids, dtype=torch.long))
         scores.append(torch.tensor(score, dtype=torch.float32))
     return queries, responses, scores
+
+
+def rollout_stats(batch: pa.RecordBatch, old_logprobs: np.ndarray) -> dict[str, float]:
+    """How the generators' rollouts compare with the learner.
+
+    ``rollout/logprob_diff_mean``: the mean over response tokens of |learner's old-policy logprob
+    - generator's logprob| (``old_logprobs``: ``[batch, max response length]`` in batch order,
+    the trainer's ``objective/logprobs``); near zero when both hold the same weights, it grows
+    with policy lag and with any mismatch between the engine and the learner.
+    ``rollout/truncated_fraction``: the fraction of rollouts that ``max_new_tokens`` cut off.
+    """
+    generator_logprobs = batch.column("response_logprobs").to_pylist()
+    old = np.asarray(old_logprobs, dtype=np.float64).reshape(len(generator_logprobs), -1)
+    differences = np.concatenate(
+        [np.abs(old[row, : len(lps)] - lps) for row, lps in enumerate(generator_logprobs)]
+    )
+    finish_reasons = batch.column("finish_reason").to_pylist()
+    return {
+        "rollout/logprob_diff_mean": float(differences.mean()),
+        "rollout/truncated_fraction": finish_reasons.count("length") / len(finish_reasons),
+    }
 
 
 class LearnerActor:
@@ -69,6 +106,7 @@ class LearnerActor:
         max_policy_lag: int = 0,
         job_name: str = "rlfleet",
         metrics: MetricsConfig | None = None,
+        weight_transport: str = DEFAULT_TRANSPORT,
     ) -> None:
         from transformers import AutoTokenizer
 
@@ -76,8 +114,9 @@ class LearnerActor:
 
         torch.manual_seed(seed)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForCausalLMWithValueHead.from_pretrained(model_dir)
+        model = AutoModelForCausalLMWithValueHead.from_pretrained(model_dir).to(learner_device())
         self.trainer = PPOTrainer(config=ppo_config, model=model, tokenizer=tokenizer)
+        self._publisher = make_publisher(weight_transport)
         self.max_policy_lag = max_policy_lag
         self.version = 0
         self.consumed: list[int] = []
@@ -88,9 +127,6 @@ class LearnerActor:
     def ready(self) -> int:
         return self.version
 
-    def policy_version(self) -> int:
-        return self.version
-
     def step(self, batch: pa.RecordBatch) -> dict[str, float]:
         """One PPO step on a scored batch; the policy version goes from V to V+1."""
         ids = batch.column("rollout_id").to_pylist()
@@ -98,23 +134,27 @@ class LearnerActor:
         self._check_policy_lag(batch)
         queries, responses, scores = rollout_tensors(batch)
         started = time.perf_counter()
-        stats = scalar_stats(self.trainer.step(queries, responses, scores))
+        step_stats = self.trainer.step(queries, responses, scores)
+        stats = {
+            **scalar_stats(step_stats),
+            **rollout_stats(batch, step_stats["objective/logprobs"]),
+        }
         self.consumed.extend(ids)
         self._consumed_set.update(ids)
         self.version += 1
         self.metrics.record_step(stats, time.perf_counter() - started, self.version)
         return stats
 
-    def publish_weights(self) -> tuple[int, list[ray.ObjectRef]]:
-        """Puts the current policy once in the object store: ``(version, [ref])``; the ref is
-        wrapped so that Ray hands it over as a reference (generators then read the one copy)."""
+    def publish_weights(self) -> WeightsHandle:
+        """Publishes the current policy; every generator loads it from the returned handle
+        (``GeneratorActor.load_weights``)."""
         started = time.perf_counter()
-        packed = pack_state_dict(self.trainer.model.pretrained_model.state_dict(), self.version)
-        ref = ray.put(packed)
+        state_dict = self.trainer.model.pretrained_model.state_dict()
+        handle = self._publisher.publish(state_dict, self.version)
         self.metrics.record_weight_broadcast(
-            time.perf_counter() - started, packed.nbytes, self.version
+            time.perf_counter() - started, handle.nbytes, self.version
         )
-        return self.version, [ref]
+        return handle
 
     def metrics_target(self) -> MetricsTarget | None:
         """Where this actor serves its Prometheus metrics (None when metrics are disabled)."""
@@ -123,11 +163,6 @@ class LearnerActor:
     def consumed_rollout_ids(self) -> list[int]:
         """Rollout ids in the order they were trained on."""
         return list(self.consumed)
-
-    def greedy(self, prompt_ids: list[list[int]], max_new_tokens: int) -> list[dict[str, list]]:
-        """Greedy continuations and their per-token logprobs under the current policy."""
-        model = self.trainer.model.pretrained_model
-        return [greedy_decode(model, ids, max_new_tokens) for ids in prompt_ids]
 
     def save_checkpoint(self, config: CheckpointConfig, job_state: dict[str, Any]) -> str:
         """Saves checkpoint ``step-<version>`` (trainer + ``job_state`` + this actor's ledger);
@@ -171,22 +206,3 @@ class LearnerActor:
                     f"rollout {rollout_id}: sampled with policy version {version}, learner is at "
                     f"{self.version} (max_policy_lag {self.max_policy_lag})"
                 )
-
-
-@torch.no_grad()
-def greedy_decode(model: Any, prompt_ids: list[int], max_new_tokens: int) -> dict[str, list]:
-    """Argmax decoding with full-sequence forwards: slow but exact, for verifying a sync."""
-    was_training = model.training
-    model.eval()
-    ids = torch.tensor([prompt_ids], dtype=torch.long)
-    tokens, logprobs = [], []
-    for _ in range(max_new_tokens):
-        logits = model(input_ids=ids).logits[0, -1].float()
-        token = int(torch.argmax(logits))
-        tokens.append(token)
-        logprobs.append(float(torch.log_softmax(logits, dim=-1)[token]))
-        if token == model.config.eos_token_id:
-            break
-        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
-    model.train(was_training)
-    return {"token_ids": tokens, "logprobs": logprobs}

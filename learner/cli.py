@@ -9,7 +9,10 @@ import sys
 # sub-command -> (module, help). Each module defines add_arguments(parser) and run(args) -> int.
 COMMANDS = {
     "tiny-model": ("rlfleet.common.tiny_model", "build the tiny GPT-2 and tokenizer offline"),
-    "train": ("rlfleet.learner.job", "run a PPO job (local Ray, or inside a submitted Ray job)"),
+    "train": (
+        "rlfleet.learner.driver.train",
+        "run a PPO job (local Ray, or inside a submitted Ray job)",
+    ),
     "submit": ("rlfleet.learner.submit", "submit a PPO job to a Ray cluster"),
     "checkpoints": ("rlfleet.learner.checkpoint", "list or pull checkpoints"),
 }

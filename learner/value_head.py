@@ -53,8 +53,6 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
     ``N(0, v_head_initializer_range)`` with a zero bias.
     """
 
-    supported_args = VALUE_HEAD_ARGS
-
     def __init__(
         self,
         pretrained_model: PreTrainedModel,
@@ -137,6 +135,11 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
     @property
     def lm_head(self) -> nn.Module:
         return self.pretrained_model.get_output_embeddings()
+
+    @property
+    def current_device(self) -> torch.device:
+        """The device the weights are on (TRL's wrapper attribute; scripts move inputs there)."""
+        return next(self.parameters()).device
 
     def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         """The wrapped model's state dict (its own names) plus ``v_head.*``."""

@@ -11,29 +11,18 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import pyarrow as pa
 
 from rlfleet.common.config import MetricsConfig, RewardConfig
-from rlfleet.common.metrics import MetricsTarget, RewardMetrics
+from rlfleet.common.metrics import MetricsTarget
 from rlfleet.common.schema import with_columns
+from rlfleet.reward.metrics import RewardMetrics
 from rlfleet.reward.scorers import RewardError, make_scorer
 
 _TEXT_PREVIEW_CHARS = 80
 _IDS_NAMED = 8
-
-
-@dataclass
-class ScoringStats:
-    """Counters kept by a reward actor since it started; the latency is the last good batch's."""
-
-    batches_scored: int = 0
-    samples_scored: int = 0
-    errors: int = 0
-    timeouts: int = 0
-    last_latency_s: float = 0.0
 
 
 def _preview(text: str | None) -> str:
@@ -78,7 +67,6 @@ class RewardActor:
         unless ``metrics.enabled`` is off."""
         self.index = index
         self.scorer = make_scorer(config)
-        self._stats = ScoringStats()
         self._metrics = RewardMetrics.from_config(job_name, index, metrics or MetricsConfig())
 
     def ready(self) -> bool:
@@ -88,9 +76,6 @@ class RewardActor:
     def metrics_target(self) -> MetricsTarget | None:
         """Where this actor serves its Prometheus metrics (None when metrics are disabled)."""
         return self._metrics.served_target
-
-    def stats(self) -> dict[str, float]:
-        return asdict(self._stats)
 
     def score(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         """The batch with ``score`` set; a failure is a ``RewardError`` naming the rollouts."""
@@ -107,18 +92,13 @@ class RewardActor:
         except Exception as exc:
             self._count_failure(exc)
             raise self._describe_failure(exc, rollout_ids, prompts, responses) from exc
-        self._stats.last_latency_s = time.perf_counter() - started
-        self._stats.batches_scored += 1
-        self._stats.samples_scored += len(scores)
-        self._metrics.record_scores(scores, self._stats.last_latency_s)
+        self._metrics.record_scores(scores, time.perf_counter() - started)
         return with_columns(batch, score=scores)
 
     def _count_failure(self, exc: Exception) -> None:
         if isinstance(exc, TimeoutError):
-            self._stats.timeouts += 1
             self._metrics.record_timeout()
         else:
-            self._stats.errors += 1
             self._metrics.record_error()
 
     def _describe_failure(

@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 from generator_reference import PROMPTS, assert_same_completions, load_model
 from generator_reference import reference_greedy as reference
+from probes import generator_greedy, generator_version
 from prometheus_server import scrape
 
 from rlfleet.actors.generator import RemoteGenerator, generator_options
 from rlfleet.common.config import GeneratorConfig
 from rlfleet.common.schema import ROLLOUT_SCHEMA, prompt_batch
-from rlfleet.common.weights import pack_state_dict
+from rlfleet.common.transport import make_publisher
 
 pytestmark = pytest.mark.slow
 
@@ -48,18 +49,18 @@ def test_generate_fills_rollout_columns_of_the_batch(ray_local, generator, tiny_
         assert row["response"] == tokenizer.decode(ids, skip_special_tokens=True)
         assert all(logprob <= 0 for logprob in row["response_logprobs"])
     assert [row["policy_version"] for row in rows] == [0, 0, 0]
-    assert [row["generator_index"] for row in rows] == [2, 2, 2]
 
 
 def test_each_weight_sync_takes_effect_and_advances_the_version(
     ray_local, generator, tiny_model_dir, other_model_dir
 ):
+    publisher = make_publisher()
     for version, model_dir in ((1, other_model_dir), (2, tiny_model_dir)):
         model = load_model(model_dir)
-        ref = ray_local.put(pack_state_dict(model.state_dict(), version))
-        assert ray_local.get(generator.load_weights.remote(ref)) == version
-        assert ray_local.get(generator.policy_version.remote()) == version
-        greedy = ray_local.get(generator.greedy.remote(PROMPTS, 6))
+        handle = publisher.publish(model.state_dict(), version)
+        assert ray_local.get(generator.load_weights.remote(handle)) == version
+        assert generator_version(generator) == version
+        greedy = generator_greedy(generator, PROMPTS, 6)
         assert_same_completions(greedy, reference(model, PROMPTS, 6))
 
 
@@ -70,9 +71,9 @@ def test_metrics_endpoint_counts_rollouts_tokens_and_weight_loads(
     assert (target.job, target.role, target.index) == ("rlfleet", "generator", 2)
     before = scrape(target)
     out = ray_local.get(generator.generate.remote(prompt_batch([30, 31], TEXTS[:2], PROMPTS[:2])))
-    version = ray_local.get(generator.policy_version.remote()) + 1
-    weights = ray_local.put(pack_state_dict(load_model(tiny_model_dir).state_dict(), version))
-    assert ray_local.get(generator.load_weights.remote(weights)) == version
+    version = generator_version(generator) + 1
+    handle = make_publisher().publish(load_model(tiny_model_dir).state_dict(), version)
+    assert ray_local.get(generator.load_weights.remote(handle)) == version
     after = scrape(target)
 
     def grew(name: str) -> float:

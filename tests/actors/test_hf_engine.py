@@ -17,7 +17,7 @@ def engine(tiny_model_dir) -> HFEngine:
 
 
 def test_greedy_matches_unbatched_forward(engine, tiny_model_dir):
-    engine.load_weights(load_model(tiny_model_dir).state_dict())
+    engine.load_weights(load_model(tiny_model_dir).state_dict().items())
     completions = engine.generate(PROMPTS, SamplingSpec.greedy(6))
     assert_same_completions(completions, reference(load_model(tiny_model_dir), PROMPTS, 6))
     assert all(c.finish_reason == "length" and len(c.token_ids) == 6 for c in completions)
@@ -25,15 +25,33 @@ def test_greedy_matches_unbatched_forward(engine, tiny_model_dir):
 
 def test_load_weights_changes_outputs_to_new_model(engine, tiny_model_dir, other_model_dir):
     other = load_model(other_model_dir)
-    engine.load_weights(other.state_dict())
+    engine.load_weights(other.state_dict().items())
     assert_same_completions(
         engine.generate(PROMPTS, SamplingSpec.greedy(6)), reference(other, PROMPTS, 6)
     )
 
 
+def test_weights_loaded_in_buckets_replace_the_model_like_one_load(
+    engine, tiny_model_dir, other_model_dir
+):
+    other = load_model(other_model_dir)
+    named = list(other.state_dict().items())
+    engine.load_weights(load_model(tiny_model_dir).state_dict().items())
+    for bucket in (named[: len(named) // 2], named[len(named) // 2 :]):
+        engine.load_weights(bucket)
+    assert_same_completions(
+        engine.generate(PROMPTS, SamplingSpec.greedy(6)), reference(other, PROMPTS, 6)
+    )
+
+
+def test_loading_an_unknown_weight_is_named(engine):
+    with pytest.raises(KeyError, match=r"no parameters named \['h.99.weight'\]"):
+        engine.load_weights([("h.99.weight", torch.zeros(2))])
+
+
 def test_eos_stops_with_eos_as_last_token(engine, tiny_model_dir):
     model = load_model(tiny_model_dir)
-    engine.load_weights(always_eos_state_dict(model))
+    engine.load_weights(always_eos_state_dict(model).items())
     completions = engine.generate(PROMPTS, SamplingSpec.greedy(6))
     eos = model.config.eos_token_id
     assert [c.token_ids for c in completions] == [[eos]] * len(PROMPTS)
@@ -42,7 +60,7 @@ def test_eos_stops_with_eos_as_last_token(engine, tiny_model_dir):
 
 
 def test_seeded_sampling_repeats_and_top_k_1_is_greedy(engine, tiny_model_dir):
-    engine.load_weights(load_model(tiny_model_dir).state_dict())
+    engine.load_weights(load_model(tiny_model_dir).state_dict().items())
     spec = SamplingSpec(max_new_tokens=5, temperature=1.0, seeds=(3, 4, 5, 6))
     first, again = engine.generate(PROMPTS, spec), engine.generate(PROMPTS, spec)
     assert first == again
@@ -54,7 +72,7 @@ def test_seeded_sampling_repeats_and_top_k_1_is_greedy(engine, tiny_model_dir):
 
 
 def test_a_seeded_prompt_samples_the_same_in_any_batch(engine, tiny_model_dir):
-    engine.load_weights(load_model(tiny_model_dir).state_dict())
+    engine.load_weights(load_model(tiny_model_dir).state_dict().items())
     spec = SamplingSpec(max_new_tokens=5, temperature=1.0, seeds=(3, 4, 5, 6))
     together = engine.generate(PROMPTS, spec)
     alone = engine.generate(PROMPTS[2:3], SamplingSpec(max_new_tokens=5, seeds=(5,)))

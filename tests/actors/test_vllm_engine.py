@@ -23,7 +23,7 @@ def engine(tiny_model_dir, tmp_path_factory):
 
 
 def test_greedy_matches_hf_engine_and_plain_forward(engine, tiny_model_dir):
-    engine.load_weights(load_model(tiny_model_dir).state_dict())
+    engine.load_weights(load_model(tiny_model_dir).state_dict().items())
     completions = engine.generate(PROMPTS, SamplingSpec.greedy(6))
     hf = HFEngine(tiny_model_dir, seed=0).generate(PROMPTS, SamplingSpec.greedy(6))
     assert_same_completions(completions, hf)
@@ -33,7 +33,7 @@ def test_greedy_matches_hf_engine_and_plain_forward(engine, tiny_model_dir):
 def test_each_reload_takes_effect(engine, tiny_model_dir, other_model_dir):
     """Two syncs in a row (to new weights and back): greedy tokens and logprobs follow both."""
     for model in (load_model(other_model_dir), load_model(tiny_model_dir)):
-        engine.load_weights(model.state_dict())
+        engine.load_weights(model.state_dict().items())
         assert_same_completions(
             engine.generate(PROMPTS, SamplingSpec.greedy(6)), reference(model, PROMPTS, 6)
         )
@@ -41,16 +41,16 @@ def test_each_reload_takes_effect(engine, tiny_model_dir, other_model_dir):
 
 def test_eos_stops_like_hf_engine(engine, tiny_model_dir):
     state = always_eos_state_dict(load_model(tiny_model_dir))
-    engine.load_weights(state)
+    engine.load_weights(state.items())
     hf = HFEngine(tiny_model_dir, seed=0)
-    hf.load_weights(state)
+    hf.load_weights(state.items())
     completions = engine.generate(PROMPTS, SamplingSpec.greedy(6))
     assert_same_completions(completions, hf.generate(PROMPTS, SamplingSpec.greedy(6)))
     assert [c.finish_reason for c in completions] == ["stop"] * len(PROMPTS)
 
 
 def test_sampling_shapes_and_seeded_repeat(engine, tiny_model_dir):
-    engine.load_weights(load_model(tiny_model_dir).state_dict())
+    engine.load_weights(load_model(tiny_model_dir).state_dict().items())
     spec = SamplingSpec(max_new_tokens=5, temperature=1.0, top_p=0.9, top_k=50, seeds=(3, 4, 5, 6))
     first = engine.generate(PROMPTS, spec)
     assert first == engine.generate(PROMPTS, spec)
@@ -74,7 +74,7 @@ def test_sync_drops_kv_blocks_cached_with_the_old_weights(tmp_path_factory):
     prompt = [list(range(20, 280))]
     engine.generate(prompt, SamplingSpec.greedy(4))
     new_model = load_model(new)
-    engine.load_weights(new_model.state_dict())
+    engine.load_weights(new_model.state_dict().items())
     assert_same_completions(
         engine.generate(prompt, SamplingSpec.greedy(4)), reference(new_model, prompt, 4)
     )

@@ -1,5 +1,5 @@
 """The shipped Grafana dashboard and Prometheus configs: every panel query names only metrics
-that common/metrics.py defines, parses in a real Prometheus, and the configs are valid."""
+that a job's metric sets define, parses in a real Prometheus, and the configs are valid."""
 
 from __future__ import annotations
 
@@ -20,19 +20,11 @@ from prometheus_server import (
     expand_dashboard_variables,
 )
 
-from rlfleet.common.metrics import (
-    ACTOR_ROLES,
-    DEFAULT_FILE_SD_DIR,
-    METRIC_SETS,
-    PPO_STAT_GAUGES,
-    STAGES,
-    GeneratorMetrics,
-    JobMetrics,
-    LearnerMetrics,
-    MetricSet,
-    RewardMetrics,
-    write_file_sd,
-)
+from rlfleet.actors.metrics import GeneratorMetrics
+from rlfleet.common.metrics import DEFAULT_FILE_SD_DIR, MetricSet, write_file_sd
+from rlfleet.learner.driver.metrics import ACTOR_ROLES, METRIC_SETS, STAGES, JobMetrics
+from rlfleet.learner.metrics import PPO_STAT_GAUGES, LearnerMetrics
+from rlfleet.reward.metrics import RewardMetrics
 
 GRAFANA = REPO / "deploy" / "grafana"
 PROMETHEUS_CONFIGS = sorted((REPO / "deploy" / "prometheus").glob("*.yml"))
@@ -58,7 +50,7 @@ def promql_metric_names(promql: str) -> set[str]:
 
 
 def defined_metric_names() -> set[str]:
-    """Every series name the metric sets of common/metrics.py expose."""
+    """Every series name the metric sets of a job (``METRIC_SETS``) expose."""
     return {
         sample.name
         for metric_set in METRIC_SETS

@@ -21,7 +21,9 @@ from prometheus_server import (
 )
 
 from rlfleet.common.config import JobConfig
-from rlfleet.common.metrics import PPO_STAT_GAUGES, STAGES, file_sd_path
+from rlfleet.common.metrics import file_sd_path
+from rlfleet.learner.driver.metrics import STAGES
+from rlfleet.learner.metrics import PPO_STAT_GAUGES
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +62,7 @@ def weights_nbytes(model_dir: Path) -> int:
     """The size of one published policy version of the model in ``model_dir``."""
     from transformers import AutoModelForCausalLM
 
-    from rlfleet.common.weights import pack_state_dict
+    from rlfleet.common.transport.packing import pack_state_dict
 
     return pack_state_dict(AutoModelForCausalLM.from_pretrained(model_dir).state_dict(), 0).nbytes
 
@@ -76,7 +78,7 @@ def test_every_dashboard_query_has_data_and_counters_match_stats_jsonl_across_a_
     rewrites the discovery file, so Prometheus scrapes the new process in its place."""
     import ray
 
-    from rlfleet.learner.job import PPOJob
+    from rlfleet.learner.driver.loop import PPOJob
 
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # vLLM leaves sockets there
     killed = []
@@ -94,7 +96,7 @@ def test_every_dashboard_query_has_data_and_counters_match_stats_jsonl_across_a_
         listed = [group["labels"]["role"] for group in json.loads(sd_file.read_text())]
         assert {role: listed.count(role) for role in TARGETS} == TARGETS
         prometheus.wait_for_targets(JOB, count=sum(TARGETS.values()), timeout=60)
-        job.run()
+        job.train()
         assert killed == [0]
         prometheus.wait_for_scrapes_after(JOB, time.time())
         at = time.time()
@@ -186,7 +188,7 @@ def test_a_job_with_metrics_disabled_serves_nothing_and_writes_no_discovery_file
 ) -> None:
     import ray
 
-    from rlfleet.learner.job import PPOJob
+    from rlfleet.learner.driver.loop import PPOJob
 
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     sd_dir = tmp_path / "sd"
@@ -198,7 +200,7 @@ def test_a_job_with_metrics_disabled_serves_nothing_and_writes_no_discovery_file
         actors = [job.learner, *job.generators.actors, *job.rewards.actors]
         assert ray.get([actor.metrics_target.remote() for actor in actors]) == [None] * 3
         assert job.metrics.served_target is None
-        assert len(job.run().stats) == 1
+        assert len(job.train().stats) == 1
     finally:
         job.shutdown()
     assert not sd_dir.exists()

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 import torch
+from job_configs import small_job, write_config
 from safetensors.torch import load_file
-from test_job import small_job, write_config
 
 from rlfleet.common.storage import open_storage
 from rlfleet.learner.checkpoint import MANIFEST, latest_checkpoint, pull_checkpoint

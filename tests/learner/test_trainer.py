@@ -15,7 +15,8 @@ import torch
 from transformers import AutoTokenizer
 
 from rlfleet.common.config import PPOConfig
-from rlfleet.learner.trainer import PPOTrainer, TokenLogprobs
+from rlfleet.learner.trainer import PPOTrainer
+from rlfleet.learner.trl_compat import TRLCompatMixin
 from rlfleet.learner.value_head import AutoModelForCausalLMWithValueHead
 
 TRL_STAT_KEYS = {
@@ -295,11 +296,25 @@ def test_training_state_round_trip_resumes_exactly(tiny_model_dir, tokenizer):
     assert resumed.training_state() == first.training_state()
 
 
-def test_token_logprobs_match_log_softmax_with_entropy_and_gradient():
-    logits = torch.randn(5, 40, dtype=torch.float64, requires_grad=True)
-    labels = torch.randint(0, 40, (5,))
-    logprobs, entropy = TokenLogprobs.apply(logits, labels)
-    log_softmax = torch.log_softmax(logits, dim=-1)
-    torch.testing.assert_close(logprobs, log_softmax.gather(-1, labels[:, None]).squeeze(-1))
-    torch.testing.assert_close(entropy, -(log_softmax.exp() * log_softmax).sum(-1))
-    assert torch.autograd.gradcheck(lambda x: TokenLogprobs.apply(x, labels)[0], (logits,))
+def test_trainer_leaves_global_rngs_and_the_callers_config_alone(tiny_model_dir, tokenizer):
+    config = PPOConfig(batch_size=2, mini_batch_size=1, seed=123)
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(tiny_model_dir)
+    torch_state, numpy_state = torch.get_rng_state(), np.random.get_state()[1].copy()
+    trainer = PPOTrainer(config, model, tokenizer=tokenizer)
+    trainer.step(*random_batch(2))
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    assert np.array_equal(np.random.get_state()[1], numpy_state)
+    assert config.world_size is None
+    assert isinstance(trainer, TRLCompatMixin)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_step_runs_with_the_model_on_cuda(make_trainer):
+    trainer = make_trainer(
+        batch_size=4, mini_batch_size=2, kl_penalty="full", use_score_scaling=True
+    )
+    trainer.model.cuda()
+    trainer.ref_model.cuda()
+    stats = trainer.step(*random_batch(4))
+    assert trainer.current_device.type == "cuda"
+    assert all(np.isfinite(value).all() for value in stats.values())

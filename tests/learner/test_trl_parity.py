@@ -5,17 +5,40 @@ with ``.venv-trl``; its docstring lists the TRL quirks met). For each case the s
 policy, reference model, PPOConfig and inputs go through rlfleet; every stat TRL returned and the
 updated weights (value head included) must agree.
 
+Tolerances come from measured variation (``trl_reference/measure_variation.py``): every case
+was run with TRL and with rlfleet under torch threads 1 and 2 and two stand-ins for another CPU
+(scalar ATen kernels, ``ATEN_CPU_CAPABILITY=default``; MKL's ``MKL_CBWR=COMPATIBLE`` matmuls),
+on an AMD EPYC (AVX-512), beside the stored data that TRL made on an Intel Xeon. The
+*self-variation* is the largest difference of TRL against TRL or of rlfleet against rlfleet over
+all those runs. Rule: each tolerance is about 3x the largest self-variation, rounded up to 1, 2
+or 5 x 10^k, with absolute floors at float32 rounding of the values compared. Measured (EPYC,
+November 2026; "needed rtol" is what ``np.allclose`` needs on top of the ``atol``):
+
+=================================  =========  ==========  ============  =========
+quantity                           TRL 1v2 t  TRL, all    rlfleet, all  tolerance
+=================================  =========  ==========  ============  =========
+first step stats, needed rtol [1]  1.8e-5     1.8e-5      2.1e-5        1e-4
+later step stats, needed rtol      2.6e-6     3.0e-4      5.8e-5        1e-3
+weights, largest element (lr)      1.5e-4     0.067 [2]   0.030         0.2
+weights, 3rd largest element (lr)  1.4e-4     0.0060      0.0018        0.02
+weights, elements over 0.02 lr     0          1           1             3
+=================================  =========  ==========  ============  =========
+
+[1] With ``ppo/policy/policykl`` under the KL sums' ``atol`` (below): a mean of logprob
+differences that cancel to ~1e-3, it needs rtol 4e-5 at ``atol=1e-6``. [2] batch_size_1, TRL
+here against TRL on the Xeon. Thread counts alone hardly move either implementation; kernels
+(another CPU) do. rlfleet against the stored TRL data, any of its runs: first step 1.3e-5, later
+steps 2.8e-4, weights 0.049 lr largest (one element), 0.0057 lr third largest.
+
 How stats are compared:
 
-- first ``step`` of a trainer: ``rtol=1e-5, atol=1e-6``. TRL itself moves by up to ~6e-6
-  relative under a mathematically neutral change (another padding width, or one thread instead
-  of two), and rlfleet pads differently (per minibatch, response positions only), which changes
-  float32 summation order, not the math. ``objective/kl`` and ``objective/kl_dist`` get
-  ``atol=1e-5``: each is a per-sample sum of up to a dozen differences of logprobs near -4.9,
-  each rounded to ~3e-7, that cancel to values near 0;
+- first ``step`` of a trainer: ``rtol=1e-4, atol=1e-6``. rlfleet pads differently (per
+  minibatch, response positions only), which changes float32 summation order, not the math.
+  ``objective/kl``, ``objective/kl_dist`` and ``ppo/policy/policykl`` get ``atol=1e-5``: each
+  sums or averages differences of logprobs near -4.9, each rounded to ~3e-7, that cancel to
+  values near 0;
 - later steps: ``rtol=1e-3, atol=1e-5``. They start from weights that already differ by
-  Adam-amplified rounding (see :func:`weight_mismatches`); TRL against itself with another
-  padding width differs there by up to 1.3e-4 relative (``objective/kl`` at batch size 1);
+  Adam-amplified rounding (see :func:`weight_mismatches`);
 - array stats whose layout is TRL's padding (``objective/logprobs``, ``objective/ref_logprobs``:
   ``[batch, padded_len - 1]``; ``ppo/policy/advantages``, ``ppo/policy/ratio``: every
   minibatch's ``[mini_batch, padded_len - 1]`` grid flattened) are compared on the response
@@ -24,14 +47,21 @@ How stats are compared:
   minibatch order;
 - ``time/ppo/*``: only present and non-negative;
 - the three std stats TRL reports as NaN at batch size 1 (``torch.std`` of one value) must be 0;
-- updated weights: ``atol=0.02 * learning_rate``, attention key bias left out (see
-  :func:`weight_mismatches` and :func:`without_key_bias`).
+- updated weights: in units of ``lr``, every element within 0.02 lr, except at most 3 that must
+  stay within 0.2 lr; attention key bias left out (see :func:`weight_mismatches` and
+  :func:`without_key_bias`).
+
+Not looser than a bug: one change on rlfleet's side (``cliprange`` or ``cliprange_value`` +0.01,
+``vf_coef`` x1.1, ``lam`` +0.01, Adam's lr x1.01, ``eps`` x10, ``betas`` (0.8, 0.999) or
+(0.9, 0.99), the advantages' sign) fails 15 or 16 of the 16 cases; the weight check alone
+catches each in 8 to 16 cases (a flat 0.2 lr bound would miss ``betas=(0.9, 0.99)`` in 12).
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +75,14 @@ from rlfleet import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
 
 REFERENCE = Path(__file__).parent / "trl_reference"
 CASE_NAMES = sorted(path.stem for path in (REFERENCE / "cases").glob("*.json"))
-FIRST_STEP_TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
-KL_SUM_STATS = ("objective/kl", "objective/kl_dist")
-KL_SUM_TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
+THREAD_COUNTS = (1, 2)
+FIRST_STEP_TOLERANCE = {"rtol": 1e-4, "atol": 1e-6}
+KL_SUM_STATS = ("objective/kl", "objective/kl_dist", "ppo/policy/policykl")
+KL_SUM_TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
 LATER_STEP_TOLERANCE = {"rtol": 1e-3, "atol": 1e-5}
-WEIGHT_RTOL, WEIGHT_ATOL_IN_LR = 1e-5, 2e-2
+WEIGHT_ATOL_IN_LR = 0.02
+AMPLIFIED_ATOL_IN_LR = 0.2
+MAX_AMPLIFIED_ELEMENTS = 3
 RESPONSE_GRID_STATS = ("objective/logprobs", "objective/ref_logprobs")
 MINIBATCH_GRID_STATS = ("ppo/policy/advantages", "ppo/policy/ratio")
 NAN_IN_TRL_AT_BATCH_1 = ("ppo/std_scores", "tokens/queries_len_std", "tokens/responses_len_std")
@@ -85,7 +118,7 @@ def response_rows(record: dict[str, Any]) -> list[range]:
     ]
 
 
-def trl_meaningful(key: str, value: Any, record: dict[str, Any], mini: int) -> np.ndarray:
+def trl_meaningful(key: str, value: Any, record: dict[str, Any]) -> np.ndarray:
     """TRL's stat with the padding-layout arrays reduced to their response tokens, in order."""
     array = np.asarray(value, dtype=np.float64)
     positions = response_rows(record)
@@ -115,9 +148,9 @@ def stat_tolerance(key: str, step_index: int) -> dict[str, float]:
 
 
 def stat_mismatches(
-    stats: dict[str, Any], record: dict[str, Any], mini: int, batch_size: int, step_index: int
+    stats: dict[str, Any], record: dict[str, Any], batch_size: int, step_index: int
 ) -> list[str]:
-    """Every stat that differs from TRL's beyond float32 rounding, described."""
+    """Every stat that differs from TRL's beyond its tolerance, described."""
     problems = []
     for key, expected in record["stats"].items():
         actual = stats[key]
@@ -132,7 +165,7 @@ def stat_mismatches(
             continue
         if isinstance(expected, float) and not isinstance(actual, float):
             problems.append(f"{key}: {type(actual).__name__}, TRL returns a Python float")
-        want = trl_meaningful(key, expected, record, mini)
+        want = trl_meaningful(key, expected, record)
         got = rlfleet_meaningful(key, actual, record)
         if want.shape != got.shape:
             problems.append(f"{key}: shape {got.shape}, TRL {want.shape}")
@@ -159,26 +192,36 @@ def without_key_bias(key: str, tensor: torch.Tensor) -> torch.Tensor:
 def weight_mismatches(
     model: AutoModelForCausalLMWithValueHead, name: str, learning_rate: float
 ) -> list[str]:
-    """Updated weights against TRL's. Adam's update ``lr * m / (sqrt(v) + eps)`` is about ``lr``
-    whatever the gradient's scale, so where a gradient element is near ``eps`` or cancels,
-    float32 rounding moves the update by a fraction of ``lr``: TRL against itself with another
-    padding width differs by up to 0.0066 lr. The tolerance is 0.02 lr, far below the ~2 lr
-    that a wrong gradient sign makes."""
+    """Updated weights against TRL's, elementwise, in units of ``lr``: the update is what is
+    compared (float32 rounding of the weights themselves, <1.2e-7, is far below 0.02 lr).
+
+    Adam's first step moves an element by ``lr * g / (|g| + eps)``, so where a gradient element
+    cancels to within a few ``eps = 1e-8`` of 0, its float32 rounding becomes a fraction of
+    ``lr``: in ``batch_size_1``, ``h.1.mlp.c_proj.weight[50, 9]`` has ``g`` = 2.5e-8 with AVX-512
+    kernels and 2.3e-8 with scalar ones (2.5e-7 of that tensor's largest gradient), an update of
+    0.718 lr against 0.695 lr; TRL on the Xeon lands 0.067 lr away. Such elements are rare (at
+    most 1 of 31,073 per run measured), so at most ``MAX_AMPLIFIED_ELEMENTS`` may exceed
+    ``WEIGHT_ATOL_IN_LR``, none ``AMPLIFIED_ATOL_IN_LR``; a wrong formula moves hundreds to
+    tens of thousands of elements by more than 0.02 lr."""
     expected = load_file(REFERENCE / "cases" / f"{name}.safetensors")
-    initial = load_file(REFERENCE / "initial.safetensors")
     actual = model.state_dict()
-    atol = WEIGHT_ATOL_IN_LR * learning_rate
-    problems = []
-    for key, want in expected.items():
-        got = without_key_bias(key, actual[key].detach())
-        want = without_key_bias(key, want)
-        if not torch.allclose(got, want, rtol=WEIGHT_RTOL, atol=atol):
-            diff = (got - want).abs().max().item()
-            update = (want - without_key_bias(key, initial[key])).abs().max().item()
-            problems.append(
-                f"{key}: max |diff| {diff:.3g} = {diff / learning_rate:.3g} lr "
-                f"(TRL's update: {update:.3g})"
-            )
+    differences = {
+        key: (without_key_bias(key, actual[key].detach()) - without_key_bias(key, want)).abs()
+        / learning_rate
+        for key, want in expected.items()
+    }
+    problems = [
+        f"{key}: max |diff| {diff.max().item():.3g} lr > {AMPLIFIED_ATOL_IN_LR} lr"
+        for key, diff in differences.items()
+        if diff.max().item() > AMPLIFIED_ATOL_IN_LR
+    ]
+    over = {key: int((diff > WEIGHT_ATOL_IN_LR).sum()) for key, diff in differences.items()}
+    if sum(over.values()) > MAX_AMPLIFIED_ELEMENTS:
+        worst = {key: f"{differences[key].max().item():.3g} lr" for key, n in over.items() if n}
+        problems.append(
+            f"{sum(over.values())} elements differ by more than {WEIGHT_ATOL_IN_LR} lr "
+            f"(at most {MAX_AMPLIFIED_ELEMENTS} may): largest per tensor {worst}"
+        )
     return problems
 
 
@@ -215,21 +258,42 @@ def test_tokenizer_matches_reference(tokenizer):
     assert tokenizer.padding_side == "right"
 
 
-@pytest.mark.parametrize("name", CASE_NAMES)
-def test_step_matches_trl(name: str, tokenizer, checkpoints):
-    case = load_case(name)
-    model = load_model(checkpoints(case, "initial"), case["value_head"])
-    ref_model = load_model(checkpoints(case, case["reference"]), case["value_head"])
-    config = PPOConfig(**case["ppo"])
-    trainer = PPOTrainer(config, model, ref_model, tokenizer)
-    problems = []
-    for index, record in enumerate(case["records"]):
+def run_rlfleet(
+    case: dict[str, Any], tokenizer, checkpoint: Callable[[dict[str, Any], str], Path]
+) -> tuple[list[dict[str, Any]], AutoModelForCausalLMWithValueHead]:
+    """The case's ``step`` calls through rlfleet: the stats of each and the updated policy."""
+    model = load_model(checkpoint(case, "initial"), case["value_head"])
+    ref_model = load_model(checkpoint(case, case["reference"]), case["value_head"])
+    trainer = PPOTrainer(PPOConfig(**case["ppo"]), model, ref_model, tokenizer)
+    all_stats = []
+    for record in case["records"]:
         inputs = record["inputs"]
-        stats = trainer.step(
-            [torch.tensor(q) for q in inputs["queries"]],
-            [torch.tensor(r) for r in inputs["responses"]],
-            [torch.tensor(s, dtype=torch.float32) for s in inputs["scores"]],
+        all_stats.append(
+            trainer.step(
+                [torch.tensor(q) for q in inputs["queries"]],
+                [torch.tensor(r) for r in inputs["responses"]],
+                [torch.tensor(s, dtype=torch.float32) for s in inputs["scores"]],
+            )
         )
+    return all_stats, model
+
+
+@pytest.fixture(params=THREAD_COUNTS, ids=lambda n: f"threads_{n}")
+def torch_threads(request: pytest.FixtureRequest):
+    """Runs the test under ``torch.set_num_threads(n)``, restoring the previous count after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_step_matches_trl(name: str, torch_threads: int, tokenizer, checkpoints):
+    case = load_case(name)
+    ppo = case["ppo"]
+    all_stats, model = run_rlfleet(case, tokenizer, checkpoints)
+    problems = []
+    for index, (stats, record) in enumerate(zip(all_stats, case["records"], strict=True)):
         if set(stats) != set(record["stats"]):
             problems.append(
                 f"step {index}: keys only in rlfleet {sorted(set(stats) - set(record['stats']))}"
@@ -237,10 +301,7 @@ def test_step_matches_trl(name: str, tokenizer, checkpoints):
             )
             continue
         problems += [
-            f"step {index}: {p}"
-            for p in stat_mismatches(
-                stats, record, config.mini_batch_size, config.batch_size, index
-            )
+            f"step {index}: {p}" for p in stat_mismatches(stats, record, ppo["batch_size"], index)
         ]
-    problems += [f"weights: {p}" for p in weight_mismatches(model, name, config.learning_rate)]
+    problems += [f"weights: {p}" for p in weight_mismatches(model, name, ppo["learning_rate"])]
     assert not problems, f"{name}:\n" + "\n".join(problems)

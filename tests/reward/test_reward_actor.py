@@ -34,9 +34,11 @@ def test_actor_fills_score_and_keeps_the_rest():
     expected = np.array(sentiment(PROMPTS, RESPONSES), dtype=np.float32)
     assert scored.column("score").to_numpy().tolist() == expected.tolist()
     assert scored.drop_columns(["score"]).equals(batch.drop_columns(["score"]))
-    stats = actor.stats()
-    assert (stats["batches_scored"], stats["samples_scored"], stats["errors"]) == (1, 3, 0)
-    assert stats["last_latency_s"] > 0
+    served = scrape(actor.metrics_target())
+    assert served["rlfleet_reward_scoring_seconds_count"] == 1
+    assert served["rlfleet_reward_samples_total"] == 3
+    assert served["rlfleet_reward_errors_total"] == 0
+    assert served["rlfleet_reward_scoring_seconds_sum"] > 0
 
 
 def test_actor_with_metrics_disabled_serves_nothing_and_still_scores():
@@ -64,7 +66,7 @@ def test_actor_error_names_rollout_id_and_sample_text():
     assert f"reward actor 3 failed on rollout 17: reward function '{function}' {cause}" in message
     assert "prompt 'c', response '" + "x" * 80 + "'... (200 chars)]" in message
     assert raised.value.indices == (2,)
-    assert actor.stats()["errors"] == 1
+    assert scrape(actor.metrics_target())["rlfleet_reward_errors_total"] == 1
 
 
 def test_actor_rejects_rollouts_without_response():
@@ -106,9 +108,6 @@ def test_reward_actors_in_ray_score_and_report_failures(ray_local):
     with pytest.raises(RewardError, match="failed on rollout 42: .*'six' is not a number"):
         ray.get(actors[1].score.remote(failing))
 
-    stats = ray.get([actor.stats.remote() for actor in actors])
-    assert (stats[0]["samples_scored"], stats[0]["errors"]) == (3, 0)
-    assert (stats[1]["samples_scored"], stats[1]["errors"]) == (0, 1)
     targets = ray.get([actor.metrics_target.remote() for actor in actors])
     assert [(t.job, t.role, t.index) for t in targets] == [("rlfleet", "reward", i) for i in (0, 1)]
     served = [scrape(target) for target in targets]
@@ -128,8 +127,7 @@ def test_remote_reward_actor_in_ray_counts_timeouts(ray_local, reward_server):
         RewardTimeoutError, match=r"failed on rollout 7: .*did not answer within 0.2 s"
     ):
         ray.get(actor.score.remote(rollout_batch([7], ["a"], ["b"])))
-    stats = ray.get(actor.stats.remote())
-    assert (stats["timeouts"], stats["errors"], stats["samples_scored"]) == (1, 0, 0)
     served = scrape(ray.get(actor.metrics_target.remote()))
     assert served["rlfleet_reward_timeouts_total"] == 1
     assert served["rlfleet_reward_errors_total"] == 0
+    assert served["rlfleet_reward_samples_total"] == 0

@@ -400,8 +400,8 @@ def check_decision_margins(case: Case, records: list[dict[str, Any]]) -> None:
             assert len(epoch_end_kl) < ppo["ppo_epochs"]
 
 
-def run_case(name: str) -> None:
-    """Runs one case with TRL and writes its JSON and updated weights."""
+def run_case(name: str, out_dir: Path = CASES_DIR) -> None:
+    """Runs one case with TRL and writes its JSON and updated weights into ``out_dir``."""
     from safetensors.torch import save_file
     from trl import PPOConfig, PPOTrainer
 
@@ -431,15 +431,15 @@ def run_case(name: str) -> None:
     annotate_minibatches(case, records)
     check_decision_margins(case, records)
 
-    CASES_DIR.mkdir(exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     document = {
         "name": name,
         **asdict(case),
         "model_config": config_kwargs,
         "records": records,
     }
-    (CASES_DIR / f"{name}.json").write_text(json.dumps(document) + "\n")
-    save_file(policy_state(model), CASES_DIR / f"{name}.safetensors", metadata={"format": "pt"})
+    (out_dir / f"{name}.json").write_text(json.dumps(document) + "\n")
+    save_file(policy_state(model), out_dir / f"{name}.safetensors", metadata={"format": "pt"})
 
 
 def zero_whitened_rewards_outside_mask() -> None:
@@ -486,9 +486,15 @@ def write_versions() -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", choices=sorted(CASES), help="run one case in this process")
+    parser.add_argument(
+        "--out", type=Path, default=CASES_DIR, help="where --case writes (measure_variation.py)"
+    )
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads for --case")
     args = parser.parse_args()
     if args.case:
-        run_case(args.case)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        run_case(args.case, args.out)
         return 0
     write_shared_files()
     write_versions()

@@ -1,0 +1,21 @@
+"""The RL algorithms as pure tensor functions, chosen by name (the layout of veRL's
+``core_algos.py``).
+
+Tensors are ``[batch, time]`` over response tokens, with a ``mask`` that is 1 on the tokens that
+count; callers zero their inputs where the mask is 0. Each kind of piece has one signature and a
+:class:`~rlfleet.learner.algorithms.registry.Registry`:
+
+- advantage estimators, :data:`~rlfleet.learner.algorithms.advantages.ADVANTAGE_ESTIMATORS`:
+  ``(rewards, mask, values, group_ids, config) -> (advantages, returns)``;
+- policy losses, :data:`~rlfleet.learner.algorithms.losses.POLICY_LOSSES`:
+  ``(logprobs, old_logprobs, advantages, mask, config) -> PolicyLossOutput``;
+- value losses, :data:`~rlfleet.learner.algorithms.losses.VALUE_LOSSES`:
+  ``(vpreds, old_values, returns, mask, config) -> (loss, clip fraction)``;
+- loss aggregations, :data:`~rlfleet.learner.algorithms.losses.LOSS_AGGREGATIONS`:
+  ``(per-token losses, mask) -> loss``;
+- KL penalties, :data:`~rlfleet.learner.algorithms.kl.KL_PENALTIES`:
+  ``(logprobs, ref_logprobs) -> per-token KL``.
+
+:func:`~rlfleet.learner.algorithms.ppo.ppo_loss` assembles the PPO loss from them;
+:mod:`~rlfleet.learner.algorithms.rewards` turns scores into per-token rewards.
+"""

@@ -1,0 +1,36 @@
+"""Ray set-up for a job: join a cluster, or start a local instance big enough for its actors."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import ray
+
+from rlfleet.common.config import JobConfig
+
+
+def required_cpus(config: JobConfig) -> float:
+    """Logical CPUs that the job's actors reserve together."""
+    return (
+        config.learner.num_cpus
+        + config.generators.num_actors * config.generators.num_cpus
+        + config.reward.num_actors * config.reward.num_cpus
+    )
+
+
+def init_ray(config: JobConfig) -> None:
+    """Joins ``ray_address`` or the cluster of a submitted job (RAY_ADDRESS is set there); else
+    starts a local in-process instance with enough logical CPUs for every actor. Never
+    auto-detects another cluster on this machine."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if config.ray_address:
+        ray.init(address=config.ray_address)
+    elif os.environ.get("RAY_ADDRESS"):
+        ray.init(address="auto")
+    else:
+        num_cpus = max(os.cpu_count() or 1, math.ceil(required_cpus(config)))
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)

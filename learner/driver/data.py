@@ -1,0 +1,161 @@
+"""Prompt data: the dataset's rows, the cursor over them, and the prompt batches sent to the
+generators (tokenized, checked against the context, each prompt with a fresh rollout id)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rlfleet.common.config import JobConfig
+from rlfleet.common.schema import prompt_batch
+from rlfleet.learner.driver.checks import ConfigError
+
+
+def read_prompt_rows(path: str | os.PathLike[str], prompt_field: str) -> list[dict[str, Any]]:
+    """Rows of a JSONL or Parquet file; every row must have a non-empty string ``prompt_field``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"dataset.path: no such file: {path}")
+    if path.suffix == ".parquet":
+        rows = pq.read_table(path).to_pylist()
+    elif path.suffix in (".jsonl", ".json"):
+        rows = [_json_row(path, n, line) for n, line in _numbered_lines(path)]
+    else:
+        raise ConfigError(f"dataset.path: {path} is neither .jsonl nor .parquet")
+    if not rows:
+        raise ConfigError(f"dataset.path: {path} has no rows")
+    for index, row in enumerate(rows):
+        prompt = row.get(prompt_field)
+        if not isinstance(prompt, str) or not prompt:
+            raise ConfigError(
+                f"dataset.prompt_field: row {index} of {path} has no non-empty string "
+                f"{prompt_field!r} (got {prompt!r})"
+            )
+    return rows
+
+
+def _numbered_lines(path: Path) -> list[tuple[int, str]]:
+    lines = path.read_text().splitlines()
+    return [(n, line) for n, line in enumerate(lines, start=1) if line.strip()]
+
+
+def _json_row(path: Path, line_number: int, line: str) -> dict[str, Any]:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"dataset.path: {path} line {line_number}: {exc}") from exc
+    if not isinstance(row, dict):
+        raise ConfigError(f"dataset.path: {path} line {line_number} is not a JSON object")
+    return row
+
+
+class PromptDataset:
+    """Dataset rows behind a cursor; each epoch is a fresh permutation seeded by (seed, epoch)."""
+
+    def __init__(self, rows: list[dict[str, Any]], shuffle: bool, seed: int) -> None:
+        self.rows = rows
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+        self.offset = 0
+        self._order = self._epoch_order(0)
+
+    def take(self, n: int) -> list[tuple[int, dict[str, Any]]]:
+        """The next ``n`` ``(row index, row)`` pairs, wrapping into the next epoch."""
+        taken = []
+        while len(taken) < n:
+            if self.offset == len(self._order):
+                self.epoch, self.offset = self.epoch + 1, 0
+                self._order = self._epoch_order(self.epoch)
+            index = self._order[self.offset]
+            taken.append((index, self.rows[index]))
+            self.offset += 1
+        return taken
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def load_state(self, state: dict[str, int]) -> None:
+        self.epoch, self.offset = state["epoch"], state["offset"]
+        self._order = self._epoch_order(self.epoch)
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.rows)))
+        if self.shuffle:
+            random.Random(f"{self.seed}:{epoch}").shuffle(order)
+        return order
+
+
+def context_length(model_dir: str) -> int:
+    """The model's context in tokens, from its config.json (unbounded when it names none)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return int(config.get("n_positions") or config.get("max_position_embeddings") or 1 << 30)
+
+
+class PromptBatches:
+    """The prompt batches of a job: rows from the dataset cursor, tokenized by ``encode`` and at
+    most ``max_prompt_tokens`` long, each given a rollout id never given before.
+
+    ``state()`` (the cursor and the next rollout id) is what a checkpoint saves, so that a
+    resumed job takes the same batches with the same ids."""
+
+    def __init__(
+        self,
+        dataset: PromptDataset,
+        prompt_field: str,
+        encode: Callable[[str], list[int]],
+        max_prompt_tokens: int,
+    ) -> None:
+        self.dataset = dataset
+        self.prompt_field = prompt_field
+        self.encode = encode
+        self.max_prompt_tokens = max_prompt_tokens
+        self.next_rollout_id = 0
+
+    @classmethod
+    def from_config(cls, config: JobConfig, rows: list[dict[str, Any]]) -> PromptBatches:
+        """Batches of ``rows`` tokenized with the model's tokenizer; a prompt leaves room for
+        ``generators.max_new_tokens`` in the model's context."""
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(config.model)
+        return cls(
+            PromptDataset(rows, config.dataset.shuffle, config.seed),
+            config.dataset.prompt_field,
+            tokenizer.encode,
+            context_length(config.model) - config.generators.max_new_tokens,
+        )
+
+    def next_batch(self, size: int) -> pa.RecordBatch:
+        """The next ``size`` prompts as a ``common.schema.prompt_batch``; the rows' other fields
+        travel as metadata."""
+        taken = self.dataset.take(size)
+        ids = list(range(self.next_rollout_id, self.next_rollout_id + len(taken)))
+        self.next_rollout_id += len(taken)
+        prompts = [row[self.prompt_field] for _, row in taken]
+        prompt_ids = [self.tokenize(index, row[self.prompt_field]) for index, row in taken]
+        metadata = [{k: v for k, v in row.items() if k != self.prompt_field} for _, row in taken]
+        return prompt_batch(ids, prompts, prompt_ids, metadata)
+
+    def tokenize(self, row_index: int, prompt: str) -> list[int]:
+        ids = self.encode(prompt)
+        if not ids or len(ids) > self.max_prompt_tokens:
+            raise ValueError(
+                f"dataset row {row_index}: prompt is {len(ids)} tokens; it must be 1.."
+                f"{self.max_prompt_tokens} (context length minus generators.max_new_tokens)"
+            )
+        return ids
+
+    def state(self) -> dict[str, Any]:
+        return {"dataset": self.dataset.state(), "next_rollout_id": self.next_rollout_id}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.dataset.load_state(state["dataset"])
+        self.next_rollout_id = state["next_rollout_id"]

@@ -1,0 +1,324 @@
+"""The PPO job's loop: generators sample, reward actors score, the learner trains, weights go back.
+
+One iteration (``PPOJob.train_iteration``, top to bottom): collect the rollouts of the prompt
+batch in flight; in one-step-off mode, send the next batch to the generators at once, so that
+they sample it while the learner trains; score the rollouts on the reward actors; one PPO step
+on the learner; publish the new weights once and have every generator confirm the version it
+holds, unless ``max_policy_lag`` lets them lag; save a checkpoint when due; otherwise send the
+next batch now; record the iteration's metrics and its stats.jsonl line.
+
+Each rollout id is consumed exactly once: an actor that dies mid-batch has only its shard sent
+again (``pool.ActorPool``) and the learner refuses an id it has already trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from rlfleet.common.config import CheckpointConfig, JobConfig
+from rlfleet.common.metrics import file_sd_path, write_file_sd
+from rlfleet.common.schema import concat_batches
+from rlfleet.learner.driver.checks import check_config
+from rlfleet.learner.driver.data import PromptBatches, read_prompt_rows
+from rlfleet.learner.driver.metrics import JobMetrics
+from rlfleet.learner.driver.pool import ActorPool, PendingShards, id_range, split_batch
+from rlfleet.learner.driver.roles import ActorFactories
+from rlfleet.learner.driver.sync import WeightSync, needs_sync
+
+DispatchHook = Callable[[str, int, list[Any]], None]
+"""``hook(kind, iteration, actors)``: called right after a batch's shards went out (for tests)."""
+
+LEARNER_STAT_PREFIXES = ("objective/", "ppo/", "rollout/")
+"""The learner's stats that go into each stats.jsonl line as they are."""
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """A prompt batch out with the generators."""
+
+    batch: pa.RecordBatch
+    pending: PendingShards
+    cursor_before: dict[str, Any]
+    """The prompt cursor before the batch was taken: a checkpoint saved before the batch is
+    trained on resumes there, so the resumed job samples it again and skips nothing."""
+    dispatch_s: float
+
+
+class StageTimer:
+    """Seconds spent in each stage of one iteration; the one measurement feeds both the stats
+    line (``time/<stage>_s``) and ``JobMetrics.record_iteration``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - started)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+    def stats(self) -> dict[str, float]:
+        return {f"time/{name}_s": seconds for name, seconds in self.seconds.items()}
+
+
+def checkpoint_due(config: CheckpointConfig, iteration: int, iterations: int) -> bool:
+    """Every ``checkpoint.every`` iterations and after the last one, when ``checkpoint.uri`` is
+    set."""
+    every = config.every or iterations
+    return config.uri is not None and (iteration % every == 0 or iteration == iterations)
+
+
+@dataclass
+class JobResult:
+    stats: list[dict[str, Any]]
+    consumed_rollout_ids: list[int]
+    generator_restarts: int
+    reward_restarts: int
+
+
+class PPOJob:
+    """One job's actors and loop state; ``train()`` does the iterations.
+
+    ``rows`` are the dataset's rows (read and checked here when not given); ``factories``
+    start the actors (the real ones from the config when not given)."""
+
+    def __init__(
+        self,
+        config: JobConfig,
+        rows: list[dict[str, Any]] | None = None,
+        on_dispatch: DispatchHook | None = None,
+        factories: ActorFactories | None = None,
+    ) -> None:
+        if rows is None:
+            check_config(config)
+            rows = read_prompt_rows(config.dataset.path, config.dataset.prompt_field)
+        self.config = config
+        self.on_dispatch = on_dispatch
+        self.prompts = PromptBatches.from_config(config, rows)
+        self.iteration = 0
+        self.stats_path = Path(config.output_dir) / "stats.jsonl"
+        self.stats_path.parent.mkdir(parents=True, exist_ok=True)
+        self.metrics = JobMetrics.from_config(config.name, 0, config.metrics)
+
+        factories = factories or ActorFactories.from_config(config)
+        self.learner = factories.learner()
+        self.sync = WeightSync(self.learner)
+        self.generators = ActorPool(
+            "generator",
+            factories.generator,
+            config.generators.num_actors,
+            on_restart=self._on_generator_restart,
+        )
+        self.rewards = ActorPool(
+            "reward", factories.reward, config.reward.num_actors, on_restart=self._on_reward_restart
+        )
+        ray.get(self.learner.ready.remote())
+        self.generators.wait_ready()
+        self.rewards.wait_ready()
+        self.metrics.set_actors_alive("learner", 1)
+        self.metrics.set_actors_alive("generator", len(self.generators.actors))
+        self.metrics.set_actors_alive("reward", len(self.rewards.actors))
+        self.publish_metrics_targets()
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def train(self) -> JobResult:
+        """Trains the iterations left (all of them, or those after a resumed checkpoint),
+        appending one line per iteration to stats.jsonl."""
+        from tqdm import tqdm
+
+        if self.iteration == 0:
+            self.stats_path.write_text("")
+        self.sync_weights_if_needed()
+        stats_lines = []
+        bar = tqdm(total=self.config.iterations, initial=self.iteration, desc="ppo", unit="it")
+        in_flight = self.dispatch_next_batch() if self.iteration < self.config.iterations else None
+        with self.stats_path.open("a") as out:
+            while in_flight is not None:
+                stats, in_flight = self.train_iteration(in_flight)
+                out.write(json.dumps(stats) + "\n")
+                out.flush()
+                stats_lines.append(stats)
+                bar.update(1)
+                bar.set_postfix(
+                    reward=f"{stats['reward_mean']:.3f}", kl=f"{stats['objective/kl']:.3f}"
+                )
+        bar.close()
+        ray.get(self.learner.wait_for_checkpoint.remote())
+        return JobResult(
+            stats=stats_lines,
+            consumed_rollout_ids=ray.get(self.learner.consumed_rollout_ids.remote()),
+            generator_restarts=self.generators.restarts,
+            reward_restarts=self.rewards.restarts,
+        )
+
+    def train_iteration(self, in_flight: InFlight) -> tuple[dict[str, Any], InFlight | None]:
+        """Trains on the batch in flight; returns the iteration's stats line and the next batch
+        in flight (None after the last iteration)."""
+        more_to_come = self.iteration + 1 < self.config.iterations
+        one_step_off = self.config.one_step_off
+        timer = StageTimer()
+        timer.add("generate", in_flight.dispatch_s)
+        with timer.stage("generate"):
+            rollouts = self.collect_rollouts(in_flight)
+        next_in_flight = self.dispatch_next_batch() if one_step_off and more_to_come else None
+
+        with timer.stage("score"):
+            scored = self.score(rollouts)
+        with timer.stage("train"):
+            learner_stats = ray.get(self.learner.step.remote(scored))
+        self.iteration += 1
+        with timer.stage("sync"):
+            self.sync_weights_if_needed()
+
+        if checkpoint_due(self.config.checkpoint, self.iteration, self.config.iterations):
+            untrained = next_in_flight.cursor_before if next_in_flight else self.prompts.state()
+            self.save_checkpoint(untrained)
+        if not one_step_off and more_to_come:
+            next_in_flight = self.dispatch_next_batch()
+
+        self.record_metrics(scored, timer.seconds, next_in_flight)
+        return {**self.stats_line(scored, learner_stats), **timer.stats()}, next_in_flight
+
+    # -- one iteration's parts -----------------------------------------------------------------
+
+    def dispatch_next_batch(self) -> InFlight:
+        """Takes the next ``ppo.batch_size`` prompts and sends one shard to each generator."""
+        started = time.perf_counter()
+        cursor_before = self.prompts.state()
+        batch = self.prompts.next_batch(self.config.ppo.batch_size)
+        shards = split_batch(batch, len(self.generators.actors))
+        pending = self.generators.dispatch("generate", shards)
+        self._dispatched(self.generators)
+        return InFlight(batch, pending, cursor_before, time.perf_counter() - started)
+
+    def collect_rollouts(self, in_flight: InFlight) -> pa.RecordBatch:
+        """The batch's rollouts; exactly one for each of its rollout ids."""
+        rollouts = concat_batches(self.generators.collect(in_flight.pending))
+        expected = in_flight.batch.column("rollout_id").to_pylist()
+        got = rollouts.column("rollout_id").to_pylist()
+        if sorted(got) != sorted(expected) or len(set(got)) != len(got):
+            raise RuntimeError(
+                f"generators returned rollout ids {id_range(rollouts)} ({len(got)} rows), "
+                f"expected {len(expected)} distinct ids"
+            )
+        return rollouts
+
+    def score(self, rollouts: pa.RecordBatch) -> pa.RecordBatch:
+        pending = self.rewards.dispatch("score", split_batch(rollouts, len(self.rewards.actors)))
+        self._dispatched(self.rewards)
+        return concat_batches(self.rewards.collect(pending))
+
+    def sync_weights_if_needed(self) -> None:
+        """Has every generator load the learner's policy when it would otherwise lag more than
+        ``max_policy_lag`` versions (see ``sync.needs_sync``)."""
+        cfg = self.config
+        if needs_sync(self.iteration, self.sync.version, cfg.max_policy_lag, cfg.one_step_off):
+            self.sync.publish(self.generators)
+
+    def save_checkpoint(self, cursor: dict[str, Any]) -> None:
+        """Checkpoint ``step-<iteration>``; the job state holds the prompt ``cursor`` of the
+        first batch not trained on yet, so a resumed job samples it again (with the restored
+        policy)."""
+        state = {"iteration": self.iteration, **cursor}
+        started = time.perf_counter()
+        ray.get(self.learner.save_checkpoint.remote(self.config.checkpoint, state))
+        self.metrics.record_checkpoint(time.perf_counter() - started)
+
+    def record_metrics(
+        self, scored: pa.RecordBatch, seconds: dict[str, float], in_flight: InFlight | None
+    ) -> None:
+        tokens = sum(len(ids) for ids in scored.column("response_ids").to_pylist())
+        self.metrics.record_iteration(scored.num_rows, tokens, seconds)
+        self.metrics.set_inflight_rollouts(in_flight.batch.num_rows if in_flight else 0)
+
+    def stats_line(self, scored: pa.RecordBatch, learner_stats: dict[str, float]) -> dict[str, Any]:
+        scores = np.asarray(scored.column("score").to_pylist(), dtype=np.float64)
+        lengths = [len(ids) for ids in scored.column("response_ids").to_pylist()]
+        versions = scored.column("policy_version").to_pylist()
+        ids = scored.column("rollout_id").to_pylist()
+        return {
+            "iteration": self.iteration,
+            "policy_version": self.iteration,
+            "samples": scored.num_rows,
+            "rollout_ids": [min(ids), max(ids)],
+            "sampled_with_versions": sorted(set(versions)),
+            "reward_mean": float(scores.mean()),
+            "reward_std": float(scores.std()),
+            "response_length_mean": float(np.mean(lengths)),
+            "generator_restarts": self.generators.restarts,
+            "reward_restarts": self.rewards.restarts,
+            **{k: v for k, v in learner_stats.items() if k.startswith(LEARNER_STAT_PREFIXES)},
+        }
+
+    # -- start, resume, stop -------------------------------------------------------------------
+
+    def resume(self, uri: str) -> None:
+        """Restores learner, prompt cursor and rollout ids from a checkpoint; stats.jsonl keeps
+        the lines up to its iteration. Generators get the restored weights before they sample."""
+        state = ray.get(self.learner.load_checkpoint.remote(uri, self.config.checkpoint))
+        self.iteration = state["iteration"]
+        self.prompts.load_state(state)
+        if self.stats_path.exists():
+            kept = [
+                line
+                for line in self.stats_path.read_text().splitlines()
+                if json.loads(line)["iteration"] <= self.iteration
+            ]
+            self.stats_path.write_text("".join(f"{line}\n" for line in kept))
+
+    def publish_metrics_targets(self) -> None:
+        """Writes the metrics endpoints of the driver and of every actor to the job's Prometheus
+        file_sd file (see common/metrics.py); again after a restart. Nothing when disabled."""
+        if not self.config.metrics.enabled:
+            return
+        targets = [self.metrics.target]
+        for ref in [actor.metrics_target.remote() for actor in self._actors()]:
+            try:
+                targets.append(ray.get(ref))
+            except ray.exceptions.RayActorError:
+                continue  # a dead actor is listed again once its pool has restarted it
+        write_file_sd(self.file_sd_path, targets)
+
+    @property
+    def file_sd_path(self) -> Path:
+        return file_sd_path(self.config.name, self.config.metrics.file_sd_dir)
+
+    def shutdown(self) -> None:
+        """Stops every actor; Prometheus is first told to forget the job's endpoints."""
+        if self.config.metrics.enabled:
+            self.file_sd_path.unlink(missing_ok=True)
+        for actor in self._actors():
+            ray.kill(actor, no_restart=True)
+        self.metrics.close()
+
+    def _actors(self) -> list[Any]:
+        return [self.learner, *self.generators.actors, *self.rewards.actors]
+
+    def _dispatched(self, pool: ActorPool) -> None:
+        if self.on_dispatch:
+            self.on_dispatch(pool.kind, self.iteration, pool.actors)
+
+    def _on_generator_restart(self, index: int, actor: Any) -> None:
+        self.metrics.record_actor_restart("generator")
+        self.publish_metrics_targets()
+        self.sync.load_into_restarted(index, actor)
+
+    def _on_reward_restart(self, index: int, actor: Any) -> None:
+        self.metrics.record_actor_restart("reward")
+        self.publish_metrics_targets()

@@ -1,0 +1,112 @@
+"""The job driver's Prometheus metrics, and every metric set of a job.
+
+The driver serves ``JobMetrics`` and writes the discovery file of the whole job
+(``common/metrics.py``), so it is the one place that knows each role's set (``METRIC_SETS``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from rlfleet.actors.metrics import GeneratorMetrics
+from rlfleet.common.metrics import (
+    LATENCY_BUCKETS,
+    ROLE_LABELS,
+    MetricSet,
+    check_non_negative,
+)
+from rlfleet.learner.metrics import LearnerMetrics
+from rlfleet.reward.metrics import RewardMetrics
+
+ACTOR_ROLES = ("generator", "reward", "learner")
+STAGES = ("generate", "score", "train", "sync")
+"""The parts of an iteration that the job times (the ``time/<stage>_s`` keys of stats.jsonl)."""
+
+
+def check_role(role: str) -> None:
+    if role not in ACTOR_ROLES:
+        raise ValueError(f"actor role must be one of {ACTOR_ROLES}, got {role!r}")
+
+
+class JobMetrics(MetricSet):
+    """The job driver's view: end-to-end throughput, stages, actor health, checkpoints."""
+
+    role = "job"
+
+    def __init__(self, job: str, index: int = 0) -> None:
+        super().__init__(job, index)
+        self._samples = self._counter("rlfleet_job_samples_total", "Samples trained on.")
+        self._tokens = self._counter(
+            "rlfleet_job_tokens_total", "Response tokens of the samples trained on."
+        )
+        stage_seconds = Histogram(
+            "rlfleet_job_stage_seconds",
+            "Seconds per iteration spent in each stage (generate, score, train, sync).",
+            (*ROLE_LABELS, "stage"),
+            registry=self.registry,
+            buckets=LATENCY_BUCKETS,
+        )
+        self._stages = self._per_value(stage_seconds, "stage", STAGES)
+        self._inflight = self._gauge(
+            "rlfleet_job_inflight_rollouts", "Rollouts dispatched and not yet trained on."
+        )
+        alive = Gauge(
+            "rlfleet_job_actors_alive",
+            "Actors alive, per actor role.",
+            (*ROLE_LABELS, "actor_role"),
+            registry=self.registry,
+        )
+        self._alive = self._per_value(alive, "actor_role", ACTOR_ROLES)
+        restarts = Counter(
+            "rlfleet_job_actor_restarts_total",
+            "Actor restarts, per actor role.",
+            (*ROLE_LABELS, "actor_role"),
+            registry=self.registry,
+        )
+        self._restarts = self._per_value(restarts, "actor_role", ACTOR_ROLES)
+        self._checkpoint = self._histogram(
+            "rlfleet_job_checkpoint_seconds", "Seconds to save a checkpoint."
+        )
+
+    def record_iteration(
+        self, samples: int, tokens: int, stage_seconds: Mapping[str, float]
+    ) -> None:
+        """One iteration trained on ``samples`` with ``tokens`` response tokens; stage_seconds
+        maps stages (``STAGES``; any subset) to the seconds spent in them."""
+        check_non_negative("samples", samples)
+        check_non_negative("tokens", tokens)
+        for stage, seconds in stage_seconds.items():
+            if stage not in STAGES:
+                raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}")
+            check_non_negative(f"stage_seconds[{stage!r}]", seconds)
+        self._samples.inc(samples)
+        self._tokens.inc(tokens)
+        for stage, seconds in stage_seconds.items():
+            self._stages[stage].observe(seconds)
+
+    def set_inflight_rollouts(self, count: int) -> None:
+        check_non_negative("count", count)
+        self._inflight.set(count)
+
+    def set_actors_alive(self, role: str, count: int) -> None:
+        check_role(role)
+        check_non_negative("count", count)
+        self._alive[role].set(count)
+
+    def record_actor_restart(self, role: str) -> None:
+        check_role(role)
+        self._restarts[role].inc()
+
+    def record_checkpoint(self, seconds: float) -> None:
+        check_non_negative("seconds", seconds)
+        self._checkpoint.observe(seconds)
+
+
+METRIC_SETS: tuple[type[MetricSet], ...] = (
+    GeneratorMetrics,
+    RewardMetrics,
+    LearnerMetrics,
+    JobMetrics,
+)

@@ -1,0 +1,244 @@
+"""Fake learner, generator and reward actors with the real ones' Ray interface (learner/actor.py,
+actors/generator.py, reward/actor.py), for the driver's fast tests: batches in the rollout
+schema of common/schema.py, no model.
+
+Ray pickles this module's classes by value (``register_pickle_by_value``): actor processes
+cannot import it (``tests/`` is not on their path).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import ray
+import ray.cloudpickle
+
+from rlfleet.common.config import CheckpointConfig, JobConfig
+from rlfleet.common.metrics import MetricsTarget
+from rlfleet.common.schema import prompt_batch, with_columns
+from rlfleet.learner.driver.roles import ActorFactories
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+LEARNER_STATS = {
+    "objective/kl": 0.5,
+    "objective/kl_coef": 0.2,
+    "ppo/loss/policy": -0.1,
+    "ppo/loss/value": 0.3,
+    "rollout/logprob_diff_mean": 0.0,
+    "time/ppo/total": 1.0,
+    "env/reward_mean": 0.0,
+}
+"""What the fake learner's step returns: stats.jsonl keeps objective/, ppo/ and rollout/."""
+
+
+@dataclass(frozen=True)
+class FakeWeights:
+    """A published policy version (the real handles come from common/transport/)."""
+
+    version: int
+    nbytes: int = 0
+
+
+def prompts(n: int, first_id: int = 0) -> pa.RecordBatch:
+    """A prompt batch of rollout ids ``first_id ..``."""
+    ids = range(first_id, first_id + n)
+    return prompt_batch(list(ids), [f"p{i}" for i in ids], [[1, 2]] * n)
+
+
+def fake_target(job: str, role: str, index: int) -> MetricsTarget:
+    """A metrics endpoint that names the actor's process (each restart gets a new one)."""
+    return MetricsTarget(f"{role}-{os.getpid()}.invalid", 9000, job, role, index)
+
+
+@ray.remote(num_cpus=0)
+class FakeLearner:
+    """Trains nothing; checks rollout ids and policy lag as the real learner does, counts
+    versions, keeps checkpoints as ``<uri>/step-<version>.json``."""
+
+    def __init__(self, job: str, max_policy_lag: int, metrics: bool) -> None:
+        self.job = job
+        self.max_policy_lag = max_policy_lag
+        self.metrics = metrics
+        self.version = 0
+        self.consumed: list[int] = []
+        self.published: list[int] = []
+
+    def ready(self) -> int:
+        return self.version
+
+    def metrics_target(self) -> MetricsTarget | None:
+        return fake_target(self.job, "learner", 0) if self.metrics else None
+
+    def step(self, batch: pa.RecordBatch) -> dict[str, float]:
+        ids = batch.column("rollout_id").to_pylist()
+        if set(ids) & set(self.consumed) or len(set(ids)) != len(ids):
+            raise ValueError(f"rollouts {ids} were already consumed")
+        for version in batch.column("policy_version").to_pylist():
+            if self.version - version > self.max_policy_lag:
+                raise ValueError(f"sampled with {version}, learner at {self.version}")
+        if None in batch.column("score").to_pylist():
+            raise ValueError("unscored rollouts")
+        self.consumed.extend(ids)
+        self.version += 1
+        return dict(LEARNER_STATS)
+
+    def publish_weights(self) -> FakeWeights:
+        self.published.append(self.version)
+        return FakeWeights(self.version)
+
+    def published_versions(self) -> list[int]:
+        return list(self.published)
+
+    def consumed_rollout_ids(self) -> list[int]:
+        return list(self.consumed)
+
+    def save_checkpoint(self, config: CheckpointConfig, job_state: dict[str, Any]) -> str:
+        path = Path(config.uri) / f"step-{self.version:08d}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        learner = {"version": self.version, "consumed": self.consumed}
+        path.write_text(json.dumps({**job_state, "learner": learner}))
+        return str(path)
+
+    def wait_for_checkpoint(self) -> None:
+        return None
+
+    def load_checkpoint(self, uri: str, config: CheckpointConfig) -> dict[str, Any]:
+        """``uri``: one checkpoint file, or the directory whose newest one is loaded."""
+        path = Path(uri)
+        if path.is_dir():
+            path = max(path.glob("step-*.json"))
+        state = json.loads(path.read_text())
+        self.version = state["learner"]["version"]
+        self.consumed = state["learner"]["consumed"]
+        return state
+
+
+@ray.remote(num_cpus=0)
+class FakeGenerator:
+    """Answers every prompt with three tokens, sampled with the version it holds; one
+    ``stuck`` at a version loads nothing newer; one told to die exits on that ``generate``
+    call (1: the first)."""
+
+    def __init__(
+        self,
+        job: str,
+        index: int,
+        metrics: bool,
+        stuck: int | None = None,
+        die_on_call: int | None = None,
+    ) -> None:
+        self.job = job
+        self.index = index
+        self.metrics = metrics
+        self.stuck = stuck
+        self.die_on_call = die_on_call
+        self.calls = 0
+        self.version = 0
+
+    def ready(self) -> bool:
+        return True
+
+    def metrics_target(self) -> MetricsTarget | None:
+        return fake_target(self.job, "generator", self.index) if self.metrics else None
+
+    def load_weights(self, handle: FakeWeights) -> int:
+        self.version = handle.version if self.stuck is None else self.stuck
+        return self.version
+
+    def generate(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        self.calls += 1
+        if self.calls == self.die_on_call:
+            os._exit(1)
+        n = batch.num_rows
+        return with_columns(
+            batch,
+            response=["a b c"] * n,
+            response_ids=[[1, 2, 3]] * n,
+            response_logprobs=[[-1.0, -1.0, -1.0]] * n,
+            finish_reason=["length"] * n,
+            policy_version=[self.version] * n,
+        )
+
+
+@ray.remote(num_cpus=0)
+class FakeReward:
+    """Scores rollout id ``i`` with ``i % 3``; one told to die exits on that ``score`` call."""
+
+    def __init__(self, job: str, index: int, metrics: bool, die_on_call: int | None = None):
+        self.job = job
+        self.index = index
+        self.metrics = metrics
+        self.die_on_call = die_on_call
+        self.calls = 0
+
+    def ready(self) -> bool:
+        return True
+
+    def metrics_target(self) -> MetricsTarget | None:
+        return fake_target(self.job, "reward", self.index) if self.metrics else None
+
+    def score(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        self.calls += 1
+        if self.calls == self.die_on_call:
+            os._exit(1)
+        ids = batch.column("rollout_id").to_pylist()
+        return with_columns(batch, score=[float(i % 3) for i in ids])
+
+
+def fake_factories(
+    config: JobConfig, die_on_call: dict[tuple[str, int], int] | None = None
+) -> ActorFactories:
+    """Starts the fakes for ``config``'s job; ``die_on_call[(role, index)] = n``: the first
+    generator or reward actor ``index`` exits on its n-th call (its replacement does not)."""
+    job, metrics = config.name, config.metrics.enabled
+    started: set[tuple[str, int]] = set()
+
+    def dies(role: str, index: int) -> int | None:
+        first = (role, index) not in started
+        started.add((role, index))
+        return (die_on_call or {}).get((role, index)) if first else None
+
+    return ActorFactories(
+        learner=lambda: FakeLearner.remote(job, config.max_policy_lag, metrics),
+        generator=lambda i: FakeGenerator.remote(job, i, metrics, die_on_call=dies("generator", i)),
+        reward=lambda i: FakeReward.remote(job, i, metrics, die_on_call=dies("reward", i)),
+    )
+
+
+@ray.remote(num_cpus=0)
+class ShardWorker:
+    """A pool member: ``work`` scores each rollout with the worker's index after ``delay_s``;
+    with ``die`` it exits on its first call instead."""
+
+    def __init__(self, index: int, die: bool = False, delay_s: float = 0.0) -> None:
+        self.index = index
+        self.die = die
+        self.delay_s = delay_s
+        self.shards: list[list[int]] = []
+
+    def ready(self) -> bool:
+        return True
+
+    def work(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        if self.die:
+            os._exit(1)
+        time.sleep(self.delay_s)
+        self.shards.append(batch.column("rollout_id").to_pylist())
+        return with_columns(batch, score=[float(self.index)] * batch.num_rows)
+
+    def received(self) -> list[list[int]]:
+        """The rollout ids of each shard this worker was sent."""
+        return self.shards
+
+    def ping(self) -> int:
+        if self.die:
+            os._exit(1)
+        return self.index
