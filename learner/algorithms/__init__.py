@@ -14,8 +14,14 @@ count; callers zero their inputs where the mask is 0. Each kind of piece has one
 - loss aggregations, :data:`~rlfleet.learner.algorithms.losses.LOSS_AGGREGATIONS`:
   ``(per-token losses, mask) -> loss``;
 - KL penalties, :data:`~rlfleet.learner.algorithms.kl.KL_PENALTIES`:
-  ``(logprobs, ref_logprobs) -> per-token KL``.
+  ``(logprobs, ref_logprobs) -> per-token KL``;
+- the critic-free loss types (grpo, bnpo, dr_grpo, dapo),
+  :data:`~rlfleet.learner.algorithms.grpo.LOSS_TYPES`:
+  ``(per_token_loss, mask, config, num_items_in_batch) -> loss``.
 
-:func:`~rlfleet.learner.algorithms.ppo.ppo_loss` assembles the PPO loss from them;
+:func:`~rlfleet.learner.algorithms.ppo.ppo_loss` assembles the PPO loss from them and
+:func:`~rlfleet.learner.algorithms.grpo.critic_free_loss` the GRPO-family loss (TRL 1.16's);
+:mod:`~rlfleet.learner.algorithms.group` holds the group baselines of the critic-free advantage
+estimators (grpo, rloo, reinforce_pp, reinforce_pp_baseline);
 :mod:`~rlfleet.learner.algorithms.rewards` turns scores into per-token rewards.
 """

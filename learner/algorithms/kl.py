@@ -3,7 +3,8 @@
 A KL penalty maps ``(logprobs, ref_logprobs)`` to a per-token estimate of KL(policy || reference)
 from the sampled tokens' logprobs, except ``"full"``, which takes the whole log-distributions
 ``[..., vocab]`` (see :func:`needs_full_distributions`). Ziegler et al. 2019, "Fine-Tuning
-Language Models from Human Preferences"; the estimators of TRL v0.11.4's ``PPOTrainer``.
+Language Models from Human Preferences"; the estimators of TRL v0.11.4's ``PPOTrainer``, and
+``"k3"`` (J. Schulman, "Approximating KL Divergence", 2020), the one GRPO puts in its loss.
 """
 
 from __future__ import annotations
@@ -45,6 +46,15 @@ def abs_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
 def mse_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """``0.5 * (log pi(a) - log pi_ref(a))^2``."""
     return 0.5 * (logprobs - ref_logprobs).square()
+
+
+@register_kl_penalty("k3")
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Schulman's low-variance estimator ``exp(log r) - log r - 1`` with
+    ``log r = log pi_ref(a) - log pi(a)``: unbiased and never negative (TRL 1.16's GRPO KL;
+    veRL's ``low_var_kl`` is the same, clamped to [-10, 10])."""
+    log_ratio = ref_logprobs - logprobs
+    return torch.exp(log_ratio) - log_ratio - 1
 
 
 @register_kl_penalty("full")

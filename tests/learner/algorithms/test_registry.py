@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from rlfleet.learner.algorithms.advantages import ADVANTAGE_ESTIMATORS, gae
+from rlfleet.learner.algorithms.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    gae,
+    grpo,
+    reinforce_pp,
+    reinforce_pp_baseline,
+    rloo,
+)
 from rlfleet.learner.algorithms.kl import KL_PENALTIES
 from rlfleet.learner.algorithms.losses import (
     LOSS_AGGREGATIONS,
@@ -32,8 +39,14 @@ def test_register_looks_up_by_name_and_refuses_a_second_function_under_one_name(
 
 
 def test_the_registered_pieces():
-    assert dict(ADVANTAGE_ESTIMATORS) == {"gae": gae}
+    assert dict(ADVANTAGE_ESTIMATORS) == {
+        "gae": gae,
+        "grpo": grpo,
+        "rloo": rloo,
+        "reinforce_pp": reinforce_pp,
+        "reinforce_pp_baseline": reinforce_pp_baseline,
+    }
     assert dict(POLICY_LOSSES) == {"clipped": clipped_policy_loss}
     assert dict(VALUE_LOSSES) == {"clipped": clipped_value_loss}
     assert dict(LOSS_AGGREGATIONS) == {"token-mean": masked_mean}
-    assert sorted(KL_PENALTIES) == ["abs", "full", "kl", "mse"]
+    assert sorted(KL_PENALTIES) == ["abs", "full", "k3", "kl", "mse"]
