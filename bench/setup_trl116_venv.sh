@@ -6,21 +6,12 @@
 # shared/ENVIRONMENT.md), so the script fails if a CUDA wheel or another torch shows up. Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${RLFLEET_TRL116_VENV:-.venv-trl116}
-[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-PY="$VENV/bin/python"
-pip_install() {  # quiet pip; drops the warnings about this machine's unused extra index paths
-    "$PY" -m pip install -q "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }
-}
-pip_install --upgrade pip
-pip_install torch==2.13.0
+source bench/peer_venv.sh
+make_venv "${RLFLEET_TRL116_VENV:-.venv-trl116}"
 # The versions TRL 1.16.0 resolved to when the reference data was made (November 2026).
 pip_install torch==2.13.0 trl==1.16.0 transformers==5.24.0 accelerate==1.15.0 datasets==5.2.0 \
     safetensors tokenizers numpy
-if "$PY" -m pip list --format=freeze | grep -iE '^(nvidia-|triton==)'; then
-    echo "error: CUDA packages were pulled into $VENV" >&2
-    exit 1
-fi
+check_no_cuda
 "$PY" - <<'PY'
 import accelerate, datasets, torch, transformers, trl
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer  # noqa: F401

@@ -5,21 +5,12 @@
 # shared/ENVIRONMENT.md), so the script fails if a CUDA wheel or another torch shows up. Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${RLFLEET_TRL_VENV:-.venv-trl}
-[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-PY="$VENV/bin/python"
-pip_install() {  # quiet pip; drops the warnings about this machine's unused extra index paths
-    "$PY" -m pip install -q "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }
-}
-pip_install --upgrade pip
-pip_install torch==2.13.0
+source bench/peer_venv.sh
+make_venv "${RLFLEET_TRL_VENV:-.venv-trl}"
 # accelerate and datasets pinned to the releases current when TRL v0.11.4 shipped (October 2024).
 pip_install torch==2.13.0 trl==0.11.4 transformers==4.45.2 accelerate==1.0.1 datasets==3.0.1 \
     rich safetensors tokenizers numpy
-if "$PY" -m pip list --format=freeze | grep -iE '^(nvidia-|triton==)'; then
-    echo "error: CUDA packages were pulled into $VENV" >&2
-    exit 1
-fi
+check_no_cuda
 "$PY" - <<'PY'
 import torch, transformers, trl
 from trl import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer  # noqa: F401

@@ -9,26 +9,14 @@
 # and 0.10.0 is the newest release veRL 0.9.1 accepts. Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${RLFLEET_VERL_VENV:-.venv-verl}
-[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-PY="$VENV/bin/python"
-pip_install() {  # quiet pip; drops the warnings about this machine's unused extra index paths and
-    # pip's notes that veRL's (deliberately) missing dependencies are missing
-    "$PY" -m pip install -q "$@" 2>&1 | {
-        grep -vE "^WARNING: Location|^verl .* requires|dependency resolver does not" || true
-    }
-}
-pip_install --upgrade pip
-pip_install torch==2.13.0
+source bench/peer_venv.sh
+make_venv "${RLFLEET_VERL_VENV:-.venv-verl}"
 pip_install --no-deps verl==0.9.1 tensordict==0.10.0
 # Import-time dependencies of verl.trainer.ppo.core_algos (verl/__init__.py, verl/protocol.py,
 # verl/utils/torch_functional.py, verl/utils/profiler), at the versions the data was made with.
 pip_install torch==2.13.0 packaging numpy omegaconf==2.4.0 ray==2.60.0 transformers==5.10.4 \
     codetiming==1.4.0 cloudpickle importlib_metadata orjson "pyvers>=0.1.0,<0.2.0" safetensors
-if "$PY" -m pip list --format=freeze | grep -iE '^(nvidia-|triton==)'; then
-    echo "error: CUDA packages were pulled into $VENV" >&2
-    exit 1
-fi
+check_no_cuda
 "$PY" - <<'PY'
 import torch, verl
 from verl.trainer.ppo import core_algos  # noqa: F401
