@@ -4,6 +4,8 @@ The classic in-process API, as TRL v0.11 users import it::
 
     from rlfleet import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
 
+and the critic-free family (GRPO, RLOO, REINFORCE++) as ``CriticFreeTrainer`` with its
+``CriticFreeConfig``.
 The rest lives in ``rlfleet.common`` (configs, rollout schema, metrics server, storage, weight
 transports), ``rlfleet.actors`` (generators), ``rlfleet.reward`` (reward functions and actors) and
 ``rlfleet.learner`` (model, algorithms, trainer, learner actor, job driver). Names are imported
@@ -17,6 +19,8 @@ from typing import Any
 
 _EXPORTS = {
     "AutoModelForCausalLMWithValueHead": "rlfleet.learner.value_head",
+    "CriticFreeConfig": "rlfleet.common.config",
+    "CriticFreeTrainer": "rlfleet.learner.critic_free",
     "PPOConfig": "rlfleet.common.config",
     "PPOTrainer": "rlfleet.learner.trainer",
     "create_reference_model": "rlfleet.learner.trainer",

@@ -7,6 +7,7 @@ resources from the config: ``RemoteGenerator.options(**generator_options(config)
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 
@@ -21,20 +22,27 @@ from rlfleet.common.schema import with_columns
 from rlfleet.common.transport import DEFAULT_TRANSPORT, WeightsHandle, make_receiver
 
 
-def make_engine(model_dir: str | Path, config: GeneratorConfig, seed: int) -> Engine:
+def make_engine(
+    model_dir: str | Path, config: GeneratorConfig, seed: int, trust_remote_code: bool = False
+) -> Engine:
     """The engine ``config.engine`` names, loaded from ``model_dir`` and seeded with ``seed``."""
     if config.engine == "vllm":
         from rlfleet.actors.vllm_engine import VLLMEngine
 
-        return VLLMEngine(model_dir, config, seed)
+        return VLLMEngine(model_dir, config, seed, trust_remote_code=trust_remote_code)
     from rlfleet.actors.hf_engine import HFEngine
 
-    return HFEngine(model_dir, seed)
+    return HFEngine(model_dir, seed, trust_remote_code=trust_remote_code)
 
 
 def rollout_seed(job_seed: int, rollout_id: int) -> int:
-    """The sampling seed of one rollout: distinct across rollout ids and job seeds."""
-    return (job_seed << 32) + rollout_id
+    """The sampling seed of one rollout: a 32-bit hash of ``(job_seed, rollout_id)``.
+
+    32 bits because vLLM's CPU build keeps only the low 32 bits of a request's seed: a seed of
+    ``(job_seed << 32) + rollout_id`` lost the job seed there, so every job seed sampled alike.
+    """
+    key = f"{job_seed}:{rollout_id}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=4).digest(), "little")
 
 
 class GeneratorActor:
@@ -47,10 +55,12 @@ class GeneratorActor:
         job_name: str = "rlfleet",
         metrics: MetricsConfig | None = None,
         weight_transport: str = DEFAULT_TRANSPORT,
+        trust_remote_code: bool = False,
     ) -> None:
         """Load ``model_dir`` (policy version 0) into the engine ``config.engine`` names; serve
         this generator's Prometheus metrics as ``job_name`` unless ``metrics.enabled`` is off;
-        receive new weights through ``weight_transport`` (``common/transport/``).
+        receive new weights through ``weight_transport`` (``common/transport/``). The model
+        directory's own code runs only with ``trust_remote_code``.
 
         Each rollout is sampled with its own seed derived from ``seed`` and its rollout id, so
         a rollout's sample is the same whichever generator draws it and in whatever batch: a
@@ -60,8 +70,10 @@ class GeneratorActor:
 
         self._config = config
         self._seed = seed
-        self._engine = make_engine(model_dir, config, seed + index)
-        self._tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self._engine = make_engine(model_dir, config, seed + index, trust_remote_code)
+        self._tokenizer = AutoTokenizer.from_pretrained(
+            str(model_dir), trust_remote_code=trust_remote_code
+        )
         self._receiver = make_receiver(weight_transport)
         self._version = 0
         self._metrics = GeneratorMetrics.from_config(job_name, index, metrics or MetricsConfig())

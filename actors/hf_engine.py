@@ -17,10 +17,12 @@ from rlfleet.actors.engine import Completion, SamplingSpec, check_prompts
 
 
 class HFEngine:
-    def __init__(self, model_dir: str | Path, seed: int) -> None:
+    def __init__(self, model_dir: str | Path, seed: int, trust_remote_code: bool = False) -> None:
         from transformers import AutoModelForCausalLM
 
-        self._model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+        self._model = AutoModelForCausalLM.from_pretrained(
+            str(model_dir), dtype=torch.float32, trust_remote_code=trust_remote_code
+        )
         self._model.eval()
         config = self._model.config
         eos = self._model.generation_config.eos_token_id

@@ -17,8 +17,12 @@ objects, without the copy and the pickled-callable permission
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Iterable
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -52,8 +56,61 @@ def _refresh_cpu_lm_head(model: torch.nn.Module) -> None:
         dispatch_cpu_unquantized_gemm(lm_head, remove_weight=False)
 
 
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+"""Attention head sizes the vLLM CPU build serves (its ``CPUAttentionBackend``'s
+``get_supported_head_sizes``; tests/actors/test_vllm_engine.py keeps the two equal)."""
+
+
+def head_dim(model_dir: str | Path) -> int | None:
+    """The attention head size of the model in ``model_dir``, from its config.json: its
+    ``head_dim``, else hidden size / attention heads (None when it names neither)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    if config.get("head_dim"):
+        return int(config["head_dim"])
+    hidden = config.get("hidden_size") or config.get("n_embd")
+    heads = config.get("num_attention_heads") or config.get("n_head")
+    return int(hidden) // int(heads) if hidden and heads else None
+
+
+def cpu_serve_problem(model_dir: str | Path) -> str | None:
+    """Why the vLLM CPU build cannot serve the model in ``model_dir`` (None when it can, or
+    when the head size cannot be told from its config)."""
+    size = head_dim(model_dir)
+    if size is None or size in CPU_HEAD_SIZES:
+        return None
+    return (
+        f"attention head size {size} is not served by vLLM on CPU (it serves "
+        f"{', '.join(map(str, CPU_HEAD_SIZES))}); use generators.engine: hf"
+    )
+
+
+@contextmanager
+def own_tempdir() -> Iterator[None]:
+    """Python's temp dir is a fresh one inside the block, removed after it.
+
+    vLLM's in-process engine rendezvous through a ``vllm_dist_<uuid>`` file store in the temp
+    dir at start and never removes it (one left per generator start); it is not read again once
+    the engine is up, so the whole directory goes when the engine has started."""
+    previous = tempfile.tempdir
+    path = tempfile.mkdtemp(prefix="rlfleet-vllm-")
+    tempfile.tempdir = path
+    try:
+        yield
+    finally:
+        tempfile.tempdir = previous
+        shutil.rmtree(path, ignore_errors=True)
+
+
 class VLLMEngine:
-    def __init__(self, model_dir: str | Path, config: GeneratorConfig, seed: int) -> None:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        config: GeneratorConfig,
+        seed: int,
+        trust_remote_code: bool = False,
+    ) -> None:
+        """``trust_remote_code`` lets the model directory's own Python code run (job config
+        ``trust_remote_code``; off by default)."""
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM
         from vllm.platforms import current_platform
@@ -62,9 +119,15 @@ class VLLMEngine:
             memory = {"kv_cache_memory_bytes": int(config.kv_cache_gib * 2**30)}
         else:
             memory = {"gpu_memory_utilization": config.gpu_memory_utilization}
-        self._llm = LLM(
-            model=str(model_dir), dtype="float32", enforce_eager=True, seed=seed, **memory
-        )
+        with own_tempdir():
+            self._llm = LLM(
+                model=str(model_dir),
+                dtype="float32",
+                enforce_eager=True,
+                seed=seed,
+                trust_remote_code=trust_remote_code,
+                **memory,
+            )
         self._context = self._llm.llm_engine.model_config.max_model_len
 
     def generate(self, prompt_ids: list[list[int]], params: SamplingSpec) -> list[Completion]:

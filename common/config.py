@@ -77,6 +77,9 @@ class PPOConfig(BaseModel):
     is_encoder_decoder: bool | None = None
     is_peft_model: bool | None = None
     dataset_num_proc: PositiveInt | None = None
+    nonfinite: Literal["error", "skip"] = "error"
+    """rlfleet's own: a non-finite loss or gradient fails the step naming it (``error``), or
+    its optimizer step is skipped and counted (``skip``); see learner/guards.py."""
 
     @property
     def backward_batch_size(self) -> int:
@@ -125,6 +128,93 @@ class PPOConfig(BaseModel):
                 f"({self.mini_batch_size}) * gradient_accumulation_steps "
                 f"({self.gradient_accumulation_steps})"
             )
+        return self
+
+
+CriticFreeAlgorithm = Literal["grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"]
+REWARD_KL_COEF_DEFAULTS = {"reinforce_pp": 0.01}
+"""``kl_coef`` when not given: REINFORCE++ puts its KL in the reward (OpenRLHF's
+``init_kl_coef``); the other algorithms default to none there."""
+
+
+class CriticFreeConfig(BaseModel):
+    """The critic-free trainer (learner/critic_free.py): GRPO, RLOO, REINFORCE++ and
+    REINFORCE++-baseline, with TRL 1.16 ``GRPOConfig``'s names and defaults where it has them.
+
+    Batch sizes count samples (completions), not prompts: a step takes ``batch_size`` samples,
+    the samples of one prompt sharing a group id. The KL to the reference enters the loss with
+    ``beta`` (GRPO's k3 term) and the reward with ``kl_coef`` (REINFORCE++'s per-token penalty);
+    with both 0 no reference model exists.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    algorithm: CriticFreeAlgorithm = "grpo"
+    """The advantage estimator (learner/algorithms/advantages.py)."""
+    learning_rate: PositiveFloat = 1e-6
+    batch_size: PositiveInt = 64
+    """Samples per ``step``."""
+    mini_batch_size: PositiveInt | None = None
+    """Samples per optimizer step; None: the whole batch (one optimizer step per iteration)."""
+    num_iterations: PositiveInt = 1
+    """Passes over each batch (GRPO's mu)."""
+    beta: float = Field(default=0.0, ge=0)
+    """Weight of the k3 KL to the reference in the loss."""
+    use_bias_correction_kl: bool = True
+    """Multiply the loss's KL term by the importance ratio (TRL 1.16's default)."""
+    kl_coef: float = Field(default=0.0, ge=0)
+    """Weight of the per-token KL penalty in the reward, ``r_t = -kl_coef * KL_t`` (REINFORCE++);
+    when not given, ``REWARD_KL_COEF_DEFAULTS`` by algorithm, else 0."""
+    kl_penalty: Literal["kl", "abs", "mse", "k3"] = "kl"
+    """The estimator of the reward's KL penalty (learner/algorithms/kl.py)."""
+    gamma: float = Field(default=1.0, ge=0, le=1)
+    """REINFORCE++'s discount of the per-token rewards."""
+    epsilon: PositiveFloat = 0.2
+    epsilon_high: PositiveFloat | None = None
+    """The upper clip of the ratio, ``1 + epsilon_high`` (DAPO's clip-higher); None: epsilon."""
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    normalize_advantages: bool = False
+    """RLOO: normalise the advantages over the batch (TRL 1.16 ``RLOOConfig``'s name)."""
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    mask_truncated_completions: bool = False
+    """Truncated samples (no EOS) count in their group's statistics but not in the loss."""
+    max_completion_length: PositiveInt | None = 512
+    """The longest response a step accepts; ``dr_grpo``'s loss divides by it."""
+    max_grad_norm: PositiveFloat | None = 1.0
+    tis_cap: PositiveFloat | None = 2.0
+    """Truncated importance sampling between the learner's old-policy logprobs and the
+    generator's: each token's loss is weighted by ``min(pi_old / pi_behaviour, tis_cap)`` when
+    ``step`` gets behaviour logprobs; None: off."""
+    seed: int = 42
+    """Seeds the order of the minibatches."""
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether the loss or the reward measures a KL to a reference model."""
+        return self.beta > 0 or self.kl_coef > 0
+
+    @property
+    def optimizer_batch_size(self) -> int:
+        return self.mini_batch_size or self.batch_size
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kl_coef_defaults_by_algorithm(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "kl_coef" not in data:
+            default = REWARD_KL_COEF_DEFAULTS.get(data.get("algorithm", "grpo"), 0.0)
+            data = {**data, "kl_coef": default}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> CriticFreeConfig:
+        if self.batch_size % self.optimizer_batch_size:
+            raise ValueError(
+                f"mini_batch_size ({self.mini_batch_size}) must divide batch_size "
+                f"({self.batch_size})"
+            )
+        if self.loss_type == "dr_grpo" and self.max_completion_length is None:
+            raise ValueError("loss_type dr_grpo divides by max_completion_length: set it")
         return self
 
 
@@ -211,7 +301,7 @@ class JobConfig(StrictModel):
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
     iterations: PositiveInt = 10
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
     output_dir: str = "runs/rlfleet"
     max_policy_lag: int = Field(default=0, ge=0)
     """Policy versions a generator may lag behind the learner (0: strictly on-policy)."""
@@ -221,6 +311,8 @@ class JobConfig(StrictModel):
     """None: join the cluster of a submitted job, else start a local Ray instance."""
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    trust_remote_code: bool = False
+    """Let the model directories' own Python code run when they load (off unless set)."""
 
     @model_validator(mode="after")
     def _check_lag(self) -> JobConfig:
@@ -234,7 +326,15 @@ def parse_override(override: str) -> tuple[list[str], Any]:
     key, sep, raw = override.partition("=")
     if not sep or not key:
         raise ValueError(f"override {override!r} must look like section.field=value")
-    return key.split("."), yaml.safe_load(raw)
+    return key.split("."), _parse_yaml(raw, f"override {override!r}")
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    """YAML text; a syntax error is a one-line ``ValueError`` naming ``where`` and the line."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{where} is not valid YAML: {' '.join(str(exc).split())}") from exc
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -254,7 +354,7 @@ def load_job_config(path: str | os.PathLike[str], overrides: list[str] = ()) -> 
 
     Relative paths in it are relative to the working directory, as in a submitted Ray job.
     """
-    raw = yaml.safe_load(Path(path).read_text()) or {}
+    raw = _parse_yaml(Path(path).read_text(), str(path)) or {}
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: a job config is a mapping of sections, got {type(raw).__name__}")
     return JobConfig.model_validate(apply_overrides(raw, list(overrides)))

@@ -21,6 +21,7 @@ import torch
 from rlfleet.common.config import CheckpointConfig, MetricsConfig, PPOConfig
 from rlfleet.common.metrics import MetricsTarget
 from rlfleet.common.transport import DEFAULT_TRANSPORT, WeightsHandle, make_publisher
+from rlfleet.learner.guards import check_finite_weights
 from rlfleet.learner.metrics import LearnerMetrics
 
 
@@ -107,14 +108,17 @@ class LearnerActor:
         job_name: str = "rlfleet",
         metrics: MetricsConfig | None = None,
         weight_transport: str = DEFAULT_TRANSPORT,
+        trust_remote_code: bool = False,
     ) -> None:
         from transformers import AutoTokenizer
 
         from rlfleet import AutoModelForCausalLMWithValueHead, PPOTrainer
 
         torch.manual_seed(seed)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForCausalLMWithValueHead.from_pretrained(model_dir).to(learner_device())
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLMWithValueHead.from_pretrained(
+            model_dir, trust_remote_code=trust_remote_code
+        ).to(learner_device())
         self.trainer = PPOTrainer(config=ppo_config, model=model, tokenizer=tokenizer)
         self._publisher = make_publisher(weight_transport)
         self.max_policy_lag = max_policy_lag
@@ -128,16 +132,23 @@ class LearnerActor:
         return self.version
 
     def step(self, batch: pa.RecordBatch) -> dict[str, float]:
-        """One PPO step on a scored batch; the policy version goes from V to V+1."""
+        """One PPO step on a scored batch; the policy version goes from V to V+1.
+
+        Weights that came out of the step with a NaN or an infinity fail it
+        (``learner/guards.py``): they are never published or checkpointed."""
         ids = batch.column("rollout_id").to_pylist()
         self._check_unconsumed(ids)
         self._check_policy_lag(batch)
         queries, responses, scores = rollout_tensors(batch)
         started = time.perf_counter()
         step_stats = self.trainer.step(queries, responses, scores)
+        check_finite_weights(
+            self.trainer.model, f"PPO step {self.version + 1} (rollouts {min(ids)}..{max(ids)})"
+        )
         stats = {
             **scalar_stats(step_stats),
             **rollout_stats(batch, step_stats["objective/logprobs"]),
+            "ppo/nonfinite_skipped_steps": float(self.trainer.nonfinite_skipped_steps),
         }
         self.consumed.extend(ids)
         self._consumed_set.update(ids)

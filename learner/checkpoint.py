@@ -1,13 +1,14 @@
-"""Checkpoints of a PPO run on local disk or in object storage, committed by a manifest.
+"""Checkpoints of a training run on local disk or in object storage, committed by a manifest.
 
 A checkpoint is the directory ``<uri>/step-<8 digits>/``::
 
     policy/                      the policy as a Hugging Face directory (safetensors, config,
                                  tokenizer): ``AutoModelForCausalLM.from_pretrained`` loads it
-    value_head.safetensors       the value head's weights
+    value_head.safetensors       the value head's weights (PPO only: the model of a critic-free
+                                 trainer is a plain causal LM)
     optimizer.safetensors/.json  the optimizer state: tensors, and the rest as JSON
     lr_scheduler.json            the scheduler state (only when the trainer has one)
-    training_state.json          ``PPOTrainer.training_state()`` (KL controller, RNG, ...)
+    training_state.json          the trainer's ``training_state()`` (KL controller, RNG, ...)
     job_state.json               what the job loop passed (dataset cursor, policy version, ...)
     MANIFEST.json                written last: every file's size and sha256
 
@@ -65,12 +66,12 @@ class CheckpointError(RuntimeError):
 
 REQUIRED_FILES = (
     f"{POLICY_DIR}/config.json",
-    VALUE_HEAD_FILE,
     f"{OPTIMIZER}.json",
     f"{TRAINING_STATE}.json",
     f"{JOB_STATE}.json",
 )
-"""Files every checkpoint's manifest must list (besides the policy's ``*.safetensors``)."""
+"""Files every checkpoint's manifest must list (besides the policy's ``*.safetensors``, and
+``VALUE_HEAD_FILE`` unless the manifest says ``"value_head": false``)."""
 
 
 @dataclass(frozen=True)
@@ -180,15 +181,28 @@ def write_checkpoint_files(directory: Path, trainer: Any, job_state: dict[str, A
     training may go on as soon as this returns."""
     directory.mkdir(parents=True, exist_ok=True)
     policy_dir = directory / POLICY_DIR
-    trainer.model.pretrained_model.save_pretrained(policy_dir)
+    policy_of(trainer).save_pretrained(policy_dir)
     trainer.tokenizer.save_pretrained(policy_dir)
-    value_head = {k: v.detach().contiguous() for k, v in trainer.model.v_head.state_dict().items()}
-    save_file(value_head, str(directory / VALUE_HEAD_FILE))
+    if has_value_head(trainer):
+        state = trainer.model.v_head.state_dict()
+        value_head = {k: v.detach().contiguous() for k, v in state.items()}
+        save_file(value_head, str(directory / VALUE_HEAD_FILE))
     save_state(directory, OPTIMIZER, trainer.optimizer.state_dict())
     if trainer.lr_scheduler is not None:
         save_state(directory, LR_SCHEDULER, trainer.lr_scheduler.state_dict())
     save_state(directory, TRAINING_STATE, trainer.training_state())
     save_state(directory, JOB_STATE, job_state)
+
+
+def has_value_head(trainer: Any) -> bool:
+    """Whether the trainer's model carries a value head (PPO) or is a plain causal LM (a
+    critic-free trainer's)."""
+    return hasattr(trainer.model, "v_head")
+
+
+def policy_of(trainer: Any) -> torch.nn.Module:
+    """The trainer's causal LM, without any value head."""
+    return trainer.model.pretrained_model if has_value_head(trainer) else trainer.model
 
 
 def build_manifest(directory: Path, step: int) -> dict[str, Any]:
@@ -201,6 +215,7 @@ def build_manifest(directory: Path, step: int) -> dict[str, Any]:
         "format": FORMAT,
         "step": step,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "value_head": VALUE_HEAD_FILE in files,
         "files": files,
     }
 
@@ -439,7 +454,8 @@ def parse_manifest(raw: bytes, where: str) -> dict[str, Any]:
         isinstance(entry, dict) and {"size", "sha256"} <= set(entry) for entry in files.values()
     ):
         raise CheckpointError(f"{where}: {MANIFEST} has no valid file list")
-    missing = [name for name in REQUIRED_FILES if name not in files]
+    required = REQUIRED_FILES + ((VALUE_HEAD_FILE,) if manifest.get("value_head", True) else ())
+    missing = [name for name in required if name not in files]
     if not any(
         name.startswith(f"{POLICY_DIR}/") and name.endswith(".safetensors") for name in files
     ):
@@ -504,11 +520,18 @@ def local_checkpoint(uri: str, config: CheckpointConfig | None = None) -> Iterat
 def load_checkpoint(
     uri: str, trainer: Any, *, config: CheckpointConfig | None = None
 ) -> dict[str, Any]:
-    """Restore ``trainer`` (policy, value head, optimizer, scheduler, training state) from the
-    checkpoint ``uri`` names, after verifying it; returns the saved job state."""
+    """Restore ``trainer`` (policy, value head if it has one, optimizer, scheduler, training
+    state) from the checkpoint ``uri`` names, after verifying it; returns the saved job state."""
     with local_checkpoint(uri, config) as directory:
-        load_policy_weights(trainer.model.pretrained_model, directory / POLICY_DIR)
-        trainer.model.v_head.load_state_dict(load_file(str(directory / VALUE_HEAD_FILE)))
+        saved_value_head = (directory / VALUE_HEAD_FILE).is_file()
+        if saved_value_head != has_value_head(trainer):
+            saved, current = ("has a", "has none") if saved_value_head else ("has no", "has one")
+            raise CheckpointError(
+                f"{directory}: the checkpoint {saved} value head but the trainer's model {current}"
+            )
+        load_policy_weights(policy_of(trainer), directory / POLICY_DIR)
+        if saved_value_head:
+            trainer.model.v_head.load_state_dict(load_file(str(directory / VALUE_HEAD_FILE)))
         trainer.optimizer.load_state_dict(load_state(directory, OPTIMIZER))
         _load_scheduler(trainer, directory)
         trainer.load_training_state(load_state(directory, TRAINING_STATE))

@@ -17,9 +17,11 @@ from rlfleet.learner.forward import ResponseBatch, Rollout
 
 
 class StepTimer:
-    """Wall-clock seconds of a step's phases, as TRL's ``time/ppo/<phase>`` stats."""
+    """Wall-clock seconds of a step's phases, as ``time/<prefix>/<phase>`` stats (TRL's
+    ``time/ppo/...`` for PPO)."""
 
-    def __init__(self) -> None:
+    def __init__(self, prefix: str = "ppo") -> None:
+        self.prefix = prefix
         self.started = time.time()
         self.seconds: dict[str, float] = {}
 
@@ -27,11 +29,11 @@ class StepTimer:
     def phase(self, name: str) -> Iterator[None]:
         start = time.time()
         yield
-        self.seconds[f"time/ppo/{name}"] = time.time() - start
+        self.seconds[f"time/{self.prefix}/{name}"] = time.time() - start
 
     def stats(self) -> dict[str, float]:
-        """Every phase so far and ``time/ppo/total``, the time since the timer started."""
-        return {**self.seconds, "time/ppo/total": time.time() - self.started}
+        """Every phase so far and ``time/<prefix>/total``, the time since the timer started."""
+        return {**self.seconds, f"time/{self.prefix}/total": time.time() - self.started}
 
 
 def step_stats(

@@ -33,6 +33,7 @@ from rlfleet.learner.forward import (
     response_forward,
     rollout_forward,
 )
+from rlfleet.learner.guards import NonFiniteError, check_finite_loss, finite_grad_norm
 from rlfleet.learner.reference import create_reference_model
 from rlfleet.learner.shuffle import Shuffler
 from rlfleet.learner.stats import StepTimer, step_stats
@@ -107,6 +108,7 @@ class PPOTrainer(TRLCompatMixin):
         self.running = RunningMoments()
         self.shuffler = Shuffler(config.seed)
         self.current_step = 0
+        self.nonfinite_skipped_steps = 0
 
     @property
     def current_device(self) -> torch.device:
@@ -239,10 +241,11 @@ class PPOTrainer(TRLCompatMixin):
             ratio_threshold=config.ratio_threshold,
         )
         all_stats: list[dict[str, torch.Tensor]] = []
-        for _ in range(config.ppo_epochs):
+        for epoch in range(config.ppo_epochs):
             permutation = self.shuffler.permutation(config.batch_size)
             for start in range(0, config.batch_size, config.backward_batch_size):
                 skipped = False
+                finite = True
                 end = start + config.backward_batch_size
                 for mini_start in range(start, end, config.mini_batch_size):
                     mini_rows = permutation[mini_start : mini_start + config.mini_batch_size]
@@ -262,33 +265,58 @@ class PPOTrainer(TRLCompatMixin):
                         mask=batch.mask[rows],
                         config=loss_config,
                     )
+                    where = self._where(epoch, mini_start // config.mini_batch_size)
                     if result.loss is None:
                         skipped = True
-                    else:
+                    elif self._guarded(check_finite_loss, result.loss, where):
                         (result.loss / config.gradient_accumulation_steps).backward()
+                    else:
+                        finite = False
                     all_stats.append(result.stats)
-                self._optimizer_step(zero_fill_missing_grads=skipped)
+                where = self._where(epoch, start // config.mini_batch_size)
+                self._optimizer_step(zero_fill_missing_grads=skipped, finite=finite, where=where)
             if config.early_stopping and early_stop(
                 all_stats[-1]["policy/policykl"], config.target_kl
             ):
                 break
         return all_stats
 
-    def _optimizer_step(self, zero_fill_missing_grads: bool) -> None:
+    def _optimizer_step(self, zero_fill_missing_grads: bool, finite: bool, where: str) -> None:
         """Clip (if ``max_grad_norm``), step and zero the gradients of the trainable parameters.
 
         After a skipped minibatch, parameters without a gradient get a zero one, so the optimizer
         still steps them as TRL's ``0 * loss`` backward did (minus its NaN when the loss is inf).
+        A non-finite loss (``finite`` False) or gradient norm skips the step under
+        ``ppo.nonfinite: skip`` (counted in ``nonfinite_skipped_steps``); under ``error`` the
+        gradient norm check raises ``NonFiniteError`` naming ``where``.
         """
         parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
         if zero_fill_missing_grads:
             for parameter in parameters:
                 if parameter.grad is None:
                     parameter.grad = torch.zeros_like(parameter)
+        if not (finite and self._guarded(finite_grad_norm, parameters, where)):
+            self.optimizer.zero_grad()
+            self.nonfinite_skipped_steps += 1
+            return
         if self.config.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(parameters, self.config.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad()
+
+    def _guarded(self, check: Callable[..., Any], value: Any, where: str) -> bool:
+        """Runs a ``learner/guards.py`` check: True when the value is finite; False under
+        ``ppo.nonfinite: skip``, else its ``NonFiniteError`` propagates."""
+        try:
+            check(value, where)
+        except NonFiniteError:
+            if self.config.nonfinite == "error":
+                raise
+            return False
+        return True
+
+    def _where(self, epoch: int, minibatch: int) -> str:
+        return f"PPO step {self.current_step + 1}, epoch {epoch}, minibatch {minibatch}"
 
     def training_state(self) -> dict[str, Any]:
         """All but weights, optimizer and scheduler needed to resume exactly (JSON-able)."""

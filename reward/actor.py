@@ -62,11 +62,13 @@ class RewardActor:
         config: RewardConfig,
         job_name: str = "rlfleet",
         metrics: MetricsConfig | None = None,
+        trust_remote_code: bool = False,
     ) -> None:
         """Load the reward source; serve this actor's Prometheus metrics as ``job_name``
-        unless ``metrics.enabled`` is off."""
+        unless ``metrics.enabled`` is off. A reward model's own code runs only with
+        ``trust_remote_code``."""
         self.index = index
-        self.scorer = make_scorer(config)
+        self.scorer = make_scorer(config, trust_remote_code)
         self._metrics = RewardMetrics.from_config(job_name, index, metrics or MetricsConfig())
 
     def ready(self) -> bool:

@@ -214,15 +214,18 @@ class RewardModelScorer(Scorer):
         label: str | int | None = None,
         batch_size: int = 16,
         max_length: int | None = None,
+        trust_remote_code: bool = False,
     ) -> None:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self.source = f"reward model {model_dir!r}"
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            model_dir, trust_remote_code=trust_remote_code
+        )
         self.model = AutoModelForSequenceClassification.from_pretrained(
-            model_dir, dtype=torch.float32
+            model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code
         ).to(self.device)
         self.model.eval()
         if self.tokenizer.pad_token is None:
@@ -346,12 +349,13 @@ class _TransientError(Exception):
     """A failure worth retrying (the message says what happened, without the source)."""
 
 
-def make_scorer(config: RewardConfig) -> Scorer:
-    """The scorer for the one reward source the config names."""
+def make_scorer(config: RewardConfig, trust_remote_code: bool = False) -> Scorer:
+    """The scorer for the one reward source the config names (a reward model's own code runs
+    only with ``trust_remote_code``)."""
     if config.function:
         return FunctionScorer(config.function, config.kwargs, config.timeout_s)
     if config.model:
-        return RewardModelScorer(config.model, **config.kwargs)
+        return RewardModelScorer(config.model, **config.kwargs, trust_remote_code=trust_remote_code)
     if config.kwargs:
         raise ValueError(f"reward.kwargs {sorted(config.kwargs)} are not used by a reward url")
     return RemoteScorer(config.url, config.timeout_s)

@@ -1,14 +1,23 @@
 """Checks of a job config that pydantic cannot make: they run before any actor starts.
 
-They look at files (the model directory, the reward model) and import the reward function; the
-dataset's rows are read (and checked) once, by ``rlfleet.learner.driver.data.read_prompt_rows``.
+They look at files (the model directory and its tokenizer, the reward model), the model's
+context and attention head size, import the reward function and probe-write the checkpoint
+location. The dataset's rows are read (and checked) once, by
+``rlfleet.learner.driver.data.read_prompt_rows``; ``check_reward_arguments`` checks their field
+names against the reward function's arguments.
 """
 
 from __future__ import annotations
 
+import json
+import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
-from rlfleet.common.config import JobConfig
+from rlfleet.common.config import CheckpointConfig, JobConfig
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "vocab.txt", "spiece.model")
+"""A model directory has a tokenizer when it holds at least one of these."""
 
 
 class ConfigError(ValueError):
@@ -16,10 +25,13 @@ class ConfigError(ValueError):
 
 
 def check_config(config: JobConfig) -> None:
-    """Raises ``ConfigError`` for a model directory, reward function or reward model that
-    cannot be loaded."""
-    if not is_model_dir(config.model):
-        raise ConfigError(f"model: {config.model} is not a model directory (no config.json)")
+    """Raises ``ConfigError`` for what would otherwise fail after the actors started: a model
+    directory without weights config or tokenizer, a generation budget that fills the context,
+    a model the generators' engine cannot serve, a reward function or model that cannot be
+    loaded, a checkpoint location that cannot be written."""
+    check_model_dir("model", config.model)
+    check_generation_fits_context(config)
+    check_engine_serves_model(config)
     if config.reward.function:
         from rlfleet.reward.functions import load_function
 
@@ -27,9 +39,89 @@ def check_config(config: JobConfig) -> None:
             load_function(config.reward.function)
         except ValueError as exc:
             raise ConfigError(f"reward.function: {exc}") from exc
-    if config.reward.model and not is_model_dir(config.reward.model):
-        raise ConfigError(f"reward.model: {config.reward.model} is not a model directory")
+    if config.reward.model:
+        check_model_dir("reward.model", config.reward.model)
+    if config.checkpoint.uri is not None:
+        check_checkpoint_writable(config.checkpoint)
 
 
 def is_model_dir(path: str) -> bool:
     return (Path(path) / "config.json").is_file()
+
+
+def check_model_dir(key: str, path: str) -> None:
+    """A Hugging Face model directory: config.json and the files of a tokenizer."""
+    if not is_model_dir(path):
+        raise ConfigError(f"{key}: {path} is not a model directory (no config.json)")
+    if not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(
+            f"{key}: {path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save one "
+            f"there with tokenizer.save_pretrained({path!r})"
+        )
+
+
+def context_length(model_dir: str) -> int:
+    """The model's context in tokens, from its config.json (unbounded when it names none)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return int(config.get("n_positions") or config.get("max_position_embeddings") or 1 << 30)
+
+
+def check_generation_fits_context(config: JobConfig) -> None:
+    """``generators.max_new_tokens`` must leave room for at least a one-token prompt."""
+    context = context_length(config.model)
+    if config.generators.max_new_tokens >= context:
+        raise ConfigError(
+            f"generators.max_new_tokens: {config.generators.max_new_tokens} leaves no room for a "
+            f"prompt in the model's context of {context} tokens; set it to at most {context - 1}"
+        )
+
+
+def check_engine_serves_model(config: JobConfig) -> None:
+    """vLLM generators on CPU (``num_gpus: 0``) need an attention head size its CPU build
+    serves; the hf engine serves any."""
+    if config.generators.engine != "vllm" or config.generators.num_gpus > 0:
+        return
+    from rlfleet.actors.vllm_engine import cpu_serve_problem
+
+    problem = cpu_serve_problem(config.model)
+    if problem:
+        raise ConfigError(f"generators.engine: {config.model}: {problem}")
+
+
+def check_checkpoint_writable(config: CheckpointConfig) -> None:
+    """Writes and deletes a small file under ``checkpoint.uri`` (local or s3), so that a
+    location the job cannot write fails now rather than after the first training step."""
+    from rlfleet.common.storage import open_storage
+
+    probe = f".rlfleet-write-probe-{uuid.uuid4().hex}"
+    try:
+        storage = open_storage(config.uri, config.s3_endpoint_override)
+        storage.write_bytes(probe, b"rlfleet")
+        storage.delete(probe)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"checkpoint.uri: cannot write to {config.uri} ({one_line(exc)}); make it writable "
+            "or choose another location"
+        ) from exc
+
+
+def check_reward_arguments(config: JobConfig, field_names: Iterable[str]) -> None:
+    """A reward function gets the dataset's fields (all but the prompt) as keyword arguments
+    beside ``prompts``, ``responses`` and ``reward.kwargs``: a field of the same name as one
+    of those would clash on the first score."""
+    if not config.reward.function:
+        return
+    arguments = {"prompts", "responses", *config.reward.kwargs}
+    clashing = sorted((set(field_names) - {config.dataset.prompt_field}) & arguments)
+    if clashing:
+        raise ConfigError(
+            f"dataset.path: {config.dataset.path} has fields {clashing} that clash with the "
+            f"reward function's arguments (prompts, responses, reward.kwargs); rename them in "
+            "the dataset or in reward.kwargs"
+        )
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (whitespace runs, newlines included, become one
+    space)."""
+    return " ".join(str(exc).split()) or type(exc).__name__

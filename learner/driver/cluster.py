@@ -21,8 +21,8 @@ def required_cpus(config: JobConfig) -> float:
 
 def init_ray(config: JobConfig) -> None:
     """Joins ``ray_address`` or the cluster of a submitted job (RAY_ADDRESS is set there); else
-    starts a local in-process instance with enough logical CPUs for every actor. Never
-    auto-detects another cluster on this machine."""
+    starts a local in-process instance with enough logical CPUs for every actor, reachable on
+    loopback only. Never auto-detects another cluster on this machine."""
     if ray.is_initialized():
         return
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -33,4 +33,29 @@ def init_ray(config: JobConfig) -> None:
         ray.init(address="auto")
     else:
         num_cpus = max(os.cpu_count() or 1, math.ceil(required_cpus(config)))
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        use_loopback_only()
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            log_to_driver=False,
+            _node_ip_address=LOOPBACK,
+        )
+
+
+LOOPBACK = "127.0.0.1"
+
+
+def use_loopback_only() -> None:
+    """Makes a local Ray instance bind its GCS, raylet, agents and workers to 127.0.0.1 instead
+    of every interface.
+
+    Ray binds to loopback only when the node's IP is 127.0.0.1, and it replaces 127.0.0.1 by
+    the machine's outward IP unless ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` is off: that variable
+    is read once, when ``ray._private.ray_constants`` is imported, so it is set for the
+    processes Ray starts and its value in this (already importing) process is set too.
+    """
+    from ray._private import ray_constants
+
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False

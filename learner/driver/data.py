@@ -15,7 +15,12 @@ import pyarrow.parquet as pq
 
 from rlfleet.common.config import JobConfig
 from rlfleet.common.schema import prompt_batch
-from rlfleet.learner.driver.checks import ConfigError
+from rlfleet.learner.driver.checks import (
+    ConfigError,
+    check_config,
+    check_reward_arguments,
+    context_length,
+)
 
 
 def read_prompt_rows(path: str | os.PathLike[str], prompt_field: str) -> list[dict[str, Any]]:
@@ -93,10 +98,43 @@ class PromptDataset:
         return order
 
 
-def context_length(model_dir: str) -> int:
-    """The model's context in tokens, from its config.json (unbounded when it names none)."""
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    return int(config.get("n_positions") or config.get("max_position_embeddings") or 1 << 30)
+def load_tokenizer(config: JobConfig):
+    """The model's tokenizer (its own code runs only with ``trust_remote_code``)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
+
+
+def max_prompt_tokens(config: JobConfig) -> int:
+    """The longest prompt that leaves room for ``generators.max_new_tokens`` in the context."""
+    return context_length(config.model) - config.generators.max_new_tokens
+
+
+def check_prompt_lengths(config: JobConfig, rows: list[dict[str, Any]]) -> None:
+    """Every prompt of the dataset must be 1..``max_prompt_tokens`` tokens long: checked here,
+    before any actor starts, rather than when the cursor reaches its row (a resumed job would
+    stop on the same row again)."""
+    field = config.dataset.prompt_field
+    limit = max_prompt_tokens(config)
+    encoded = load_tokenizer(config)([row[field] for row in rows])["input_ids"]
+    for index, ids in enumerate(encoded):
+        if not ids or len(ids) > limit:
+            raise ConfigError(
+                f"dataset.path: row {index} of {config.dataset.path}: the prompt is {len(ids)} "
+                f"tokens; it must be 1..{limit} (context {context_length(config.model)} minus "
+                f"generators.max_new_tokens {config.generators.max_new_tokens}): shorten or drop "
+                "the row, or lower generators.max_new_tokens"
+            )
+
+
+def checked_rows(config: JobConfig) -> list[dict[str, Any]]:
+    """Every check that can run before an actor starts (``checks.check_config``, then the
+    dataset's rows, their field names and prompt lengths); returns the dataset's rows."""
+    check_config(config)
+    rows = read_prompt_rows(config.dataset.path, config.dataset.prompt_field)
+    check_reward_arguments(config, {name for row in rows for name in row})
+    check_prompt_lengths(config, rows)
+    return rows
 
 
 class PromptBatches:
@@ -123,14 +161,11 @@ class PromptBatches:
     def from_config(cls, config: JobConfig, rows: list[dict[str, Any]]) -> PromptBatches:
         """Batches of ``rows`` tokenized with the model's tokenizer; a prompt leaves room for
         ``generators.max_new_tokens`` in the model's context."""
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(config.model)
         return cls(
             PromptDataset(rows, config.dataset.shuffle, config.seed),
             config.dataset.prompt_field,
-            tokenizer.encode,
-            context_length(config.model) - config.generators.max_new_tokens,
+            load_tokenizer(config).encode,
+            max_prompt_tokens(config),
         )
 
     def next_batch(self, size: int) -> pa.RecordBatch:

@@ -28,8 +28,7 @@ import ray
 from rlfleet.common.config import CheckpointConfig, JobConfig
 from rlfleet.common.metrics import file_sd_path, write_file_sd
 from rlfleet.common.schema import concat_batches
-from rlfleet.learner.driver.checks import check_config
-from rlfleet.learner.driver.data import PromptBatches, read_prompt_rows
+from rlfleet.learner.driver.data import PromptBatches, checked_rows
 from rlfleet.learner.driver.metrics import JobMetrics
 from rlfleet.learner.driver.pool import ActorPool, PendingShards, id_range, split_batch
 from rlfleet.learner.driver.roles import ActorFactories
@@ -105,8 +104,7 @@ class PPOJob:
         factories: ActorFactories | None = None,
     ) -> None:
         if rows is None:
-            check_config(config)
-            rows = read_prompt_rows(config.dataset.path, config.dataset.prompt_field)
+            rows = checked_rows(config)
         self.config = config
         self.on_dispatch = on_dispatch
         self.prompts = PromptBatches.from_config(config, rows)
@@ -148,7 +146,7 @@ class PPOJob:
         stats_lines = []
         bar = tqdm(total=self.config.iterations, initial=self.iteration, desc="ppo", unit="it")
         in_flight = self.dispatch_next_batch() if self.iteration < self.config.iterations else None
-        with self.stats_path.open("a") as out:
+        with bar, self.stats_path.open("a") as out:
             while in_flight is not None:
                 stats, in_flight = self.train_iteration(in_flight)
                 out.write(json.dumps(stats) + "\n")
@@ -158,7 +156,6 @@ class PPOJob:
                 bar.set_postfix(
                     reward=f"{stats['reward_mean']:.3f}", kl=f"{stats['objective/kl']:.3f}"
                 )
-        bar.close()
         ray.get(self.learner.wait_for_checkpoint.remote())
         return JobResult(
             stats=stats_lines,

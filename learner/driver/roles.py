@@ -43,11 +43,24 @@ class ActorFactories:
                 config.max_policy_lag,
                 config.name,
                 config.metrics,
+                trust_remote_code=config.trust_remote_code,
             ),
             generator=lambda i: generator_cls.remote(
-                i, config.model, config.generators, config.seed, config.name, config.metrics
+                i,
+                config.model,
+                config.generators,
+                config.seed,
+                config.name,
+                config.metrics,
+                trust_remote_code=config.trust_remote_code,
             ),
-            reward=lambda i: reward_cls.remote(i, config.reward, config.name, config.metrics),
+            reward=lambda i: reward_cls.remote(
+                i,
+                config.reward,
+                config.name,
+                config.metrics,
+                trust_remote_code=config.trust_remote_code,
+            ),
         )
 
 

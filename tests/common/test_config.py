@@ -97,3 +97,36 @@ def test_to_dict_flattens_nested_fields_and_adds_derived_sizes():
     assert derived["backward_batch_size"] == 4
     assert derived["global_batch_size"] == 8
     assert derived["total_ppo_epochs"] == 3
+
+
+def test_a_negative_job_seed_is_refused_naming_the_key(tmp_path):
+    with pytest.raises(
+        ValidationError, match=r"seed\n  Input should be greater than or equal to 0"
+    ):
+        load_job_config(write_job(tmp_path), ["seed=-1"])
+
+
+def test_remote_code_is_not_trusted_unless_the_config_says_so(tmp_path):
+    assert load_job_config(write_job(tmp_path)).trust_remote_code is False
+    assert load_job_config(write_job(tmp_path), ["trust_remote_code=true"]).trust_remote_code
+
+
+def test_nonfinite_training_is_an_error_unless_skip_is_chosen():
+    assert PPOConfig().nonfinite == "error"
+    assert PPOConfig(nonfinite="skip").nonfinite == "skip"
+    with pytest.raises(ValidationError, match="nonfinite"):
+        PPOConfig(nonfinite="ignore")
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides", "message"),
+    [
+        ("model: [unclosed\n", [], r"job\.yaml is not valid YAML: while parsing .* line 2"),
+        (MINIMAL_JOB, ["ppo.batch_size=[1"], r"^override 'ppo\.batch_size=\[1' is not valid YAML"),
+        (MINIMAL_JOB, ["model.x=1"], r"^override 'model\.x=1': model is not a section"),
+    ],
+)
+def test_yaml_and_override_errors_are_one_line_value_errors(tmp_path, text, overrides, message):
+    with pytest.raises(ValueError, match=message) as error:
+        load_job_config(write_job(tmp_path, text), overrides)
+    assert "\n" not in str(error.value)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlfleet.common.config import CheckpointConfig, PPOConfig
+from rlfleet.common.config import CheckpointConfig, CriticFreeConfig, PPOConfig
 from rlfleet.common.storage import StorageCredentialsError, open_storage
 from rlfleet.learner.checkpoint import (
     MANIFEST,
@@ -29,6 +29,7 @@ from rlfleet.learner.checkpoint import (
     save_checkpoint,
 )
 from rlfleet.learner.cli import main as rlfleet
+from rlfleet.learner.critic_free import CriticFreeTrainer
 from rlfleet.learner.trainer import PPOTrainer
 from rlfleet.learner.value_head import AutoModelForCausalLMWithValueHead
 
@@ -376,3 +377,54 @@ def test_pull_verifies_into_a_new_directory(trained: PPOTrainer, tmp_path: Path)
     assert (pulled / MANIFEST).is_file()
     with pytest.raises(FileExistsError, match="not empty"):
         pull_checkpoint(str(tmp_path / "ckpt"), pulled)
+
+
+# ----------------------------------------------------------------------------------------------
+# A critic-free trainer: a plain causal LM, no value head
+
+
+def build_critic_free_trainer(model_dir: Path) -> CriticFreeTrainer:
+    """A GRPO trainer on the tiny model, its reference the model as loaded (as in a job, where a
+    resumed run builds it from the same model path)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    config = CriticFreeConfig(batch_size=BATCH, mini_batch_size=2, num_iterations=2, beta=0.04)
+    return CriticFreeTrainer(config, model, tokenizer=AutoTokenizer.from_pretrained(model_dir))
+
+
+GROUP_IDS = [0, 0, 1, 1]
+
+
+def test_critic_free_round_trip_then_one_more_step_gives_identical_training(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    trained = build_critic_free_trainer(tiny_model_dir)
+    trained.step(*ppo_batch(1), GROUP_IDS)
+    step_dir = Path(save_checkpoint(str(tmp_path), 1, trained, JOB_STATE, keep_last=1))
+    manifest = json.loads((step_dir / MANIFEST).read_text())
+    assert manifest["value_head"] is False and "value_head.safetensors" not in manifest["files"]
+
+    fresh = build_critic_free_trainer(tiny_model_dir)
+    before, after = weights(fresh), weights(trained)
+    assert any(not torch.equal(before[name], after[name]) for name in before)
+    assert load_checkpoint(str(tmp_path), fresh) == JOB_STATE
+    assert_same_weights(weights(fresh), weights(trained))
+    assert_same_optimizer(fresh, trained)
+    assert fresh.training_state() == trained.training_state()
+
+    stats_a = trained.step(*ppo_batch(2), GROUP_IDS)
+    stats_b = fresh.step(*ppo_batch(2), GROUP_IDS)
+    assert_same_weights(weights(fresh), weights(trained))
+    assert stats_a["loss"] == stats_b["loss"] and stats_a["kl"] == stats_b["kl"]
+    assert fresh.training_state() == trained.training_state()
+
+
+def test_a_checkpoint_loads_only_into_a_trainer_of_its_kind(
+    trained: PPOTrainer, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    critic_free = build_critic_free_trainer(tiny_model_dir)
+    save_checkpoint(str(tmp_path / "ppo"), 1, trained, {}, keep_last=1)
+    save_checkpoint(str(tmp_path / "critic_free"), 1, critic_free, {}, keep_last=1)
+    with pytest.raises(CheckpointError, match="has a value head but the trainer's model has none"):
+        load_checkpoint(str(tmp_path / "ppo"), build_critic_free_trainer(tiny_model_dir))
+    with pytest.raises(CheckpointError, match="has no value head but the trainer's model has one"):
+        load_checkpoint(str(tmp_path / "critic_free"), build_trainer(tiny_model_dir, 1))

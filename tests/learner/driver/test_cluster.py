@@ -1,9 +1,17 @@
-"""Ray set-up: the CPUs a local instance needs for the job's actors."""
+"""Ray set-up: the CPUs a local instance needs for the job's actors, and a local instance that
+listens on loopback only."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
+import pytest
 from job_configs import small_job
 
 from rlfleet.learner.driver.cluster import required_cpus
@@ -18,3 +26,50 @@ def test_required_cpus_add_up_every_actor(tmp_path: Path) -> None:
         reward={"num_actors": 2, "num_cpus": 0.25},
     )
     assert required_cpus(config) == 2 + 3 * 1.5 + 2 * 0.25
+
+
+LOCAL_JOB_BINDS = """
+import json, sys
+import psutil, ray
+from ray._private import services
+from job_configs import small_job
+from rlfleet.learner.driver.cluster import init_ray
+
+init_ray(small_job(sys.argv[1], sys.argv[1] + "/run"))
+ray.get(ray.remote(lambda: 1).remote())
+me = psutil.Process()
+listening = set()
+for process in [me, *me.children(recursive=True)]:
+    try:
+        listening |= {c.laddr.ip for c in process.net_connections("inet") if c.status == "LISTEN"}
+    except psutil.Error:
+        pass
+gcs = ray.get_runtime_context().gcs_address
+print(json.dumps([services.get_node_ip_address(), gcs, sorted(listening)]))
+ray.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_a_local_ray_instance_listens_on_loopback_only(tmp_path: Path) -> None:
+    """Ray started by the job itself (no ray_address, no RAY_ADDRESS): its node IP, the GCS
+    address and every listening socket of Ray's processes are 127.0.0.1."""
+    tests_dir = Path(__file__).parents[2]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    ray_tmp = tempfile.mkdtemp(prefix="rlf-ray-", dir="/tmp")  # short: Ray's socket paths
+    env.update(TMPDIR=ray_tmp, PYTHONPATH=str(tests_dir))
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", LOCAL_JOB_BINDS, str(tmp_path)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=180,
+        )
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    node_ip, gcs, listening = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert node_ip == "127.0.0.1"
+    assert gcs.startswith("127.0.0.1:")
+    assert listening and set(listening) <= {"127.0.0.1", "::ffff:127.0.0.1"}

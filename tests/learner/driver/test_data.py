@@ -8,12 +8,14 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from job_configs import small_job
 
 from rlfleet.common.schema import ROLLOUT_SCHEMA
 from rlfleet.learner.driver.checks import ConfigError
 from rlfleet.learner.driver.data import (
     PromptBatches,
     PromptDataset,
+    check_prompt_lengths,
     context_length,
     read_prompt_rows,
 )
@@ -155,3 +157,17 @@ def test_context_length_reads_the_model_config(tmp_path: Path) -> None:
     assert context_length(str(tmp_path)) == 128
     (tmp_path / "config.json").write_text('{"max_position_embeddings": 4096}')
     assert context_length(str(tmp_path)) == 4096
+
+
+def test_every_prompt_is_checked_against_the_context_before_start(tiny_model_dir, tmp_path):
+    """A too-long prompt at row 16 used to stop the job at iteration 2, and its resume too."""
+    rows = [{"prompt": "a short review"} for _ in range(20)]
+    rows[16] = {"prompt": "word " * 200}
+    job = small_job(tiny_model_dir, tmp_path / "run")
+    with pytest.raises(
+        ConfigError,
+        match=r"^dataset\.path: row 16 of .*: the prompt is \d+ tokens; it must be 1\.\.120 "
+        r"\(context 128 minus generators\.max_new_tokens 8\): shorten or drop the row",
+    ):
+        check_prompt_lengths(job, rows)
+    check_prompt_lengths(job, rows[:16])

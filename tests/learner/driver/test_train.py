@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 from job_configs import DEMO_CONFIG, read_stats, small_job, write_config
 
 from rlfleet.common.config import load_job_config
+from rlfleet.learner.driver import train
 from rlfleet.learner.driver.checks import ConfigError
+from rlfleet.learner.driver.loop import JobResult
 from rlfleet.learner.driver.train import resolve_resume
 
 
@@ -80,6 +85,159 @@ def test_cli_exits_2_on_a_bad_config_without_starting_ray(tiny_model_dir: Path, 
     assert "generators.num_actors" in proc.stderr
     assert "Started a local Ray instance" not in proc.stdout + proc.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "ppo"], r"override 'ppo' must look like section\.field=value"),
+        (["--set", "ppo=3"], r"ppo: Input should be a valid dictionary .*\(got 3\)"),
+        (["--set", "ppo.batch_size=[1"], r"override 'ppo\.batch_size=\[1' is not valid YAML"),
+        (["--set", "generators.num_actor=2"], r"generators\.num_actor: Extra inputs are not perm"),
+        (["--set", "seed=-1"], r"seed: Input should be greater than or equal to 0 \(got -1\)"),
+        (["--set", "generators.max_new_tokens=200"], r"generators\.max_new_tokens: 200 leaves"),
+    ],
+)
+def test_cli_misuse_exits_2_with_one_line_naming_the_problem(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, args: list, message: str
+) -> None:
+    from rlfleet.learner.cli import main
+
+    config = write_config(tmp_path / "job.yaml", small_job(tiny_model_dir, tmp_path / "run"))
+    assert main(["train", "--config", str(config), *args]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1, lines
+    assert re.search(rf"^rlfleet train: invalid job config .*job\.yaml: {message}", lines[0])
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("model: [unclosed\n", r"job\.yaml is not valid YAML: while parsing"),
+        ("- a list\n", r"a job config is a mapping of sections, got list"),
+    ],
+)
+def test_a_bad_yaml_file_exits_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture, text: str, message: str
+) -> None:
+    from rlfleet.learner.cli import main
+
+    (tmp_path / "job.yaml").write_text(text)
+    assert main(["train", "--config", str(tmp_path / "job.yaml")]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and re.search(message, lines[0]), lines
+
+
+def test_a_missing_config_file_exits_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from rlfleet.learner.cli import main
+
+    assert main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [
+        f"rlfleet train: invalid job config {tmp_path}/nope.yaml: no such file: "
+        f"{tmp_path}/nope.yaml"
+    ]
+
+
+def test_a_too_long_prompt_anywhere_in_the_dataset_fails_before_start(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from rlfleet.learner.cli import main
+
+    rows = [{"prompt": "a fine review"}] * 16 + [{"prompt": "word " * 200}]
+    dataset = tmp_path / "prompts.jsonl"
+    dataset.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "run"
+    job = small_job(tiny_model_dir, out, dataset={"path": str(dataset)})
+    config = write_config(tmp_path / "job.yaml", job)
+    assert main(["train", "--config", str(config)]) == 2
+    assert "dataset.path: row 16 of" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.fixture
+def no_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(train, "init_ray", lambda config: None)
+
+
+def failing_learner_step() -> Exception:
+    """What ray.get raises when the learner's step raised: a RayTaskError around the cause."""
+    from ray.exceptions import RayTaskError
+
+    from rlfleet.learner.guards import NonFiniteError
+
+    cause = NonFiniteError("PPO step 2, epoch 0, minibatch 1: the loss is nan; lower ...")
+    error = RayTaskError(
+        "LearnerActor.step",
+        "Traceback (most recent call last):\n  ...\nNonFiniteError: PPO step 2 ...",
+        cause,
+        proctitle="ray::LearnerActor.step",
+    )
+    return error.as_instanceof_cause()
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_a_failing_actor_is_one_line_naming_it_and_what_to_do_and_exit_1(
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    no_cluster: None,
+    verbose: bool,
+) -> None:
+    from rlfleet.learner.cli import main
+
+    def run_job(*args, **kwargs):
+        raise failing_learner_step()
+
+    monkeypatch.setattr(train, "run_job", run_job)
+    out = tmp_path / "run"
+    job = small_job(tiny_model_dir, out, checkpoint={"uri": str(tmp_path / "ckpt")})
+    config = write_config(tmp_path / "job.yaml", job)
+    assert main(["train", "--config", str(config), *(["--verbose"] if verbose else [])]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == (
+        "rlfleet train: LearnerActor.step: NonFiniteError: PPO step 2, epoch 0, minibatch 1: the "
+        f"loss is nan; lower ...; traceback in {out}/error.log (or rerun with --verbose); fix "
+        "the cause, then run --resume-from latest"
+    )
+    assert (len(lines) > 1) == verbose
+    assert "Traceback" in (out / "error.log").read_text()
+
+
+def job_result(iterations: list[int]) -> JobResult:
+    stats = [{"iteration": i, "samples": 8, "reward_mean": 0.1 * i} for i in iterations]
+    return JobResult(stats, list(range(8 * max(iterations, default=0))), 0, 0)
+
+
+def test_resuming_a_finished_job_has_nothing_to_do_and_exits_0(
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    no_cluster: None,
+) -> None:
+    """Used to crash with IndexError on result.stats[-1]."""
+    from rlfleet.learner.cli import main
+
+    monkeypatch.setattr(train, "run_job", lambda *args, **kwargs: job_result([]))
+    job = small_job(tiny_model_dir, tmp_path / "run", checkpoint={"uri": str(tmp_path / "ck")})
+    config = write_config(tmp_path / "job.yaml", job)
+    assert main(["train", "--config", str(config), "--resume-from", "latest"]) == 0
+    assert capsys.readouterr().out.startswith(
+        "nothing to do: the checkpoint is at iteration 2 = iterations"
+    )
+
+
+def test_the_summary_after_a_resume_counts_this_runs_iterations_and_rollouts(
+    tmp_path: Path,
+) -> None:
+    """A job resumed at iteration 4 of 6 trained 2 iterations of 8 rollouts (not 48 ever)."""
+    job = small_job(tmp_path, tmp_path / "run", iterations=6)
+    line = train.summary(job, job_result([5, 6]))
+    assert line.startswith("done: 2 iterations (5..6), 16 rollouts, reward 0.500 -> 0.600")
 
 
 def test_demo_config_is_valid_and_uses_vllm_and_the_sentiment_reward() -> None:
@@ -290,3 +448,43 @@ def test_a_resumed_job_continues_from_the_latest_checkpoint_without_reusing_roll
     from rlfleet.learner.checkpoint import list_checkpoints
 
     assert [info.step for info in list_checkpoints(checkpoint["uri"])] == [1, 2, 3]
+
+
+def test_a_dead_actor_is_named_from_rays_error() -> None:
+    from ray.exceptions import ActorDiedError
+
+    error = ActorDiedError()
+    error.error_msg = f"{ActorDiedError.BASE_ERROR_MSG}\n\tclass_name: LearnerActor\n\tpid: 7"
+    assert train.job_error_line(error) == (
+        "LearnerActor died: The actor died unexpectedly before finishing this task."
+    )
+
+
+@pytest.mark.slow
+def test_a_diverging_job_stops_with_one_line_and_exit_1_before_publishing_nan(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """ppo.learning_rate=1000 used to train on NaN to the end and exit 0."""
+    out = tmp_path / "run"
+    job = small_job(tiny_model_dir, out, iterations=4, checkpoint={"uri": str(tmp_path / "ck")})
+    config = write_config(tmp_path / "job.yaml", job)
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rlf-ray-", dir="/tmp"))  # short: Ray's socket paths
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(TMPDIR=str(ray_tmp), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    try:
+        proc = subprocess.run(
+            ["rlfleet", "train", "--config", str(config), "--set", "ppo.learning_rate=1000"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    ours = re.findall(r"rlfleet train: .*", proc.stderr)  # after the progress bar's last update
+    assert len(ours) == 1, proc.stderr[-3000:]
+    assert re.match(r"rlfleet train: LearnerActor\.step: NonFiniteError: PPO step \d+, ", ours[0])
+    assert "Traceback" not in proc.stderr
+    assert "Traceback" in (out / "error.log").read_text()
+    assert len(read_stats(out)) < 4

@@ -1,0 +1,59 @@
+"""Guards against non-finite training: a NaN or inf loss, gradient or weight stops the step.
+
+A trainer checks each minibatch's loss before its backward pass (``check_finite_loss``) and the
+gradient norm before each optimizer step (``finite_grad_norm``); ``ppo.nonfinite`` says whether a
+non-finite value fails the step (``error``, the default) or only skips that optimizer step
+(``skip``). The learner checks the weights before they are published or checkpointed
+(``check_finite_weights``), so a broken policy never reaches a generator or a checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+ADVICE = "lower ppo.learning_rate or set ppo.max_grad_norm, or set ppo.nonfinite: skip"
+
+
+class NonFiniteError(FloatingPointError):
+    """Training produced a NaN or an infinity; the message says where and what to do."""
+
+
+def is_finite(value: torch.Tensor) -> bool:
+    return bool(torch.isfinite(value).all())
+
+
+def check_finite_loss(loss: torch.Tensor, where: str) -> None:
+    """Raises ``NonFiniteError`` naming ``where`` (e.g. ``step 3, epoch 0, minibatch 1``)."""
+    if not is_finite(loss):
+        raise NonFiniteError(f"{where}: the loss is {loss.item()}; {ADVICE}")
+
+
+def grad_norm(parameters: Iterable[nn.Parameter]) -> float:
+    """The L2 norm of all gradients together (parameters without a gradient add nothing)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.nn.utils.get_total_norm(grads, norm_type=2.0))
+
+
+def finite_grad_norm(parameters: Iterable[nn.Parameter], where: str) -> float:
+    """The gradient norm; raises ``NonFiniteError`` naming ``where`` when it is NaN or inf."""
+    norm = grad_norm(parameters)
+    if not math.isfinite(norm):
+        raise NonFiniteError(f"{where}: the gradient norm is {norm}; {ADVICE}")
+    return norm
+
+
+def check_finite_weights(model: nn.Module, where: str) -> None:
+    """Raises ``NonFiniteError`` naming ``where`` and the first parameter holding a NaN or an
+    infinity."""
+    for name, parameter in model.named_parameters():
+        if not is_finite(parameter.detach()):
+            raise NonFiniteError(
+                f"{where}: weight {name} is not finite; it was neither published nor "
+                f"checkpointed; {ADVICE}"
+            )
