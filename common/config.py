@@ -240,9 +240,12 @@ class GeneratorConfig(StrictModel):
     top_k: int = Field(default=0, ge=0)
     """0 disables top-k sampling."""
     kv_cache_gib: PositiveFloat = 0.25
+    """vLLM CPU KV-cache size (VLLM_CPU_KVCACHE_SPACE); ignored on GPUs and by the hf engine."""
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     """Fraction of a GPU's memory vLLM may take; lower it when generators share a GPU."""
-    """vLLM CPU KV-cache size (VLLM_CPU_KVCACHE_SPACE); ignored on GPUs and by the hf engine."""
+    n_samples_per_prompt: PositiveInt = 1
+    """Samples per prompt (the group size): each gets its own rollout id and seed, and all of
+    them share the prompt's group id."""
 
 
 class RewardConfig(StrictModel):
@@ -291,8 +294,24 @@ class MetricsConfig(StrictModel):
     """Where the job writes its Prometheus file_sd targets (read by deploy/prometheus/*.yml)."""
 
 
+Algorithm = Literal["ppo", "grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"]
+GROUPED_ALGORITHMS = ("grpo", "rloo", "reinforce_pp_baseline")
+"""The algorithms whose baseline is the other samples of a prompt: groups of two or more."""
+
+
 class JobConfig(StrictModel):
+    """A distributed job. ``algorithm`` picks the learner's trainer: ``ppo`` (the ``ppo``
+    section, learner/trainer.py) or a critic-free one (the ``critic_free`` section,
+    learner/critic_free.py).
+
+    Batch sizes count samples (rollouts), never prompts: an iteration trains on
+    ``ppo.batch_size`` (or ``critic_free.batch_size``) samples, which are
+    ``batch_size / generators.n_samples_per_prompt`` prompts (``prompts_per_iteration``).
+    """
+
     name: str = "rlfleet"
+    algorithm: Algorithm = "ppo"
+    """ppo, or a critic-free algorithm (GRPO, RLOO, REINFORCE++, REINFORCE++-baseline)."""
     model: str
     """A Hugging Face model directory (causal LM + tokenizer)."""
     dataset: DatasetConfig
@@ -300,6 +319,9 @@ class JobConfig(StrictModel):
     reward: RewardConfig
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
+    critic_free: CriticFreeConfig | None = None
+    """The critic-free trainer's settings (only when ``algorithm`` is not ppo; its
+    ``algorithm`` is the job's)."""
     iterations: PositiveInt = 10
     seed: int = Field(default=0, ge=0)
     output_dir: str = "runs/rlfleet"
@@ -314,11 +336,87 @@ class JobConfig(StrictModel):
     trust_remote_code: bool = False
     """Let the model directories' own Python code run when they load (off unless set)."""
 
+    @property
+    def trainer_config(self) -> PPOConfig | CriticFreeConfig:
+        """The learner trainer's config: ``ppo`` or ``critic_free``, as ``algorithm`` says."""
+        return self.ppo if self.critic_free is None else self.critic_free
+
+    @property
+    def batch_key(self) -> str:
+        """The key of the batch size, for messages: ``ppo.batch_size`` or
+        ``critic_free.batch_size``."""
+        return "ppo.batch_size" if self.critic_free is None else "critic_free.batch_size"
+
+    @property
+    def samples_per_iteration(self) -> int:
+        return self.trainer_config.batch_size
+
+    @property
+    def prompts_per_iteration(self) -> int:
+        return self.samples_per_iteration // self.generators.n_samples_per_prompt
+
+    @model_validator(mode="before")
+    @classmethod
+    def _critic_free_algorithm_is_the_jobs(cls, data: Any) -> Any:
+        """A critic-free job's ``critic_free`` section takes the job's ``algorithm`` (before it
+        validates: its ``kl_coef`` default depends on it); a different one is refused."""
+        if not isinstance(data, dict) or data.get("algorithm", "ppo") == "ppo":
+            return data
+        algorithm = data["algorithm"]
+        section = data.get("critic_free")
+        if isinstance(section, CriticFreeConfig):
+            section = section.model_dump(exclude_unset=True)
+        section = dict(section or {})
+        if section.setdefault("algorithm", algorithm) != algorithm:
+            raise ValueError(
+                f"critic_free.algorithm: {section['algorithm']!r} differs from algorithm "
+                f"{algorithm!r}; set the algorithm once, at the top level"
+            )
+        return {**data, "critic_free": section}
+
     @model_validator(mode="after")
-    def _check_lag(self) -> JobConfig:
+    def _check(self) -> JobConfig:
         if self.one_step_off and self.max_policy_lag < 1:
             raise ValueError("one_step_off needs max_policy_lag >= 1")
+        if self.algorithm == "ppo" and self.critic_free is not None:
+            raise ValueError(
+                "critic_free: a section for critic-free algorithms, but algorithm is ppo; "
+                "set algorithm (grpo, rloo, reinforce_pp, reinforce_pp_baseline) or drop it"
+            )
+        if self.algorithm != "ppo" and self.ppo.model_fields_set:
+            raise ValueError(
+                f"ppo: algorithm {self.algorithm} trains with the critic_free section; move "
+                f"{sorted(self.ppo.model_fields_set)} there (TRL's GRPOConfig names) or drop them"
+            )
+        if self.critic_free is not None:
+            self._check_completion_length(self.critic_free)
+        samples = self.generators.n_samples_per_prompt
+        if self.samples_per_iteration % samples:
+            raise ValueError(
+                f"{self.batch_key} ({self.samples_per_iteration}) must be a multiple of "
+                f"generators.n_samples_per_prompt ({samples}): batch sizes count samples, and "
+                "each prompt gives n_samples_per_prompt of them"
+            )
+        if self.algorithm in GROUPED_ALGORITHMS and samples < 2:
+            raise ValueError(
+                f"generators.n_samples_per_prompt: {self.algorithm} compares each sample with "
+                f"the others of its prompt; it needs at least 2, got {samples}"
+            )
         return self
+
+    def _check_completion_length(self, critic_free: CriticFreeConfig) -> None:
+        """``critic_free.max_completion_length`` is the generation limit, as in TRL's GRPO:
+        ``generators.max_new_tokens`` unless given, and never below it (the trainer refuses a
+        longer response)."""
+        max_new_tokens = self.generators.max_new_tokens
+        if "max_completion_length" not in critic_free.model_fields_set:
+            critic_free.max_completion_length = max_new_tokens
+        elif (critic_free.max_completion_length or max_new_tokens) < max_new_tokens:
+            raise ValueError(
+                f"critic_free.max_completion_length ({critic_free.max_completion_length}) is below "
+                f"generators.max_new_tokens ({max_new_tokens}): the learner would refuse the "
+                "longer responses; raise it or leave it unset (it defaults to max_new_tokens)"
+            )
 
 
 def parse_override(override: str) -> tuple[list[str], Any]:

@@ -1,8 +1,10 @@
 """The one Arrow schema for rollouts travelling between actors.
 
 Generators fill every column but ``score``; reward actors return the same batch with ``score``
-set; the learner consumes it. ``metadata`` carries the dataset row's other fields as JSON (for
-example a reference answer) so reward functions can use them.
+set; the learner consumes it. The samples of one prompt share a ``group_id`` (the rollout id of
+the group's first sample); batches sent to different actors may split a group. ``metadata``
+carries the dataset row's other fields as JSON (for example a reference answer) so reward
+functions can use them.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import pyarrow as pa
 ROLLOUT_SCHEMA = pa.schema(
     [
         pa.field("rollout_id", pa.int64(), nullable=False),
+        pa.field("group_id", pa.int64(), nullable=False),
         pa.field("prompt", pa.string(), nullable=False),
         pa.field("prompt_ids", pa.list_(pa.int32()), nullable=False),
         pa.field("response", pa.string()),
@@ -34,17 +37,21 @@ def prompt_batch(
     prompts: Sequence[str],
     prompt_ids: Sequence[Sequence[int]],
     metadata: Sequence[dict[str, Any]] | None = None,
+    group_ids: Sequence[int] | None = None,
 ) -> pa.RecordBatch:
-    """A batch of prompts to generate for: the rollout columns are still null."""
+    """A batch of prompts to generate for: the rollout columns are still null. Without
+    ``group_ids`` each sample is a group of its own."""
     n = len(rollout_ids)
-    if not len(prompts) == len(prompt_ids) == n:
+    groups = rollout_ids if group_ids is None else group_ids
+    if not len(prompts) == len(prompt_ids) == len(groups) == n:
         raise ValueError(
-            f"rollout_ids, prompts and prompt_ids differ in length: "
-            f"{n}, {len(prompts)}, {len(prompt_ids)}"
+            f"rollout_ids, prompts, prompt_ids and group_ids differ in length: "
+            f"{n}, {len(prompts)}, {len(prompt_ids)}, {len(groups)}"
         )
     meta = metadata if metadata is not None else [{}] * n
     columns = {
         "rollout_id": list(rollout_ids),
+        "group_id": list(groups),
         "prompt": list(prompts),
         "prompt_ids": [list(ids) for ids in prompt_ids],
         "metadata": [json.dumps(m) for m in meta],

@@ -3,8 +3,9 @@
 Nothing is downloaded: the tokenizer is trained on the built-in review corpus
 (``rlfleet.common.corpus``) and the model starts from seeded random weights. ``pretrain_demo_model``
 then trains it briefly on the same corpus so that it writes short review sentences, which is the
-demo task's starting policy. The directory loads with ``GPT2Tokenizer``, ``AutoTokenizer``,
-``AutoModelForCausalLM`` and vLLM.
+demo task's starting policy. ``pretrain_arithmetic_model`` builds the GRPO example's model the
+same way from the arithmetic task's worked examples (``rlfleet.common.arithmetic``). The
+directory loads with ``GPT2Tokenizer``, ``AutoTokenizer``, ``AutoModelForCausalLM`` and vLLM.
 """
 
 from __future__ import annotations
@@ -19,10 +20,15 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from rlfleet.common import arithmetic
 from rlfleet.common.corpus import review_sentences
 
 EOS_TOKEN = "<|endoftext|>"
 DEFAULT_PRETRAIN_STEPS = 600
+ARITHMETIC_PRETRAIN_STEPS = 2500
+BYTE_VOCAB_SIZE = 257
+"""The 256 byte-level symbols plus EOS: a tokenizer of that size learns no merges, one token
+per character, so each digit of a sum is its own step (the arithmetic model's vocabulary)."""
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
@@ -106,15 +112,16 @@ def build_tiny_model(
     n_positions: int = 128,
     vocab_size: int = 1024,
     seed: int = 0,
+    texts: list[str] | None = None,
 ) -> Path:
     """Build the tokenizer and a random-weight GPT-2 in ``out_dir``; same bytes for same args.
 
-    Returns ``out_dir`` as a ``Path``. The model's vocabulary is the tokenizer's actual size
-    (at most ``vocab_size``).
+    Returns ``out_dir`` as a ``Path``. The tokenizer is trained on ``texts`` (the review corpus
+    by default); the model's vocabulary is its actual size (at most ``vocab_size``).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_tokenizer(review_sentences(), vocab_size)
+    tokenizer = train_tokenizer(review_sentences() if texts is None else texts, vocab_size)
     _save_tokenizer(tokenizer, out_dir, model_max_length=n_positions)
     _save_random_gpt2(
         out_dir,
@@ -178,11 +185,46 @@ def pretrain_demo_model(
         raise ValueError(f"steps ({steps}) and batch_size ({batch_size}) must be at least 1")
     out_dir = build_tiny_model(out_dir, seed=seed)
     with _torch_threads(1):
-        _pretrain(out_dir, steps=steps, seed=seed, batch_size=batch_size, lr=learning_rate)
+        _pretrain(
+            out_dir,
+            review_sentences(),
+            steps=steps,
+            seed=seed,
+            batch_size=batch_size,
+            lr=learning_rate,
+        )
     return out_dir
 
 
-def _pretrain(out_dir: Path, *, steps: int, seed: int, batch_size: int, lr: float) -> None:
+def pretrain_arithmetic_model(
+    out_dir: str | Path,
+    *,
+    steps: int = ARITHMETIC_PRETRAIN_STEPS,
+    seed: int = 0,
+    p_correct: float = 0.35,
+    batch_size: int = 64,
+    learning_rate: float = 3e-3,
+) -> Path:
+    """The GRPO example's model: a one-token-per-character GPT-2 (2 x 64, head size 32, which
+    vLLM's CPU build serves) pretrained on the arithmetic task's noisy worked examples, so that
+    it answers ``"7+5="`` right about ``p_correct`` of the time (see
+    ``rlfleet.common.arithmetic``). Seeded and single-threaded like ``pretrain_demo_model``."""
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps ({steps}) and batch_size ({batch_size}) must be at least 1")
+    examples = arithmetic.worked_examples(20_000, p_correct=p_correct, seed=seed)
+    out_dir = build_tiny_model(
+        out_dir, n_positions=32, vocab_size=BYTE_VOCAB_SIZE, seed=seed, texts=examples
+    )
+    with _torch_threads(1):
+        _pretrain(
+            out_dir, examples, steps=steps, seed=seed, batch_size=batch_size, lr=learning_rate
+        )
+    return out_dir
+
+
+def _pretrain(
+    out_dir: Path, sentences: list[str], *, steps: int, seed: int, batch_size: int, lr: float
+) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(out_dir)
@@ -193,7 +235,7 @@ def _pretrain(out_dir: Path, *, steps: int, seed: int, batch_size: int, lr: floa
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min((step + 1) / warmup, (steps - step) / (steps - warmup + 1))
     )
-    token_ids = corpus_token_ids(tokenizer, review_sentences())
+    token_ids = corpus_token_ids(tokenizer, sentences)
     model.train()
     rng = random.Random(seed)
     for _ in range(steps):
@@ -215,15 +257,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--pretrain", action="store_true", help="pretrain on the built-in corpus (the demo model)"
     )
     parser.add_argument(
-        "--steps", type=int, default=DEFAULT_PRETRAIN_STEPS, help="pretraining steps"
+        "--task",
+        choices=("reviews", "arithmetic"),
+        default="reviews",
+        help="reviews: the PPO demo's model; arithmetic: the GRPO example's (always pretrained)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        help=f"pretraining steps (default {DEFAULT_PRETRAIN_STEPS} for reviews, "
+        f"{ARITHMETIC_PRETRAIN_STEPS} for arithmetic)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for weights and pretraining")
 
 
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    if args.pretrain:
-        out_dir = pretrain_demo_model(args.dir, steps=args.steps, seed=args.seed)
+    if args.task == "arithmetic":
+        steps = args.steps or ARITHMETIC_PRETRAIN_STEPS
+        out_dir = pretrain_arithmetic_model(args.dir, steps=steps, seed=args.seed)
+    elif args.pretrain:
+        steps = args.steps or DEFAULT_PRETRAIN_STEPS
+        out_dir = pretrain_demo_model(args.dir, steps=steps, seed=args.seed)
     else:
         out_dir = build_tiny_model(args.dir, seed=args.seed)
     print(f"tiny model written to {out_dir} in {time.perf_counter() - started:.1f} s")

@@ -1,9 +1,17 @@
-"""The learner Ray actor: one PPOTrainer (policy + frozen reference + value head) behind Ray.
+"""The learner Ray actor: one trainer behind Ray, PPO's or a critic-free one.
 
-It consumes scored rollout batches (``common.schema.ROLLOUT_SCHEMA``), runs one PPO step per batch
-and publishes each new policy version through a weight transport (``common/transport/``) for
-every generator to load. Every rollout id is consumed at most once: a repeated id is refused before
-any update. The model sits on the device Ray assigned the actor (``learner_device``).
+The trainer's config picks it: a ``PPOConfig`` gives a PPOTrainer (policy with value head and a
+frozen reference, learner/trainer.py), a ``CriticFreeConfig`` a CriticFreeTrainer (plain causal
+LM, a reference only when a KL needs one, learner/critic_free.py). The actor consumes scored
+rollout batches (``common.schema.ROLLOUT_SCHEMA``), runs one step per batch and publishes each
+new policy version through a weight transport (``common/transport/``) for every generator to
+load. Every rollout id is consumed at most once: a repeated id is refused before any update. The
+model sits on the device Ray assigned the actor (``learner_device``).
+
+Off-policy rollouts: the critic-free trainer gets the generator's logprobs and weights each
+token by truncated importance sampling (``critic_free.tis_cap``). PPO does not yet: with
+``one_step_off`` its ratio is taken against the learner's recomputed old policy, one version
+newer than the sampler's; ``rollout/logprob_diff_mean`` measures that mismatch every step.
 """
 
 from __future__ import annotations
@@ -18,11 +26,21 @@ import pyarrow as pa
 import ray
 import torch
 
-from rlfleet.common.config import CheckpointConfig, MetricsConfig, PPOConfig
+from rlfleet.common.config import CheckpointConfig, CriticFreeConfig, MetricsConfig, PPOConfig
 from rlfleet.common.metrics import MetricsTarget
 from rlfleet.common.transport import DEFAULT_TRANSPORT, WeightsHandle, make_publisher
+from rlfleet.learner.checkpoint import policy_of
 from rlfleet.learner.guards import check_finite_weights
-from rlfleet.learner.metrics import LearnerMetrics
+from rlfleet.learner.metrics import (
+    PPO_STAT_GAUGES,
+    LearnerMetrics,
+    StatGauges,
+    critic_free_stat_gauges,
+)
+
+CRITIC_FREE_STAT_PREFIX = "critic_free/"
+"""The critic-free trainer's stats go out under this prefix, but for ``rollout/`` (shared with
+PPO) and ``time/`` (timings, as PPO's ``time/ppo/``)."""
 
 
 def learner_device() -> torch.device:
@@ -89,20 +107,85 @@ def rollout_stats(batch: pa.RecordBatch, old_logprobs: np.ndarray) -> dict[str, 
     differences = np.concatenate(
         [np.abs(old[row, : len(lps)] - lps) for row, lps in enumerate(generator_logprobs)]
     )
-    finish_reasons = batch.column("finish_reason").to_pylist()
     return {
         "rollout/logprob_diff_mean": float(differences.mean()),
-        "rollout/truncated_fraction": finish_reasons.count("length") / len(finish_reasons),
+        "rollout/truncated_fraction": truncated_fraction(batch),
     }
 
 
+def truncated_flags(batch: pa.RecordBatch) -> list[bool]:
+    """Which rollouts ``max_new_tokens`` cut off (finish reason ``length``)."""
+    return [reason == "length" for reason in batch.column("finish_reason").to_pylist()]
+
+
+def truncated_fraction(batch: pa.RecordBatch) -> float:
+    truncated = truncated_flags(batch)
+    return sum(truncated) / len(truncated)
+
+
+def grouped(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """The batch with the samples of each group next to each other (shards may split a group),
+    in the order the groups and their samples came in otherwise."""
+    order = np.argsort(batch.column("group_id").to_numpy(), kind="stable")
+    return batch.take(pa.array(order))
+
+
+def critic_free_inputs(batch: pa.RecordBatch) -> dict[str, Any]:
+    """``CriticFreeTrainer.step``'s keyword arguments from a scored batch: the rollouts, their
+    group ids, the generator's logprobs (the behaviour policy) and truncation flags."""
+    queries, responses, scores = rollout_tensors(batch)
+    behaviour = [
+        torch.tensor(logprobs, dtype=torch.float32)
+        for logprobs in batch.column("response_logprobs").to_pylist()
+    ]
+    return {
+        "queries": queries,
+        "responses": responses,
+        "scores": scores,
+        "group_ids": batch.column("group_id").to_pylist(),
+        "behaviour_logprobs": behaviour,
+        "truncated": truncated_flags(batch),
+    }
+
+
+def critic_free_stats(step_stats: dict[str, float], batch: pa.RecordBatch) -> dict[str, float]:
+    """A critic-free step's stats named as ``CRITIC_FREE_STAT_PREFIX`` says, plus the batch's
+    ``rollout/truncated_fraction`` (as PPO's)."""
+    stats = {
+        key if key.startswith(("rollout/", "time/")) else CRITIC_FREE_STAT_PREFIX + key: value
+        for key, value in step_stats.items()
+    }
+    return {**stats, "rollout/truncated_fraction": truncated_fraction(batch)}
+
+
+def load_trainer(
+    model_dir: str, config: PPOConfig | CriticFreeConfig, trust_remote_code: bool
+) -> Any:
+    """The trainer ``config`` names, its model loaded from ``model_dir`` onto
+    ``learner_device()``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlfleet import AutoModelForCausalLMWithValueHead, CriticFreeTrainer, PPOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    if isinstance(config, CriticFreeConfig):
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, trust_remote_code=trust_remote_code
+        ).to(learner_device())
+        return CriticFreeTrainer(config=config, model=model, tokenizer=tokenizer)
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(
+        model_dir, trust_remote_code=trust_remote_code
+    ).to(learner_device())
+    return PPOTrainer(config=config, model=model, tokenizer=tokenizer)
+
+
 class LearnerActor:
-    """Owns the PPOTrainer; use as ``ray.remote(LearnerActor).options(...).remote(...)``."""
+    """Owns the trainer; use as ``ray.remote(LearnerActor).options(...).remote(...)``."""
 
     def __init__(
         self,
         model_dir: str,
-        ppo_config: PPOConfig,
+        trainer_config: PPOConfig | CriticFreeConfig,
         seed: int,
         max_policy_lag: int = 0,
         job_name: str = "rlfleet",
@@ -110,16 +193,9 @@ class LearnerActor:
         weight_transport: str = DEFAULT_TRANSPORT,
         trust_remote_code: bool = False,
     ) -> None:
-        from transformers import AutoTokenizer
-
-        from rlfleet import AutoModelForCausalLMWithValueHead, PPOTrainer
-
         torch.manual_seed(seed)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLMWithValueHead.from_pretrained(
-            model_dir, trust_remote_code=trust_remote_code
-        ).to(learner_device())
-        self.trainer = PPOTrainer(config=ppo_config, model=model, tokenizer=tokenizer)
+        self.trainer = load_trainer(model_dir, trainer_config, trust_remote_code)
+        self.critic_free = isinstance(trainer_config, CriticFreeConfig)
         self._publisher = make_publisher(weight_transport)
         self.max_policy_lag = max_policy_lag
         self.version = 0
@@ -131,36 +207,57 @@ class LearnerActor:
     def ready(self) -> int:
         return self.version
 
+    @property
+    def policy(self) -> torch.nn.Module:
+        """The causal LM being trained (without PPO's value head): what generators load."""
+        return policy_of(self.trainer)
+
     def step(self, batch: pa.RecordBatch) -> dict[str, float]:
-        """One PPO step on a scored batch; the policy version goes from V to V+1.
+        """One training step on a scored batch; the policy version goes from V to V+1.
 
         Weights that came out of the step with a NaN or an infinity fail it
         (``learner/guards.py``): they are never published or checkpointed."""
         ids = batch.column("rollout_id").to_pylist()
         self._check_unconsumed(ids)
         self._check_policy_lag(batch)
-        queries, responses, scores = rollout_tensors(batch)
         started = time.perf_counter()
-        step_stats = self.trainer.step(queries, responses, scores)
+        stats = self._critic_free_step(batch) if self.critic_free else self._ppo_step(batch)
         check_finite_weights(
-            self.trainer.model, f"PPO step {self.version + 1} (rollouts {min(ids)}..{max(ids)})"
+            self.trainer.model, f"step {self.version + 1} (rollouts {min(ids)}..{max(ids)})"
         )
-        stats = {
+        self.consumed.extend(ids)
+        self._consumed_set.update(ids)
+        self.version += 1
+        self.metrics.record_step(
+            stats, time.perf_counter() - started, self.version, self._stat_gauges(stats)
+        )
+        return stats
+
+    def _stat_gauges(self, stats: dict[str, float]) -> StatGauges:
+        """Which of this step's stats set which learner gauge (``learner/metrics.py``)."""
+        if not self.critic_free:
+            return PPO_STAT_GAUGES
+        config = self.trainer.config
+        trained = "critic_free/loss" in stats  # no loss: every sample was masked out
+        return critic_free_stat_gauges(config.beta, config.kl_coef, trained)
+
+    def _ppo_step(self, batch: pa.RecordBatch) -> dict[str, float]:
+        step_stats = self.trainer.step(*rollout_tensors(batch))
+        return {
             **scalar_stats(step_stats),
             **rollout_stats(batch, step_stats["objective/logprobs"]),
             "ppo/nonfinite_skipped_steps": float(self.trainer.nonfinite_skipped_steps),
         }
-        self.consumed.extend(ids)
-        self._consumed_set.update(ids)
-        self.version += 1
-        self.metrics.record_step(stats, time.perf_counter() - started, self.version)
-        return stats
+
+    def _critic_free_step(self, batch: pa.RecordBatch) -> dict[str, float]:
+        batch = grouped(batch)
+        return critic_free_stats(self.trainer.step(**critic_free_inputs(batch)), batch)
 
     def publish_weights(self) -> WeightsHandle:
         """Publishes the current policy; every generator loads it from the returned handle
         (``GeneratorActor.load_weights``)."""
         started = time.perf_counter()
-        state_dict = self.trainer.model.pretrained_model.state_dict()
+        state_dict = self.policy.state_dict()
         handle = self._publisher.publish(state_dict, self.version)
         self.metrics.record_weight_broadcast(
             time.perf_counter() - started, handle.nbytes, self.version

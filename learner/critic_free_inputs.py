@@ -8,8 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-GROUPED_ALGORITHMS = ("grpo", "rloo", "reinforce_pp_baseline")
-"""The algorithms whose baseline is the other samples of a prompt: each group needs two."""
+from rlfleet.common.config import GROUPED_ALGORITHMS
 
 
 def checked_group_ids(

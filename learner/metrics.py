@@ -20,7 +20,35 @@ PPO_STAT_GAUGES = {
     "ppo/mean_scores": ("rlfleet_learner_mean_reward", "Mean reward of the batch."),
     "ppo/std_scores": ("rlfleet_learner_std_reward", "Std of the batch's scores."),
 }
-"""PPO stats keys (TRL names) -> (gauge name, help) set by ``LearnerMetrics.record_step``."""
+"""PPO stats keys (TRL names) -> (gauge name, help) set by ``LearnerMetrics.record_step``; the
+gauges are these, for every algorithm."""
+
+StatGauges = Mapping[str, tuple[str, str]]
+
+
+def critic_free_stat_gauges(
+    beta: float, kl_coef: float, trained: bool = True
+) -> dict[str, tuple[str, str]]:
+    """The critic-free trainer's stats (learner/actor.py prefixes them ``critic_free/``) -> the
+    shared gauges: its rewards and, when the step ``trained`` on at least one token (with
+    ``mask_truncated_completions`` it may train on none), its loss, entropy, clip fraction and
+    the KL to the reference (the loss's with ``beta``, else the reward's with ``kl_coef``; none
+    without a reference). The PPO-only gauges (value loss and clip fraction, approx KL,
+    kl_coef) stay unset."""
+    gauges = {
+        "critic_free/reward/mean": PPO_STAT_GAUGES["ppo/mean_scores"],
+        "critic_free/reward/std": PPO_STAT_GAUGES["ppo/std_scores"],
+    }
+    if kl_coef > 0 and beta == 0:
+        gauges["critic_free/kl_in_reward"] = PPO_STAT_GAUGES["objective/kl"]
+    if not trained:
+        return gauges
+    gauges["critic_free/loss"] = PPO_STAT_GAUGES["ppo/loss/total"]
+    gauges["critic_free/entropy"] = PPO_STAT_GAUGES["ppo/policy/entropy"]
+    gauges["critic_free/clip_ratio/region_mean"] = PPO_STAT_GAUGES["ppo/policy/clipfrac"]
+    if beta > 0:
+        gauges["critic_free/kl"] = PPO_STAT_GAUGES["objective/kl"]
+    return gauges
 
 
 class LearnerMetrics(MetricSet):
@@ -28,12 +56,12 @@ class LearnerMetrics(MetricSet):
 
     def __init__(self, job: str, index: int = 0) -> None:
         super().__init__(job, index)
-        self._step = self._histogram("rlfleet_learner_step_seconds", "Seconds per PPO step.")
-        self._stats = {
-            key: self._gauge(name, f"{documentation} (PPO stat {key})")
+        self._step = self._histogram("rlfleet_learner_step_seconds", "Seconds per training step.")
+        self._gauges = {
+            name: self._gauge(name, f"{documentation} (PPO stat {key})")
             for key, (name, documentation) in PPO_STAT_GAUGES.items()
         }
-        self._iteration = self._gauge("rlfleet_learner_iteration", "PPO steps taken.")
+        self._iteration = self._gauge("rlfleet_learner_iteration", "Training steps taken.")
         self._version = self._gauge(
             "rlfleet_learner_policy_version", "Latest policy version published."
         )
@@ -44,16 +72,23 @@ class LearnerMetrics(MetricSet):
             "rlfleet_learner_weight_broadcast_bytes", "Size of the last weights published."
         )
 
-    def record_step(self, stats: Mapping[str, Any], seconds: float, iteration: int) -> None:
-        """One PPO step: sets a gauge per ``PPO_STAT_GAUGES`` key of ``stats`` (numbers, numpy
-        or torch scalars; every key is required so that no gauge silently stays at zero)."""
+    def record_step(
+        self,
+        stats: Mapping[str, Any],
+        seconds: float,
+        iteration: int,
+        stat_gauges: StatGauges = PPO_STAT_GAUGES,
+    ) -> None:
+        """One training step: sets a gauge per ``stat_gauges`` key of ``stats`` (numbers, numpy
+        or torch scalars; every key is required so that no gauge silently stays at zero).
+        ``stat_gauges``: ``PPO_STAT_GAUGES`` or ``critic_free_stat_gauges(...)``."""
         check_non_negative("seconds", seconds)
-        missing = [key for key in PPO_STAT_GAUGES if key not in stats]
+        missing = [key for key in stat_gauges if key not in stats]
         if missing:
-            raise ValueError(f"PPO stats lack {missing}")
-        values = {key: self._scalar(key, stats[key]) for key in PPO_STAT_GAUGES}
+            raise ValueError(f"learner stats lack {missing}")
+        values = {key: self._scalar(key, stats[key]) for key in stat_gauges}
         for key, value in values.items():
-            self._stats[key].set(value)
+            self._gauges[stat_gauges[key][0]].set(value)
         self._step.observe(seconds)
         self._iteration.set(iteration)
 
@@ -62,7 +97,8 @@ class LearnerMetrics(MetricSet):
         try:
             return float(value)
         except (TypeError, ValueError) as error:
-            raise ValueError(f"PPO stat {key!r} must be a single number, got {value!r}") from error
+            message = f"learner stat {key!r} must be a single number, got {value!r}"
+            raise ValueError(message) from error
 
     def record_weight_broadcast(self, seconds: float, nbytes: int, version: int) -> None:
         """Weights of ``version`` (``nbytes`` in all) published in ``seconds``."""

@@ -142,6 +142,61 @@ def exact_match(
     return scores
 
 
+_INTEGER = re.compile(r"[-+]?\d+")
+
+
+def _first_integer(text: str) -> int | None:
+    match = _INTEGER.search(text)
+    return None if match is None else int(match.group(0))
+
+
+def _integer_answer(value: Any, index: int, answer_field: str) -> int:
+    """The reference answer as an ``int`` (``19``, ``"19"``, ``19.0``); an error naming the
+    sample otherwise."""
+    try:
+        number = Decimal(str(value).strip())
+    except InvalidOperation:
+        number = None
+    integral = number is not None and number.is_finite() and number == number.to_integral()
+    if value is None or isinstance(value, bool) or not integral:
+        raise ValueError(
+            f"arithmetic_correct: sample {index}: {answer_field!r} {value!r} is not an integer"
+        )
+    return int(number)
+
+
+def arithmetic_correct(
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    *,
+    answer_field: str = "answer",
+    **fields: Sequence[Any],
+) -> list[float]:
+    """1.0 where the first integer in the response equals the sample's answer, else 0.0.
+
+    The verifiable reward of the GRPO example (``examples/grpo_arithmetic.yaml``): the answer
+    is the first integer written (``"19"``, ``" 19 because"``, ``"19.5"`` all read 19), compared
+    exactly; a response with no digits scores 0.0. The reference answers are the per-sample
+    list ``fields[answer_field]``; a missing or non-integer one is an error naming the sample.
+    """
+    if answer_field not in fields:
+        raise ValueError(
+            f"arithmetic_correct needs the reference answers in field {answer_field!r}; "
+            f"got fields {sorted(fields)}"
+        )
+    answers = fields[answer_field]
+    if len(answers) != len(responses):
+        raise ValueError(
+            f"arithmetic_correct: {len(answers)} values in {answer_field!r} "
+            f"for {len(responses)} responses"
+        )
+    scores = []
+    for index, (response, reference) in enumerate(zip(responses, answers, strict=True)):
+        expected = _integer_answer(reference, index, answer_field)
+        scores.append(1.0 if _first_integer(response) == expected else 0.0)
+    return scores
+
+
 def _length(text: str, unit: Literal["chars", "words"]) -> int:
     return len(text) if unit == "chars" else len(text.split())
 

@@ -24,6 +24,15 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def arithmetic_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The GRPO example's starting policy (``rlfleet tiny-model DIR --task arithmetic``, seed 0),
+    pretrained once per session (about 50 s)."""
+    from rlfleet.common.tiny_model import pretrain_arithmetic_model
+
+    return pretrain_arithmetic_model(tmp_path_factory.mktemp("arithmetic-model"))
+
+
+@pytest.fixture(scope="session")
 def ray_local(tmp_path_factory: pytest.TempPathFactory):
     """A real local Ray instance (4 logical CPUs on the 2-core machines) shared by the session."""
     import ray

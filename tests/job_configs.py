@@ -15,10 +15,18 @@ DEMO_CONFIG = REPO / "examples" / "demo.yaml"
 PROMPTS = REPO / "examples" / "demo_prompts.jsonl"
 
 
+CRITIC_FREE_SECTIONS = {
+    "generators": {"n_samples_per_prompt": 4},
+    "critic_free": {"batch_size": 8, "learning_rate": 1e-3},
+}
+"""A critic-free ``small_job``'s own sections: 2 prompts x 4 samples, in place of ``ppo``."""
+
+
 def small_job(model_dir: Path, out: Path, **fields: Any) -> JobConfig:
-    """A short job sized for 2 cores: 8 prompts x 8 tokens, one PPO epoch, fractional CPUs so
-    that 2 generators + 2 reward actors + the learner fit the 4-CPU test cluster. ``fields``
-    replace top-level keys; a dict updates that section."""
+    """A short job sized for 2 cores: 8 samples x 8 tokens, one PPO epoch (or, with a critic-free
+    ``algorithm``, 2 prompts x 4 samples and one GRPO-family step), fractional CPUs so that 2
+    generators + 2 reward actors + the learner fit the 4-CPU test cluster. ``fields`` replace
+    top-level keys; a dict updates that section."""
     raw: dict[str, Any] = {
         "model": str(model_dir),
         "dataset": {"path": str(PROMPTS)},
@@ -29,6 +37,10 @@ def small_job(model_dir: Path, out: Path, **fields: Any) -> JobConfig:
         "iterations": 2,
         "output_dir": str(out),
     }
+    if fields.get("algorithm", "ppo") != "ppo":
+        del raw["ppo"]
+        for section, defaults in CRITIC_FREE_SECTIONS.items():
+            raw[section] = {**raw.get(section, {}), **defaults}
     for section, value in fields.items():
         if isinstance(value, dict):
             raw[section] = {**raw.get(section, {}), **value}

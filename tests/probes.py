@@ -23,7 +23,7 @@ def learner_greedy(
 
     @torch.no_grad()
     def decode(actor: Any, prompt_ids: list[list[int]], max_new_tokens: int) -> list[dict]:
-        model = actor.trainer.model.pretrained_model
+        model = actor.policy
         device = next(model.parameters()).device
         was_training = model.training
         model.eval()

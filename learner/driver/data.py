@@ -1,5 +1,6 @@
 """Prompt data: the dataset's rows, the cursor over them, and the prompt batches sent to the
-generators (tokenized, checked against the context, each prompt with a fresh rollout id)."""
+generators (tokenized, checked against the context, each sample with a fresh rollout id and the
+samples of one prompt with one group id)."""
 
 from __future__ import annotations
 
@@ -168,16 +169,27 @@ class PromptBatches:
             max_prompt_tokens(config),
         )
 
-    def next_batch(self, size: int) -> pa.RecordBatch:
-        """The next ``size`` prompts as a ``common.schema.prompt_batch``; the rows' other fields
-        travel as metadata."""
-        taken = self.dataset.take(size)
-        ids = list(range(self.next_rollout_id, self.next_rollout_id + len(taken)))
-        self.next_rollout_id += len(taken)
-        prompts = [row[self.prompt_field] for _, row in taken]
+    def next_batch(self, prompts: int, samples_per_prompt: int = 1) -> pa.RecordBatch:
+        """The next ``prompts`` prompts, each ``samples_per_prompt`` times, as a
+        ``common.schema.prompt_batch``: every sample has its own rollout id (and so its own
+        sampling seed), the samples of a prompt share a group id, the rollout id of their first
+        (unique across the job and restored with ``state()``). The rows' other fields travel as
+        metadata."""
+        taken = self.dataset.take(prompts)
+        first = self.next_rollout_id
+        self.next_rollout_id += len(taken) * samples_per_prompt
+        ids = list(range(first, self.next_rollout_id))
+        group_ids = [rollout_id - (rollout_id - first) % samples_per_prompt for rollout_id in ids]
+        texts = [row[self.prompt_field] for _, row in taken]
         prompt_ids = [self.tokenize(index, row[self.prompt_field]) for index, row in taken]
         metadata = [{k: v for k, v in row.items() if k != self.prompt_field} for _, row in taken]
-        return prompt_batch(ids, prompts, prompt_ids, metadata)
+
+        def each_sample(per_prompt: list[Any]) -> list[Any]:
+            return [item for item in per_prompt for _ in range(samples_per_prompt)]
+
+        return prompt_batch(
+            ids, each_sample(texts), each_sample(prompt_ids), each_sample(metadata), group_ids
+        )
 
     def tokenize(self, row_index: int, prompt: str) -> list[int]:
         ids = self.encode(prompt)

@@ -1,11 +1,12 @@
-"""The PPO job's loop: generators sample, reward actors score, the learner trains, weights go back.
+"""The job's loop: generators sample, reward actors score, the learner trains, weights go back.
 
 One iteration (``PPOJob.train_iteration``, top to bottom): collect the rollouts of the prompt
 batch in flight; in one-step-off mode, send the next batch to the generators at once, so that
-they sample it while the learner trains; score the rollouts on the reward actors; one PPO step
-on the learner; publish the new weights once and have every generator confirm the version it
-holds, unless ``max_policy_lag`` lets them lag; save a checkpoint when due; otherwise send the
-next batch now; record the iteration's metrics and its stats.jsonl line.
+they sample it while the learner trains; score the rollouts on the reward actors; one training
+step (PPO or critic-free, learner/actor.py) on the learner; publish the new weights once and have
+every generator confirm the version it holds, unless ``max_policy_lag`` lets them lag; save a
+checkpoint when due; otherwise send the next batch now; record the iteration's metrics and its
+stats.jsonl line.
 
 Each rollout id is consumed exactly once: an actor that dies mid-batch has only its shard sent
 again (``pool.ActorPool``) and the learner refuses an id it has already trained on.
@@ -37,8 +38,19 @@ from rlfleet.learner.driver.sync import WeightSync, needs_sync
 DispatchHook = Callable[[str, int, list[Any]], None]
 """``hook(kind, iteration, actors)``: called right after a batch's shards went out (for tests)."""
 
-LEARNER_STAT_PREFIXES = ("objective/", "ppo/", "rollout/")
-"""The learner's stats that go into each stats.jsonl line as they are."""
+LEARNER_STAT_PREFIXES = ("objective/", "ppo/", "critic_free/", "rollout/")
+"""The learner's stats that go into each stats.jsonl line as they are (learner/actor.py names
+them: PPO's TRL keys, the critic-free trainer's under ``critic_free/``)."""
+
+KL_STATS = ("objective/kl", "critic_free/kl", "critic_free/kl_in_reward")
+"""Where a stats line keeps the KL to the reference: PPO's, the critic-free loss's (``beta``),
+the critic-free reward's (``kl_coef``). A critic-free job with neither has no reference."""
+
+
+def reference_kl(stats: dict[str, Any]) -> str:
+    """The progress bar's KL: the first of ``KL_STATS`` in ``stats``, ``-`` without one."""
+    kl = next((stats[key] for key in KL_STATS if key in stats), None)
+    return "-" if kl is None else f"{kl:.3f}"
 
 
 @dataclass(frozen=True)
@@ -73,6 +85,11 @@ class StageTimer:
 
     def stats(self) -> dict[str, float]:
         return {f"time/{name}_s": seconds for name, seconds in self.seconds.items()}
+
+
+def prompt_count(batch: pa.RecordBatch) -> int:
+    """The prompts a batch's samples came from: its distinct group ids."""
+    return len(set(batch.column("group_id").to_pylist()))
 
 
 def checkpoint_due(config: CheckpointConfig, iteration: int, iterations: int) -> bool:
@@ -144,7 +161,12 @@ class PPOJob:
             self.stats_path.write_text("")
         self.sync_weights_if_needed()
         stats_lines = []
-        bar = tqdm(total=self.config.iterations, initial=self.iteration, desc="ppo", unit="it")
+        bar = tqdm(
+            total=self.config.iterations,
+            initial=self.iteration,
+            desc=self.config.algorithm,
+            unit="it",
+        )
         in_flight = self.dispatch_next_batch() if self.iteration < self.config.iterations else None
         with bar, self.stats_path.open("a") as out:
             while in_flight is not None:
@@ -153,9 +175,7 @@ class PPOJob:
                 out.flush()
                 stats_lines.append(stats)
                 bar.update(1)
-                bar.set_postfix(
-                    reward=f"{stats['reward_mean']:.3f}", kl=f"{stats['objective/kl']:.3f}"
-                )
+                bar.set_postfix(reward=f"{stats['reward_mean']:.3f}", kl=reference_kl(stats))
         ray.get(self.learner.wait_for_checkpoint.remote())
         return JobResult(
             stats=stats_lines,
@@ -195,10 +215,14 @@ class PPOJob:
     # -- one iteration's parts -----------------------------------------------------------------
 
     def dispatch_next_batch(self) -> InFlight:
-        """Takes the next ``ppo.batch_size`` prompts and sends one shard to each generator."""
+        """Takes the next ``prompts_per_iteration`` prompts, ``n_samples_per_prompt`` samples
+        each (the trainer's batch size in samples), and sends one shard to each generator: a
+        shard may split a group, the learner regroups by group id."""
         started = time.perf_counter()
         cursor_before = self.prompts.state()
-        batch = self.prompts.next_batch(self.config.ppo.batch_size)
+        batch = self.prompts.next_batch(
+            self.config.prompts_per_iteration, self.config.generators.n_samples_per_prompt
+        )
         shards = split_batch(batch, len(self.generators.actors))
         pending = self.generators.dispatch("generate", shards)
         self._dispatched(self.generators)
@@ -242,6 +266,7 @@ class PPOJob:
     ) -> None:
         tokens = sum(len(ids) for ids in scored.column("response_ids").to_pylist())
         self.metrics.record_iteration(scored.num_rows, tokens, seconds)
+        self.metrics.record_prompts(prompt_count(scored))
         self.metrics.set_inflight_rollouts(in_flight.batch.num_rows if in_flight else 0)
 
     def stats_line(self, scored: pa.RecordBatch, learner_stats: dict[str, float]) -> dict[str, Any]:
@@ -253,6 +278,7 @@ class PPOJob:
             "iteration": self.iteration,
             "policy_version": self.iteration,
             "samples": scored.num_rows,
+            "prompts": prompt_count(scored),
             "rollout_ids": [min(ids), max(ids)],
             "sampled_with_versions": sorted(set(versions)),
             "reward_mean": float(scores.mean()),

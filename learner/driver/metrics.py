@@ -38,6 +38,10 @@ class JobMetrics(MetricSet):
     def __init__(self, job: str, index: int = 0) -> None:
         super().__init__(job, index)
         self._samples = self._counter("rlfleet_job_samples_total", "Samples trained on.")
+        self._prompts = self._counter(
+            "rlfleet_job_prompts_total",
+            "Prompts trained on (samples / generators.n_samples_per_prompt).",
+        )
         self._tokens = self._counter(
             "rlfleet_job_tokens_total", "Response tokens of the samples trained on."
         )
@@ -85,6 +89,11 @@ class JobMetrics(MetricSet):
         self._tokens.inc(tokens)
         for stage, seconds in stage_seconds.items():
             self._stages[stage].observe(seconds)
+
+    def record_prompts(self, prompts: int) -> None:
+        """An iteration's samples came from ``prompts`` prompts (groups)."""
+        check_non_negative("prompts", prompts)
+        self._prompts.inc(prompts)
 
     def set_inflight_rollouts(self, count: int) -> None:
         check_non_negative("count", count)

@@ -9,7 +9,7 @@ from typing import Any
 
 import ray
 
-from rlfleet.common.config import JobConfig, PPOConfig
+from rlfleet.common.config import CriticFreeConfig, JobConfig, PPOConfig
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class ActorFactories:
         return cls(
             learner=lambda: learner_cls.remote(
                 config.model,
-                seeded_ppo_config(config),
+                seeded_trainer_config(config),
                 config.seed,
                 config.max_policy_lag,
                 config.name,
@@ -64,8 +64,10 @@ class ActorFactories:
         )
 
 
-def seeded_ppo_config(config: JobConfig) -> PPOConfig:
-    """The PPO config, seeded by the job's seed unless ``ppo.seed`` was given."""
-    if "seed" in config.ppo.model_fields_set:
-        return config.ppo
-    return config.ppo.model_copy(update={"seed": config.seed})
+def seeded_trainer_config(config: JobConfig) -> PPOConfig | CriticFreeConfig:
+    """The learner trainer's config (``ppo`` or ``critic_free``, as ``algorithm`` says), seeded
+    by the job's seed unless the section gives its own ``seed``."""
+    trainer_config = config.trainer_config
+    if "seed" in trainer_config.model_fields_set:
+        return trainer_config
+    return trainer_config.model_copy(update={"seed": config.seed})

@@ -120,16 +120,20 @@ def summary(config: JobConfig, result: JobResult) -> str:
 
 
 def config_error_line(exc: BaseException) -> str:
-    """A config error as one line: each pydantic error as ``key: message (got value)``."""
+    """A config error as one line: each pydantic error as ``key: message (got value)``; a check
+    across sections (``JobConfig``'s own) names its keys in its message."""
     if isinstance(exc, ValidationError):
-        return "; ".join(
-            f"{'.'.join(map(str, error['loc'])) or 'config'}: {error['msg']}"
-            + ("" if error["type"] == "missing" else f" (got {error['input']!r})")
-            for error in exc.errors()
-        )
+        return "; ".join(map(validation_error_line, exc.errors()))
     if isinstance(exc, FileNotFoundError):
         return f"no such file: {exc.filename}"
     return one_line(exc)
+
+
+def validation_error_line(error: dict[str, Any]) -> str:
+    if not error["loc"]:
+        return error["msg"].removeprefix("Value error, ")
+    line = f"{'.'.join(map(str, error['loc']))}: {error['msg']}"
+    return line if error["type"] == "missing" else f"{line} (got {error['input']!r})"
 
 
 def job_error_line(exc: BaseException) -> str:

@@ -130,3 +130,87 @@ def test_yaml_and_override_errors_are_one_line_value_errors(tmp_path, text, over
     with pytest.raises(ValueError, match=message) as error:
         load_job_config(write_job(tmp_path, text), overrides)
     assert "\n" not in str(error.value)
+
+
+def job(**fields) -> JobConfig:
+    return JobConfig(model="m", dataset={"path": "p"}, reward={"function": "f:g"}, **fields)
+
+
+def test_a_job_trains_with_ppo_unless_it_names_a_critic_free_algorithm():
+    ppo = job()
+    assert (ppo.algorithm, ppo.critic_free, ppo.trainer_config) == ("ppo", None, ppo.ppo)
+    assert ppo.generators.n_samples_per_prompt == 1
+    assert (ppo.samples_per_iteration, ppo.prompts_per_iteration) == (128, 128)
+
+    grpo = job(
+        algorithm="grpo",
+        generators={"n_samples_per_prompt": 4},
+        critic_free={"batch_size": 16, "beta": 0.04, "loss_type": "grpo"},
+    )
+    assert grpo.trainer_config is grpo.critic_free
+    assert (grpo.critic_free.algorithm, grpo.critic_free.beta) == ("grpo", 0.04)
+    assert (grpo.samples_per_iteration, grpo.prompts_per_iteration) == (16, 4)
+
+
+def test_the_critic_free_section_takes_the_jobs_algorithm_and_its_defaults(tmp_path):
+    config = load_job_config(
+        write_job(tmp_path, MINIMAL_JOB + "algorithm: reinforce_pp\n"),
+        ["critic_free.batch_size=8"],
+    )
+    assert config.critic_free.algorithm == "reinforce_pp"
+    assert config.critic_free.kl_coef == 0.01  # REINFORCE++'s default, set by the algorithm
+    assert (
+        job(algorithm="rloo", generators={"n_samples_per_prompt": 2}).critic_free.batch_size == 64
+    )
+    with pytest.raises(
+        ValidationError, match="critic_free.algorithm: 'rloo' differs from algorithm"
+    ):
+        job(
+            algorithm="grpo",
+            generators={"n_samples_per_prompt": 2},
+            critic_free={"algorithm": "rloo"},
+        )
+
+
+def test_sections_of_the_other_trainer_are_refused_naming_the_key():
+    with pytest.raises(ValidationError, match="critic_free: a section for critic-free algorithms"):
+        job(critic_free={"batch_size": 8})
+    with pytest.raises(ValidationError, match="ppo: algorithm grpo trains with the critic_free"):
+        job(algorithm="grpo", generators={"n_samples_per_prompt": 2}, ppo={"learning_rate": 0.1})
+    grpo = job(algorithm="grpo", generators={"n_samples_per_prompt": 2}, ppo={})
+    assert grpo.trainer_config is grpo.critic_free
+
+
+def test_batch_sizes_count_samples_and_must_hold_whole_groups():
+    with pytest.raises(
+        ValidationError,
+        match=r"ppo.batch_size \(8\) must be a multiple of generators.n_samples_per_prompt \(3\)",
+    ):
+        job(generators={"n_samples_per_prompt": 3}, ppo={"batch_size": 8, "mini_batch_size": 8})
+    with pytest.raises(ValidationError, match=r"critic_free.batch_size \(10\) must be a multiple"):
+        job(
+            algorithm="grpo", generators={"n_samples_per_prompt": 4}, critic_free={"batch_size": 10}
+        )
+    ppo_groups = job(
+        generators={"n_samples_per_prompt": 4}, ppo={"batch_size": 8, "mini_batch_size": 8}
+    )
+    assert ppo_groups.prompts_per_iteration == 2
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo", "reinforce_pp_baseline"])
+def test_group_baselines_need_two_samples_per_prompt(algorithm):
+    with pytest.raises(ValidationError, match=f"n_samples_per_prompt: {algorithm} compares"):
+        job(algorithm=algorithm)
+    assert job(algorithm="reinforce_pp").generators.n_samples_per_prompt == 1
+
+
+def test_the_critic_free_completion_limit_is_the_generation_limit_unless_given_above_it():
+    grpo = {"algorithm": "grpo", "generators": {"n_samples_per_prompt": 2, "max_new_tokens": 24}}
+    assert job(**grpo).critic_free.max_completion_length == 24
+    longer = job(**grpo, critic_free={"max_completion_length": 32, "loss_type": "dr_grpo"})
+    assert longer.critic_free.max_completion_length == 32
+    with pytest.raises(
+        ValidationError,
+        match=r"critic_free.max_completion_length \(16\) is below generators.max_new_tokens",
+    ):
+        job(**grpo, critic_free={"max_completion_length": 16})

@@ -1,5 +1,6 @@
-"""The learner actor on a real local Ray instance: PPO steps, the rollout-id ledger, policy lag,
-and one weight publication that a generator (plain transformers engine) loads exactly."""
+"""The learner actor: in process, which trainer it holds and what it hands that trainer (PPO and
+critic-free); on a real local Ray instance, PPO steps, the rollout-id ledger, policy lag, and one
+weight publication that a generator (plain transformers engine) loads exactly."""
 
 from __future__ import annotations
 
@@ -12,9 +13,15 @@ import pytest
 import torch
 from probes import generator_greedy, learner_greedy, learner_version
 
-from rlfleet.common.config import GeneratorConfig, PPOConfig
+from rlfleet.common.config import (
+    CheckpointConfig,
+    CriticFreeConfig,
+    GeneratorConfig,
+    MetricsConfig,
+    PPOConfig,
+)
 from rlfleet.common.schema import concat_batches, prompt_batch, with_columns
-from rlfleet.learner.actor import learner_device, rollout_stats, rollout_tensors
+from rlfleet.learner.actor import LearnerActor, learner_device, rollout_stats, rollout_tensors
 
 BATCH = 4
 
@@ -81,6 +88,133 @@ def test_learner_device_is_the_gpu_ray_assigned_else_the_cpu(monkeypatch):
     assert learner_device() == torch.device("cuda", 0)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     assert learner_device() == torch.device("cpu")
+
+
+GRPO = CriticFreeConfig(algorithm="grpo", batch_size=8, learning_rate=1e-2, max_completion_length=8)
+
+
+def grouped_batch(first_id: int = 0, version: int = 0) -> pa.RecordBatch:
+    """8 rollouts of 2 prompts (groups ``first_id`` and ``first_id + 4``), as two shards that
+    each hold half of both groups came back: the groups interleave."""
+    batch = scored_batch(first_id, version, size=8)
+    order = [0, 1, 4, 5, 2, 3, 6, 7]
+    batch = batch.take(pa.array(order))
+    rollout_ids = batch.column("rollout_id").to_pylist()
+    return with_columns(
+        batch,
+        group_id=[first_id + 4 * ((i - first_id) // 4) for i in rollout_ids],
+        response_logprobs=[[-1.0, -2.0, -0.5, -1.5]] * 8,
+        finish_reason=["length", "stop"] * 4,
+    )
+
+
+def in_process_learner(model_dir: Path, config: PPOConfig | CriticFreeConfig) -> LearnerActor:
+    return LearnerActor(str(model_dir), config, 0, metrics=MetricsConfig(enabled=False))
+
+
+class RecordingPublisher:
+    def publish(self, state_dict, version):
+        self.state_dict, self.version = state_dict, version
+        return type("Handle", (), {"version": version, "nbytes": 0})()
+
+
+def test_a_critic_free_learner_trains_a_plain_causal_lm_without_a_reference_when_beta_is_0(
+    tiny_model_dir: Path,
+) -> None:
+    from rlfleet import CriticFreeTrainer
+
+    learner = in_process_learner(tiny_model_dir, GRPO)
+    assert isinstance(learner.trainer, CriticFreeTrainer)
+    assert learner.trainer.ref_model is None
+    assert learner.policy is learner.trainer.model
+    with_reference = in_process_learner(tiny_model_dir, GRPO.model_copy(update={"beta": 0.04}))
+    assert with_reference.trainer.ref_model is not None
+
+
+def test_a_critic_free_step_gets_whole_groups_the_generators_logprobs_and_truncations(
+    tiny_model_dir: Path,
+) -> None:
+    learner = in_process_learner(tiny_model_dir, GRPO)
+    calls = []
+    step = learner.trainer.step
+    learner.trainer.step = lambda *args, **kwargs: calls.append(kwargs) or step(*args, **kwargs)
+    batch = grouped_batch(0)
+
+    stats = learner.step(batch)
+
+    (inputs,) = calls
+    assert inputs["group_ids"] == [0, 0, 0, 0, 4, 4, 4, 4]
+    responses = [r.tolist() for r in inputs["responses"]]
+    assert responses == [[11, 23 + i, 31, 40] for i in [0, 1, 2, 3, 4, 5, 6, 7]]
+    assert [s.item() for s in inputs["scores"]] == pytest.approx([0.5 + 0.1 * i for i in range(8)])
+    assert all(lp.tolist() == [-1.0, -2.0, -0.5, -1.5] for lp in inputs["behaviour_logprobs"])
+    assert inputs["truncated"] == [True, False, True, False, True, False, True, False]
+    assert learner.version == 1 and learner.consumed == [0, 1, 4, 5, 2, 3, 6, 7]
+    for key in ("critic_free/loss", "critic_free/entropy", "critic_free/reward/mean"):
+        assert isinstance(stats[key], float), key
+    assert stats["rollout/logprob_diff_mean"] > 0
+    assert 0 <= stats["rollout/tis_capped_fraction"] <= 1
+    assert stats["rollout/truncated_fraction"] == 0.5
+    assert "time/grpo/total" in stats and json.dumps(stats)
+    loss = learner.metrics.registry.get_sample_value(
+        "rlfleet_learner_total_loss", learner.metrics.labels
+    )
+    assert loss == stats["critic_free/loss"]
+    with pytest.raises(ValueError, match="rollout 0 was already consumed"):
+        learner.step(batch)
+
+
+def test_a_critic_free_step_with_every_sample_masked_out_trains_nothing_and_goes_on(
+    tiny_model_dir: Path,
+) -> None:
+    config = GRPO.model_copy(update={"mask_truncated_completions": True})
+    learner = in_process_learner(tiny_model_dir, config)
+    batch = with_columns(grouped_batch(0), finish_reason=["length"] * 8)
+    before = {name: weight.clone() for name, weight in learner.policy.state_dict().items()}
+
+    stats = learner.step(batch)
+
+    assert "critic_free/loss" not in stats and stats["rollout/truncated_fraction"] == 1.0
+    assert learner.version == 1
+    for name, weight in learner.policy.state_dict().items():
+        assert torch.equal(before[name], weight), name
+    reward = learner.metrics.registry.get_sample_value(
+        "rlfleet_learner_mean_reward", learner.metrics.labels
+    )
+    assert reward == stats["critic_free/reward/mean"]
+
+
+def test_either_learner_publishes_its_causal_lm_without_a_value_head(tiny_model_dir: Path) -> None:
+    for config in (PPOConfig(batch_size=BATCH, mini_batch_size=2), GRPO):
+        learner = in_process_learner(tiny_model_dir, config)
+        learner._publisher = RecordingPublisher()
+        learner.publish_weights()
+        names = set(learner._publisher.state_dict)
+        assert names == set(learner.policy.state_dict()), type(config).__name__
+        assert not any("v_head" in name for name in names)
+
+
+def test_a_critic_free_learner_resumes_its_weights_and_ledger_from_a_checkpoint(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    checkpoint = CheckpointConfig(uri=str(tmp_path / "checkpoints"))
+    learner = in_process_learner(tiny_model_dir, GRPO)
+    learner.step(grouped_batch(0))
+    learner.save_checkpoint(checkpoint, {"iteration": 1})
+    assert learner.wait_for_checkpoint()
+
+    resumed = in_process_learner(tiny_model_dir, GRPO)
+    state = resumed.load_checkpoint(checkpoint.uri, checkpoint)
+    assert state["iteration"] == 1
+    assert (resumed.version, resumed.consumed) == (1, learner.consumed)
+    for name, weight in learner.policy.state_dict().items():
+        assert torch.equal(resumed.policy.state_dict()[name], weight), name
+    with pytest.raises(ValueError, match="rollout 0 was already consumed"):
+        resumed.step(grouped_batch(0))
+    resumed.step(grouped_batch(8, 1))
+    learner.step(grouped_batch(8, 1))  # the optimizer's state was restored too: same update
+    for name, weight in learner.policy.state_dict().items():
+        assert torch.equal(resumed.policy.state_dict()[name], weight), name
 
 
 @pytest.fixture

@@ -141,7 +141,7 @@ def test_the_learner_refuses_non_finite_weights_before_publishing_or_counting(ti
             learner.trainer.model.pretrained_model.lm_head.weight[0, 0] = math.nan
 
     learner.trainer.optimizer.step = step_to_nan
-    with pytest.raises(NonFiniteError, match=r"^PPO step 1 \(rollouts 0\.\.3\): weight .* not fin"):
+    with pytest.raises(NonFiniteError, match=r"^step 1 \(rollouts 0\.\.3\): weight .* not fin"):
         learner.step(scored_batch(0))
     assert learner.version == 0
     assert learner.consumed_rollout_ids() == []

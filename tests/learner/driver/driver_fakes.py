@@ -38,6 +38,16 @@ LEARNER_STATS = {
 }
 """What the fake learner's step returns: stats.jsonl keeps objective/, ppo/ and rollout/."""
 
+CRITIC_FREE_LEARNER_STATS = {
+    "critic_free/loss": 0.1,
+    "critic_free/kl": 0.02,
+    "critic_free/reward/mean": 1.0,
+    "rollout/logprob_diff_mean": 0.0,
+    "rollout/tis_capped_fraction": 0.0,
+    "time/grpo/total": 1.0,
+}
+"""The fake learner's step stats in a critic-free job: stats.jsonl keeps critic_free/ too."""
+
 
 @dataclass(frozen=True)
 class FakeWeights:
@@ -63,13 +73,15 @@ class FakeLearner:
     """Trains nothing; checks rollout ids and policy lag as the real learner does, counts
     versions, keeps checkpoints as ``<uri>/step-<version>.json``."""
 
-    def __init__(self, job: str, max_policy_lag: int, metrics: bool) -> None:
+    def __init__(self, job: str, max_policy_lag: int, metrics: bool, stats: dict[str, float]):
         self.job = job
         self.max_policy_lag = max_policy_lag
         self.metrics = metrics
+        self.stats = stats
         self.version = 0
         self.consumed: list[int] = []
         self.published: list[int] = []
+        self.groups: list[dict[int, list[int]]] = []
 
     def ready(self) -> int:
         return self.version
@@ -86,9 +98,17 @@ class FakeLearner:
                 raise ValueError(f"sampled with {version}, learner at {self.version}")
         if None in batch.column("score").to_pylist():
             raise ValueError("unscored rollouts")
+        groups: dict[int, list[int]] = {}
+        for rollout_id, group_id in zip(ids, batch.column("group_id").to_pylist(), strict=True):
+            groups.setdefault(group_id, []).append(rollout_id)
+        self.groups.append(groups)
         self.consumed.extend(ids)
         self.version += 1
-        return dict(LEARNER_STATS)
+        return dict(self.stats)
+
+    def trained_groups(self) -> list[dict[int, list[int]]]:
+        """For each step, the rollout ids of each group id it trained on."""
+        return list(self.groups)
 
     def publish_weights(self) -> FakeWeights:
         self.published.append(self.version)
@@ -199,6 +219,7 @@ def fake_factories(
     """Starts the fakes for ``config``'s job; ``die_on_call[(role, index)] = n``: the first
     generator or reward actor ``index`` exits on its n-th call (its replacement does not)."""
     job, metrics = config.name, config.metrics.enabled
+    stats = LEARNER_STATS if config.algorithm == "ppo" else CRITIC_FREE_LEARNER_STATS
     started: set[tuple[str, int]] = set()
 
     def dies(role: str, index: int) -> int | None:
@@ -207,7 +228,7 @@ def fake_factories(
         return (die_on_call or {}).get((role, index)) if first else None
 
     return ActorFactories(
-        learner=lambda: FakeLearner.remote(job, config.max_policy_lag, metrics),
+        learner=lambda: FakeLearner.remote(job, config.max_policy_lag, metrics, stats),
         generator=lambda i: FakeGenerator.remote(job, i, metrics, die_on_call=dies("generator", i)),
         reward=lambda i: FakeReward.remote(job, i, metrics, die_on_call=dies("reward", i)),
     )

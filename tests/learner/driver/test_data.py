@@ -152,6 +152,36 @@ def test_prompt_batches_restored_from_their_state_repeat_the_same_batches_and_id
     assert restored.next_batch(4).to_pydict() == original.next_batch(4).to_pydict()
 
 
+def test_each_prompt_gives_its_samples_own_rollout_ids_and_one_group_id() -> None:
+    prompts = batches([{"prompt": "ab", "answer": 1}, {"prompt": "c", "answer": 2}])
+    first, second = prompts.next_batch(2, samples_per_prompt=3), prompts.next_batch(1, 3)
+
+    assert first.column("rollout_id").to_pylist() == [0, 1, 2, 3, 4, 5]
+    assert first.column("group_id").to_pylist() == [0, 0, 0, 3, 3, 3]
+    assert first.column("prompt").to_pylist() == ["ab"] * 3 + ["c"] * 3
+    assert first.column("prompt_ids").to_pylist() == [[97, 98]] * 3 + [[99]] * 3
+    assert [json.loads(m)["answer"] for m in first.column("metadata").to_pylist()] == [1] * 3 + [
+        2
+    ] * 3
+    assert second.column("rollout_id").to_pylist() == [6, 7, 8]
+    assert second.column("group_id").to_pylist() == [6, 6, 6]
+
+
+def test_one_sample_per_prompt_is_a_group_of_its_own() -> None:
+    batch = batches(rows(3)).next_batch(3)
+    assert batch.column("group_id").to_pylist() == batch.column("rollout_id").to_pylist()
+
+
+def test_group_ids_stay_unique_across_a_resume() -> None:
+    original = batches(rows(5))
+    original.next_batch(2, samples_per_prompt=4)
+    restored = batches(rows(5))
+    restored.load_state(json.loads(json.dumps(original.state())))
+    resumed, expected = restored.next_batch(2, 4), original.next_batch(2, 4)
+    assert resumed.to_pydict() == expected.to_pydict()
+    assert resumed.column("group_id").to_pylist() == [8] * 4 + [12] * 4
+
+
 def test_context_length_reads_the_model_config(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text('{"n_positions": 128}')
     assert context_length(str(tmp_path)) == 128

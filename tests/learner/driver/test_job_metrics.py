@@ -52,11 +52,13 @@ def test_job_records_throughput_stages_actors_restarts_and_checkpoints() -> None
     stages = {"generate": 2.0, "score": 0.5, "train": 1.25, "sync": 0.25}
     metrics.record_iteration(samples=16, tokens=200, stage_seconds=stages)
     metrics.record_iteration(samples=16, tokens=180, stage_seconds=stages)
+    metrics.record_prompts(4)
     metrics.set_inflight_rollouts(16)
     metrics.set_actors_alive("generator", 3)
     metrics.record_actor_restart("generator")
     metrics.record_checkpoint(4.0)
     assert sample(metrics, "rlfleet_job_samples_total") == 32
+    assert sample(metrics, "rlfleet_job_prompts_total") == 4
     assert sample(metrics, "rlfleet_job_tokens_total") == 380
     for stage, seconds in stages.items():
         assert sample(metrics, "rlfleet_job_stage_seconds_sum", stage=stage) == 2 * seconds
@@ -75,6 +77,8 @@ def test_bad_values_are_rejected_naming_the_field() -> None:
         job.record_iteration(1, 1, {"sync": -1.0})
     with pytest.raises(ValueError, match="actor role must be one of"):
         job.set_actors_alive("critic", 1)
+    with pytest.raises(ValueError, match="prompts must be a non-negative"):
+        job.record_prompts(-1)
     assert sample(job, "rlfleet_job_samples_total") == 0
 
 

@@ -10,12 +10,18 @@ from typing import Any
 
 import pytest
 import ray
-from driver_fakes import LEARNER_STATS, fake_factories
+from driver_fakes import CRITIC_FREE_LEARNER_STATS, LEARNER_STATS, fake_factories
 from job_configs import PROMPTS, read_stats, small_job
 
 from rlfleet.common.config import CheckpointConfig, JobConfig
 from rlfleet.learner.driver.data import read_prompt_rows
-from rlfleet.learner.driver.loop import JobResult, PPOJob, StageTimer, checkpoint_due
+from rlfleet.learner.driver.loop import (
+    JobResult,
+    PPOJob,
+    StageTimer,
+    checkpoint_due,
+    reference_kl,
+)
 from rlfleet.learner.driver.metrics import STAGES
 
 ROWS = read_prompt_rows(PROMPTS, "prompt")
@@ -102,6 +108,7 @@ def test_each_batch_is_trained_once_with_stats_and_metrics_from_one_timing(
         assert line["generator_restarts"] == line["reward_restarts"] == 0
 
     assert job_metric(job, "rlfleet_job_samples_total") == 24
+    assert job_metric(job, "rlfleet_job_prompts_total") == 24
     assert job_metric(job, "rlfleet_job_tokens_total") == 24 * 3
     assert job_metric(job, "rlfleet_job_inflight_rollouts") == 0
     for stage in STAGES:
@@ -237,3 +244,68 @@ def test_checkpoints_hold_the_first_untrained_batch_and_a_resumed_job_continues_
     assert stats[:2] == first.stats[:2]
     assert stats[2:] == resumed.stats
     assert resumed.consumed_rollout_ids == list(range(32))
+
+
+def train_reading_groups(
+    config: JobConfig, resume_from: str | None = None
+) -> tuple[JobResult, list[dict[int, list[int]]], PPOJob]:
+    """Trains with the fakes; also returns the rollout ids of each group id in each step."""
+    job = PPOJob(config, ROWS, None, fake_factories(config))
+    try:
+        if resume_from:
+            job.resume(resume_from)
+        result = job.train()
+        return result, ray.get(job.learner.trained_groups.remote()), job
+    finally:
+        job.shutdown()
+
+
+def test_a_critic_free_job_trains_on_whole_groups_of_samples_with_unique_group_ids(
+    ray_local, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """grpo, 4 samples per prompt, 8 samples per step: 2 prompts an iteration, their samples
+    split over 2 generators and 2 reward actors, whole groups again at the learner; group ids
+    go on across a resume."""
+    uri = tmp_path / "checkpoints"
+    config = fake_job(
+        tiny_model_dir,
+        tmp_path / "run",
+        algorithm="grpo",
+        iterations=3,
+        generators={"num_actors": 2},
+        reward={"num_actors": 2},
+        checkpoint={"uri": str(uri), "every": 2},
+    )
+    assert (config.samples_per_iteration, config.prompts_per_iteration) == (8, 2)
+    first, groups, job = train_reading_groups(config)
+
+    assert groups == [
+        {0: [0, 1, 2, 3], 4: [4, 5, 6, 7]},
+        {8: [8, 9, 10, 11], 12: [12, 13, 14, 15]},
+        {16: [16, 17, 18, 19], 20: [20, 21, 22, 23]},
+    ]
+    assert first.consumed_rollout_ids == list(range(24))
+    stats = read_stats(tmp_path / "run")
+    assert [(line["samples"], line["prompts"]) for line in stats] == [(8, 2)] * 3
+    assert job_metric(job, "rlfleet_job_samples_total") == 24
+    assert job_metric(job, "rlfleet_job_prompts_total") == 6
+    kept = ["critic_free/loss", "critic_free/kl", "rollout/tis_capped_fraction"]
+    for line in stats:
+        assert {k: line[k] for k in kept} == {k: CRITIC_FREE_LEARNER_STATS[k] for k in kept}
+        assert "time/grpo/total" not in line
+
+    resumed, groups, _ = train_reading_groups(
+        config.model_copy(update={"iterations": 4}), resume_from=str(uri / "step-00000002.json")
+    )
+    assert groups == [
+        {16: [16, 17, 18, 19], 20: [20, 21, 22, 23]},
+        {24: [24, 25, 26, 27], 28: [28, 29, 30, 31]},
+    ]
+    assert resumed.consumed_rollout_ids == list(range(32))
+
+
+def test_the_progress_bar_shows_the_kl_to_the_reference_of_either_trainer() -> None:
+    assert reference_kl({"objective/kl": 0.25}) == "0.250"
+    assert reference_kl({"critic_free/kl": 0.5}) == "0.500"
+    assert reference_kl({"critic_free/kl_in_reward": 0.125}) == "0.125"
+    assert reference_kl({"critic_free/loss": 1.0}) == "-"  # beta and kl_coef 0: no reference

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 import ray
-from driver_fakes import FakeGenerator, FakeLearner, prompts
+from driver_fakes import LEARNER_STATS, FakeGenerator, FakeLearner, prompts
 
 from rlfleet.common.schema import with_columns
 from rlfleet.learner.driver.pool import ActorPool, split_batch
@@ -50,7 +50,7 @@ def generated_versions(pool: ActorPool) -> list[int]:
 
 
 def test_publish_brings_every_generator_and_a_restarted_one_to_the_new_version(ray_local) -> None:
-    learner = FakeLearner.remote("sync", 0, False)
+    learner = FakeLearner.remote("sync", 0, False, LEARNER_STATS)
     sync = WeightSync(learner)
     pool = ActorPool(
         "generator",
@@ -73,7 +73,7 @@ def test_publish_brings_every_generator_and_a_restarted_one_to_the_new_version(r
 
 
 def test_a_generator_that_does_not_hold_the_published_version_fails_the_sync(ray_local) -> None:
-    learner = FakeLearner.remote("sync", 0, False)
+    learner = FakeLearner.remote("sync", 0, False, LEARNER_STATS)
     step(learner, prompts(2))
     pool = ActorPool("generator", lambda i: FakeGenerator.remote("sync", i, False, stuck=0), 1)
     with pytest.raises(RuntimeError, match="generator 0 holds policy version 0, expected 1"):

@@ -247,6 +247,16 @@ def test_demo_config_is_valid_and_uses_vllm_and_the_sentiment_reward() -> None:
     assert config.ray_address is None
 
 
+def test_a_check_across_sections_is_its_own_one_line_message(tiny_model_dir: Path, tmp_path):
+    config = write_config(tmp_path / "job.yaml", small_job(tiny_model_dir, tmp_path / "run"))
+    with pytest.raises(ValueError) as error:
+        load_job_config(config, ["generators.n_samples_per_prompt=3"])
+    assert train.config_error_line(error.value) == (
+        "ppo.batch_size (8) must be a multiple of generators.n_samples_per_prompt (3): batch "
+        "sizes count samples, and each prompt gives n_samples_per_prompt of them"
+    )
+
+
 def test_resume_from_latest_means_the_checkpoint_uri_and_needs_one(tmp_path: Path) -> None:
     config = small_job(tmp_path, tmp_path / "run", checkpoint={"uri": "s3://bucket/job"})
     assert resolve_resume(config, "latest") == "s3://bucket/job"
