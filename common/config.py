@@ -80,6 +80,11 @@ class PPOConfig(BaseModel):
     nonfinite: Literal["error", "skip"] = "error"
     """rlfleet's own: a non-finite loss or gradient fails the step naming it (``error``), or
     its optimizer step is skipped and counted (``skip``); see learner/guards.py."""
+    tis_cap: PositiveFloat | None = None
+    """rlfleet's own, not a TRL field: truncated importance sampling between the learner's
+    old-policy logprobs and the generator's (``step``'s ``behaviour_logprobs``): each token's
+    policy loss is weighted by ``min(pi_old / pi_behaviour, tis_cap)``, e.g. 2.0, which corrects a
+    stale generator (``one_step_off``) or its numerics. None: off, TRL v0.11.4's loss."""
 
     @property
     def backward_batch_size(self) -> int:
@@ -248,13 +253,45 @@ class GeneratorConfig(StrictModel):
     them share the prompt's group id."""
 
 
+REWARD_SOURCES = ("function", "model", "url")
+
+
+def _check_one_source(where: str, config: BaseModel, choices: tuple[str, ...]) -> None:
+    given = [name for name in choices if getattr(config, name)]
+    if len(given) != 1:
+        named = f"{', '.join(choices[:-1])} or {choices[-1]}"
+        raise ValueError(f"{where} needs exactly one of {named}; got {given or 'none'}")
+
+
+class RewardComponent(StrictModel):
+    """One named term of a reward of several: its own source and kwargs, and its weight."""
+
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    """Names the component's stats key (``reward/<name>_mean``) and its metrics label."""
+    weight: float = Field(default=1.0, allow_inf_nan=False)
+    function: str | None = None
+    model: str | None = None
+    url: str | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> RewardComponent:
+        _check_one_source(f"reward component {self.name!r}", self, REWARD_SOURCES)
+        return self
+
+
 class RewardConfig(StrictModel):
+    """The reward: one source (``function``, ``model`` or ``url``), or ``components``, whose
+    weighted sum is the score and whose raw scores are kept in the ``score_components`` column."""
+
     function: str | None = None
     """A reward function as ``"module:function"``, e.g. ``"rlfleet.reward.functions:sentiment"``."""
     model: str | None = None
     """A sequence-classification model directory."""
     url: str | None = None
     """A remote HTTP scorer."""
+    components: list[RewardComponent] | None = Field(default=None, min_length=1)
+    """Named, weighted reward sources, e.g. correctness and format."""
     kwargs: dict[str, Any] = Field(default_factory=dict)
     num_actors: PositiveInt = 1
     num_cpus: float = Field(default=1.0, ge=0)
@@ -263,11 +300,17 @@ class RewardConfig(StrictModel):
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> RewardConfig:
-        given = [name for name in ("function", "model", "url") if getattr(self, name)]
-        if len(given) != 1:
-            raise ValueError(
-                f"reward needs exactly one of function, model or url; got {given or 'none'}"
-            )
+        _check_one_source("reward", self, (*REWARD_SOURCES, "components"))
+        if self.components:
+            names = [component.name for component in self.components]
+            repeated = sorted({name for name in names if names.count(name) > 1})
+            if repeated:
+                raise ValueError(f"reward.components: names {repeated} are used more than once")
+            if self.kwargs:
+                raise ValueError(
+                    "reward.kwargs is not used with reward.components; give each component "
+                    "its own kwargs"
+                )
         return self
 
 

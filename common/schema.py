@@ -4,7 +4,9 @@ Generators fill every column but ``score``; reward actors return the same batch 
 set; the learner consumes it. The samples of one prompt share a ``group_id`` (the rollout id of
 the group's first sample); batches sent to different actors may split a group. ``metadata``
 carries the dataset row's other fields as JSON (for example a reference answer) so reward
-functions can use them.
+functions can use them. ``score_components`` maps each named reward component to its raw score
+when the reward has components (``reward.components``; ``score`` is then their weighted sum),
+and is null otherwise.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ ROLLOUT_SCHEMA = pa.schema(
         pa.field("policy_version", pa.int64()),
         pa.field("metadata", pa.string()),
         pa.field("score", pa.float32()),
+        pa.field("score_components", pa.map_(pa.string(), pa.float32())),
     ]
 )
 

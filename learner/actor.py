@@ -8,10 +8,10 @@ new policy version through a weight transport (``common/transport/``) for every 
 load. Every rollout id is consumed at most once: a repeated id is refused before any update. The
 model sits on the device Ray assigned the actor (``learner_device``).
 
-Off-policy rollouts: the critic-free trainer gets the generator's logprobs and weights each
-token by truncated importance sampling (``critic_free.tis_cap``). PPO does not yet: with
-``one_step_off`` its ratio is taken against the learner's recomputed old policy, one version
-newer than the sampler's; ``rollout/logprob_diff_mean`` measures that mismatch every step.
+Off-policy rollouts: either trainer gets the generator's logprobs (the behaviour policy) and
+weights each token by truncated importance sampling when its ``tis_cap`` is set
+(``critic_free.tis_cap``, ``ppo.tis_cap``); ``rollout/logprob_diff_mean`` measures the mismatch
+between the learner's old policy and the generator's every step.
 """
 
 from __future__ import annotations
@@ -130,20 +130,25 @@ def grouped(batch: pa.RecordBatch) -> pa.RecordBatch:
     return batch.take(pa.array(order))
 
 
+def generator_logprobs(batch: pa.RecordBatch) -> list[torch.Tensor]:
+    """Each rollout's per-token logprobs from the generator that sampled it (the behaviour
+    policy), as float32 tensors."""
+    return [
+        torch.tensor(logprobs, dtype=torch.float32)
+        for logprobs in batch.column("response_logprobs").to_pylist()
+    ]
+
+
 def critic_free_inputs(batch: pa.RecordBatch) -> dict[str, Any]:
     """``CriticFreeTrainer.step``'s keyword arguments from a scored batch: the rollouts, their
     group ids, the generator's logprobs (the behaviour policy) and truncation flags."""
     queries, responses, scores = rollout_tensors(batch)
-    behaviour = [
-        torch.tensor(logprobs, dtype=torch.float32)
-        for logprobs in batch.column("response_logprobs").to_pylist()
-    ]
     return {
         "queries": queries,
         "responses": responses,
         "scores": scores,
         "group_ids": batch.column("group_id").to_pylist(),
-        "behaviour_logprobs": behaviour,
+        "behaviour_logprobs": generator_logprobs(batch),
         "truncated": truncated_flags(batch),
     }
 
@@ -242,7 +247,9 @@ class LearnerActor:
         return critic_free_stat_gauges(config.beta, config.kl_coef, trained)
 
     def _ppo_step(self, batch: pa.RecordBatch) -> dict[str, float]:
-        step_stats = self.trainer.step(*rollout_tensors(batch))
+        step_stats = self.trainer.step(
+            *rollout_tensors(batch), behaviour_logprobs=generator_logprobs(batch)
+        )
         return {
             **scalar_stats(step_stats),
             **rollout_stats(batch, step_stats["objective/logprobs"]),

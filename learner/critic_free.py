@@ -33,6 +33,7 @@ from rlfleet.common.config import CriticFreeConfig
 from rlfleet.learner.algorithms.advantages import ADVANTAGE_ESTIMATORS, AdvantageConfig
 from rlfleet.learner.algorithms.grpo import CriticFreeLossConfig, critic_free_loss
 from rlfleet.learner.algorithms.kl import KL_PENALTIES
+from rlfleet.learner.algorithms.losses import truncated_importance_weights
 from rlfleet.learner.algorithms.masked import masked_mean
 from rlfleet.learner.algorithms.rewards import per_token_rewards
 from rlfleet.learner.critic_free_inputs import (
@@ -319,10 +320,3 @@ def batch_logprobs(model: PreTrainedModel, batch: ResponseBatch, chunk_size: int
         packed = PackedRows.build(batch, order[start : start + chunk_size])
         logprobs[packed.rows] = response_forward(model, packed).logprobs
     return logprobs
-
-
-def truncated_importance_weights(
-    old_logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor, cap: float
-) -> torch.Tensor:
-    """``min(pi_old / pi_behaviour, cap)`` per token (TRL 1.16's ``token_truncate``)."""
-    return torch.clamp(torch.exp(old_logprobs - behaviour_logprobs), max=cap)

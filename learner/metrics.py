@@ -23,6 +23,22 @@ PPO_STAT_GAUGES = {
 """PPO stats keys (TRL names) -> (gauge name, help) set by ``LearnerMetrics.record_step``; the
 gauges are these, for every algorithm."""
 
+ROLLOUT_STAT_GAUGES = {
+    "rollout/logprob_diff_mean": (
+        "rlfleet_learner_logprob_diff",
+        "Mean |learner's old-policy logprob - generator's logprob| per response token.",
+    ),
+    "rollout/tis_capped_fraction": (
+        "rlfleet_learner_tis_capped_fraction",
+        "Fraction of tokens whose importance weight hit the tis_cap.",
+    ),
+    "rollout/truncated_fraction": (
+        "rlfleet_learner_truncated_fraction",
+        "Fraction of rollouts cut off by max_new_tokens.",
+    ),
+}
+"""Sampling-side stats of every algorithm -> gauges, set whenever a step reports them."""
+
 StatGauges = Mapping[str, tuple[str, str]]
 
 
@@ -58,8 +74,8 @@ class LearnerMetrics(MetricSet):
         super().__init__(job, index)
         self._step = self._histogram("rlfleet_learner_step_seconds", "Seconds per training step.")
         self._gauges = {
-            name: self._gauge(name, f"{documentation} (PPO stat {key})")
-            for key, (name, documentation) in PPO_STAT_GAUGES.items()
+            name: self._gauge(name, f"{documentation} (stat {key})")
+            for key, (name, documentation) in {**PPO_STAT_GAUGES, **ROLLOUT_STAT_GAUGES}.items()
         }
         self._iteration = self._gauge("rlfleet_learner_iteration", "Training steps taken.")
         self._version = self._gauge(
@@ -86,9 +102,10 @@ class LearnerMetrics(MetricSet):
         missing = [key for key in stat_gauges if key not in stats]
         if missing:
             raise ValueError(f"learner stats lack {missing}")
-        values = {key: self._scalar(key, stats[key]) for key in stat_gauges}
+        gauges = {**stat_gauges, **{k: g for k, g in ROLLOUT_STAT_GAUGES.items() if k in stats}}
+        values = {key: self._scalar(key, stats[key]) for key in gauges}
         for key, value in values.items():
-            self._gauges[stat_gauges[key][0]].set(value)
+            self._gauges[gauges[key][0]].set(value)
         self._step.observe(seconds)
         self._iteration.set(iteration)
 

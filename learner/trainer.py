@@ -6,6 +6,13 @@ math is :mod:`rlfleet.learner.algorithms`, the forward :mod:`rlfleet.learner.for
 default optimizer is the fused Adam kernel (same update as TRL's ``Adam``). ``step`` touches no
 global RNG: the minibatch order comes from the trainer's own seeded generator (``generate``
 samples from torch's global RNG, as Hugging Face's ``generate`` does).
+
+Truncated importance sampling (``config.tis_cap``, rlfleet's own) corrects for the generator's
+policy differing from the learner's old one (a stale policy with ``one_step_off``, or vLLM's
+numerics): given the generator's ``behaviour_logprobs``, each token's policy loss is weighted by
+``min(exp(old - behaviour), tis_cap)`` after the PPO clip, as the critic-free trainer does
+(learner/critic_free.py). The clip keeps the update near the learner's old policy; the weight
+makes the behaviour policy's samples stand for the old policy's.
 """
 
 from __future__ import annotations
@@ -23,9 +30,11 @@ from rlfleet.common.config import PPOConfig
 from rlfleet.learner import generation
 from rlfleet.learner.algorithms.advantages import AdvantageConfig
 from rlfleet.learner.algorithms.kl import AdaptiveKLController, FixedKLController
-from rlfleet.learner.algorithms.losses import LossConfig
+from rlfleet.learner.algorithms.losses import LossConfig, truncated_importance_weights
 from rlfleet.learner.algorithms.ppo import early_stop, ppo_advantages, ppo_loss
 from rlfleet.learner.algorithms.rewards import RunningMoments, per_token_rewards, scaled_scores
+from rlfleet.learner.critic_free_inputs import checked_behaviour_logprobs
+from rlfleet.learner.critic_free_stats import behaviour_mismatch_stats
 from rlfleet.learner.forward import (
     PackedRows,
     ResponseBatch,
@@ -36,7 +45,7 @@ from rlfleet.learner.forward import (
 from rlfleet.learner.guards import NonFiniteError, check_finite_loss, finite_grad_norm
 from rlfleet.learner.reference import create_reference_model
 from rlfleet.learner.shuffle import Shuffler
-from rlfleet.learner.stats import StepTimer, step_stats
+from rlfleet.learner.stats import StepTimer, as_python, step_stats
 from rlfleet.learner.step_inputs import checked_step_inputs
 from rlfleet.learner.trl_compat import TRLCompatMixin
 from rlfleet.learner.value_head import AutoModelForCausalLMWithValueHead
@@ -159,10 +168,15 @@ class PPOTrainer(TRLCompatMixin):
         responses: list[torch.Tensor],
         scores: list[torch.Tensor],
         response_masks: list[torch.Tensor] | None = None,
+        behaviour_logprobs: list[torch.Tensor] | None = None,
     ) -> dict[str, Any]:
         """One PPO iteration: rollout statistics, advantages, ``ppo_epochs`` of minibatch updates.
 
-        Returns TRL v0.11.4's stats: single values as Python floats, distributions as arrays.
+        ``behaviour_logprobs`` are the generator's per-token logprobs of each response (for
+        truncated importance sampling when ``config.tis_cap`` is set).
+        Returns TRL v0.11.4's stats: single values as Python floats, distributions as arrays;
+        with ``behaviour_logprobs`` also ``rollout/logprob_diff_mean`` (mean |old - behaviour|)
+        and ``rollout/tis_capped_fraction`` (tokens whose weight the cap cut).
         """
         config = self.config
         vocab_size = lm_head_of(self.model).weight.shape[0]
@@ -174,6 +188,9 @@ class PPOTrainer(TRLCompatMixin):
             config.batch_size,
             vocab_size,
             self.current_device,
+        )
+        behaviour = checked_behaviour_logprobs(
+            behaviour_logprobs, inputs.responses, self.current_device
         )
         scores = scaled_scores(
             inputs.scores,
@@ -202,9 +219,14 @@ class PPOTrainer(TRLCompatMixin):
                     AdvantageConfig(gamma=config.gamma, lam=config.lam),
                     whiten_rewards=config.whiten_rewards,
                 )
+            tis_weights = None
+            if behaviour is not None and config.tis_cap is not None:
+                tis_weights = truncated_importance_weights(
+                    rollout.logprobs, behaviour, config.tis_cap
+                )
             with timer.phase("optimize_step"):
                 minibatch_stats = self._train(
-                    batch, rollout.logprobs, old_values, advantages, returns
+                    batch, rollout.logprobs, old_values, advantages, returns, tis_weights
                 )
         with timer.phase("calc_stats"):
             stats = step_stats(
@@ -216,6 +238,11 @@ class PPOTrainer(TRLCompatMixin):
                 kl_coef,
                 learning_rate=self.optimizer.param_groups[0]["lr"],
             )
+            if behaviour is not None:
+                mismatch = behaviour_mismatch_stats(
+                    rollout.logprobs, behaviour, batch.mask, config.tis_cap
+                )
+                stats.update({key: as_python(value) for key, value in mismatch.items()})
         self.kl_ctl.update(stats["objective/kl"], config.batch_size)
         stats.update(timer.stats())
         if self.lr_scheduler is not None:
@@ -230,9 +257,11 @@ class PPOTrainer(TRLCompatMixin):
         old_values: torch.Tensor,
         advantages: torch.Tensor,
         returns: torch.Tensor,
+        tis_weights: torch.Tensor | None,
     ) -> list[dict[str, torch.Tensor]]:
         """``ppo_epochs`` passes over shuffled minibatches, one optimizer step per
-        ``backward_batch_size`` rows; returns each minibatch's stats."""
+        ``backward_batch_size`` rows, each token's policy loss weighted by ``tis_weights`` when
+        given; returns each minibatch's stats."""
         config = self.config
         loss_config = LossConfig(
             cliprange=config.cliprange,
@@ -264,6 +293,7 @@ class PPOTrainer(TRLCompatMixin):
                         returns=returns[rows],
                         mask=batch.mask[rows],
                         config=loss_config,
+                        importance_weights=None if tis_weights is None else tis_weights[rows],
                     )
                     where = self._where(epoch, mini_start // config.mini_batch_size)
                     if result.loss is None:

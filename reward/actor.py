@@ -54,7 +54,8 @@ def _decode_metadata(raw: list[str | None]) -> list[dict[str, Any]]:
 
 
 class RewardActor:
-    """Fills the ``score`` column of rollout batches (``rlfleet.common.schema.ROLLOUT_SCHEMA``)."""
+    """Fills the ``score`` column of rollout batches (``rlfleet.common.schema.ROLLOUT_SCHEMA``),
+    and ``score_components`` when the reward has named components."""
 
     def __init__(
         self,
@@ -80,7 +81,7 @@ class RewardActor:
         return self._metrics.served_target
 
     def score(self, batch: pa.RecordBatch) -> pa.RecordBatch:
-        """The batch with ``score`` set; a failure is a ``RewardError`` naming the rollouts."""
+        """The batch with its scores set; a failure is a ``RewardError`` naming the rollouts."""
         rollout_ids = batch.column("rollout_id").to_pylist()
         prompts = batch.column("prompt").to_pylist()
         responses = batch.column("response").to_pylist()
@@ -90,12 +91,16 @@ class RewardActor:
             if missing:
                 raise RewardError("no response to score", missing)
             metadata = _decode_metadata(batch.column("metadata").to_pylist())
-            scores = self.scorer.score(prompts, responses, metadata)
+            scores, parts = self.scorer.score_parts(prompts, responses, metadata)
         except Exception as exc:
             self._count_failure(exc)
             raise self._describe_failure(exc, rollout_ids, prompts, responses) from exc
         self._metrics.record_scores(scores, time.perf_counter() - started)
-        return with_columns(batch, score=scores)
+        if not parts:
+            return with_columns(batch, score=scores)
+        self._metrics.record_component_scores(parts)
+        rows = [dict(zip(parts, row, strict=True)) for row in zip(*parts.values(), strict=True)]
+        return with_columns(batch, score=scores, score_components=rows)
 
     def _count_failure(self, exc: Exception) -> None:
         if isinstance(exc, TimeoutError):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
-from rlfleet.common.metrics import MetricSet, check_non_negative
+from prometheus_client import Histogram
+
+from rlfleet.common.metrics import ROLE_LABELS, MetricSet, check_non_negative
 
 REWARD_BUCKETS = (-10, -5, -2, -1, -0.5, -0.25, 0, 0.25, 0.5, 1, 2, 5, 10)
 
@@ -26,6 +28,13 @@ class RewardMetrics(MetricSet):
         self._values = self._histogram(
             "rlfleet_reward_value", "Distribution of the rewards given.", reward_buckets
         )
+        self._component_values = Histogram(
+            "rlfleet_reward_component_value",
+            "Distribution of each named reward component's raw scores (reward.components).",
+            (*ROLE_LABELS, "component"),
+            registry=self.registry,
+            buckets=reward_buckets,
+        )
         self._errors = self._counter(
             "rlfleet_reward_errors_total", "Scoring calls that failed with an error."
         )
@@ -43,6 +52,13 @@ class RewardMetrics(MetricSet):
         self._latency.observe(seconds)
         for score in scores:
             self._values.observe(score)
+
+    def record_component_scores(self, parts: Mapping[str, Sequence[float]]) -> None:
+        """Each named component's raw scores of one scoring call."""
+        for name, scores in parts.items():
+            values = self._component_values.labels(**self.labels, component=name)
+            for score in scores:
+                values.observe(score)
 
     def record_error(self) -> None:
         self._errors.inc()

@@ -2,7 +2,8 @@
 
 ``make_scorer(config)`` turns ``reward.function`` (a Python reward function), ``reward.model``
 (a sequence-classification directory) or ``reward.url`` (a remote HTTP scorer) into a
-``Scorer``. Every scorer's output is checked: one finite number per sample, or a
+``Scorer``, and ``reward.components`` (named, weighted sources of those three kinds) into a
+``ComponentsScorer``. Every scorer's output is checked: one finite number per sample, or a
 ``RewardError`` naming the sample index and the reward source.
 """
 
@@ -21,7 +22,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, TypeVar
 
-from rlfleet.common.config import RewardConfig
+from rlfleet.common.config import RewardComponent, RewardConfig
 from rlfleet.reward.functions import load_function
 
 
@@ -128,6 +129,12 @@ class Scorer(ABC):
         return check_scores(
             self._score(list(prompts), list(responses), list(metadata)), len(prompts), self.source
         )
+
+    def score_parts(
+        self, prompts: Sequence[str], responses: Sequence[str], metadata: Sequence[dict[str, Any]]
+    ) -> tuple[list[float], dict[str, list[float]]]:
+        """The scores, and each named component's own scores (none for a single source)."""
+        return self.score(prompts, responses, metadata), {}
 
     @abstractmethod
     def _score(
@@ -349,13 +356,70 @@ class _TransientError(Exception):
     """A failure worth retrying (the message says what happened, without the source)."""
 
 
+class ComponentsScorer(Scorer):
+    """A reward of named components: the score is ``sum(weight * component score)``.
+
+    Each component is a scorer of its own (a function or url bounded by ``reward.timeout_s``);
+    its error is restated with the component's name, keeping the samples it names.
+    """
+
+    def __init__(self, components: Sequence[tuple[str, float, Scorer]]) -> None:
+        self.components = list(components)
+        self.source = "reward components " + ", ".join(repr(name) for name, _, _ in components)
+
+    def score_parts(self, prompts, responses, metadata):
+        parts = {
+            name: self._score_component(name, scorer, prompts, responses, metadata)
+            for name, _, scorer in self.components
+        }
+        weighted_sums = [
+            math.fsum(weight * parts[name][index] for name, weight, _ in self.components)
+            for index in range(len(prompts))
+        ]
+        return check_scores(weighted_sums, len(prompts), self.source), parts
+
+    def _score(self, prompts, responses, metadata):
+        return self.score_parts(prompts, responses, metadata)[0]
+
+    @staticmethod
+    def _score_component(
+        name: str,
+        scorer: Scorer,
+        prompts: Sequence[str],
+        responses: Sequence[str],
+        metadata: Sequence[dict[str, Any]],
+    ) -> list[float]:
+        try:
+            return scorer.score(prompts, responses, metadata)
+        except RewardError as exc:
+            raise type(exc)(f"reward component {name!r}: {exc}", exc.indices) from exc
+        except Exception as exc:
+            raise RewardError(
+                f"reward component {name!r}: {scorer.source} raised {type(exc).__name__}: {exc}"
+            ) from exc
+
+
+def make_source_scorer(
+    source: RewardConfig | RewardComponent, timeout_s: float, trust_remote_code: bool = False
+) -> Scorer:
+    """The scorer for the one function, model or url that ``source`` names."""
+    if source.function:
+        return FunctionScorer(source.function, source.kwargs, timeout_s)
+    if source.model:
+        return RewardModelScorer(source.model, **source.kwargs, trust_remote_code=trust_remote_code)
+    if source.kwargs:
+        raise ValueError(f"reward.kwargs {sorted(source.kwargs)} are not used by a reward url")
+    return RemoteScorer(source.url, timeout_s)
+
+
 def make_scorer(config: RewardConfig, trust_remote_code: bool = False) -> Scorer:
-    """The scorer for the one reward source the config names (a reward model's own code runs
+    """The scorer for the config's reward source or components (a reward model's own code runs
     only with ``trust_remote_code``)."""
-    if config.function:
-        return FunctionScorer(config.function, config.kwargs, config.timeout_s)
-    if config.model:
-        return RewardModelScorer(config.model, **config.kwargs, trust_remote_code=trust_remote_code)
-    if config.kwargs:
-        raise ValueError(f"reward.kwargs {sorted(config.kwargs)} are not used by a reward url")
-    return RemoteScorer(config.url, config.timeout_s)
+    if config.components:
+        return ComponentsScorer(
+            [
+                (c.name, c.weight, make_source_scorer(c, config.timeout_s, trust_remote_code))
+                for c in config.components
+            ]
+        )
+    return make_source_scorer(config, config.timeout_s, trust_remote_code)

@@ -1,9 +1,9 @@
 """Policy losses, value losses and the aggregations that reduce per-token losses to one number.
 
-A policy loss is ``(logprobs, old_logprobs, advantages, mask, config) -> PolicyLossOutput``, a
-value loss ``(vpreds, old_values, returns, mask, config) -> (loss, clip fraction)``, an
-aggregation ``(per-token losses, mask) -> loss``. Schulman et al. 2017, "Proximal Policy
-Optimization Algorithms"; the formulas of TRL v0.11.4's ``PPOTrainer``.
+A policy loss is ``(logprobs, old_logprobs, advantages, mask, config, importance_weights=None) ->
+PolicyLossOutput``, a value loss ``(vpreds, old_values, returns, mask, config) -> (loss, clip
+fraction)``, an aggregation ``(per-token losses, mask) -> loss``. Schulman et al. 2017,
+"Proximal Policy Optimization Algorithms"; the formulas of TRL v0.11.4's ``PPOTrainer``.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ class PolicyLoss(Protocol):
         advantages: torch.Tensor,
         mask: torch.Tensor,
         config: LossConfig,
+        importance_weights: torch.Tensor | None = None,
     ) -> PolicyLossOutput: ...
 
 
@@ -91,18 +92,31 @@ def clipped_policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     config: LossConfig,
+    importance_weights: torch.Tensor | None = None,
 ) -> PolicyLossOutput:
     """PPO-clip: ``max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps_high))`` per token, with
-    ``rho = pi / pi_old``, aggregated by ``config.aggregation``."""
+    ``rho = pi / pi_old``, times ``importance_weights`` when given (truncated importance sampling:
+    :func:`truncated_importance_weights`, after the clip), aggregated by ``config.aggregation``."""
     epsilon = config.cliprange
     epsilon_high = epsilon if config.cliprange_high is None else config.cliprange_high
     ratio = torch.exp(logprobs - old_logprobs)
     losses_unclipped = -advantages * ratio
     losses_clipped = -advantages * torch.clamp(ratio, 1.0 - epsilon, 1.0 + epsilon_high)
+    losses = torch.max(losses_unclipped, losses_clipped)
+    if importance_weights is not None:
+        losses = losses * importance_weights.detach()
     aggregate = LOSS_AGGREGATIONS[config.aggregation]
-    loss = aggregate(torch.max(losses_unclipped, losses_clipped), mask)
+    loss = aggregate(losses, mask)
     clipfrac = masked_mean(torch.gt(losses_clipped, losses_unclipped).float(), mask)
     return PolicyLossOutput(loss, clipfrac, ratio)
+
+
+def truncated_importance_weights(
+    old_logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor, cap: float
+) -> torch.Tensor:
+    """``w = min(pi_old / pi_behaviour, cap)`` per token: makes the samples of the behaviour
+    policy (the generator's) stand for the learner's old policy (TRL 1.16's ``token_truncate``)."""
+    return torch.clamp(torch.exp(old_logprobs - behaviour_logprobs), max=cap)
 
 
 @register_value_loss("clipped")

@@ -62,14 +62,18 @@ def ppo_loss(
     returns: torch.Tensor,
     mask: torch.Tensor,
     config: LossConfig,
+    importance_weights: torch.Tensor | None = None,
 ) -> PPOLossOutput:
     """``L = L_pg + vf_coef * L_vf`` from the policy and value losses ``config`` names, unless the
-    mean ratio ``rho`` exceeds ``config.ratio_threshold`` (then a warning and no loss)."""
+    mean ratio ``rho`` exceeds ``config.ratio_threshold`` (then a warning and no loss).
+
+    ``importance_weights`` (truncated importance sampling against the generator's policy) weight
+    each token's policy loss, after the clip; None leaves TRL v0.11.4's loss unchanged."""
     vf_loss, vf_clipfrac = VALUE_LOSSES[config.value_loss](
         vpreds, old_values, returns, mask, config
     )
     pg_loss, pg_clipfrac, ratio = POLICY_LOSSES[config.policy_loss](
-        logprobs, old_logprobs, advantages, mask, config
+        logprobs, old_logprobs, advantages, mask, config, importance_weights
     )
     loss = pg_loss + config.vf_coef * vf_loss
     avg_ratio = masked_mean(ratio, mask).item()

@@ -13,6 +13,7 @@ import json
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from rlfleet.common.config import CheckpointConfig, JobConfig
 
@@ -32,17 +33,32 @@ def check_config(config: JobConfig) -> None:
     check_model_dir("model", config.model)
     check_generation_fits_context(config)
     check_engine_serves_model(config)
-    if config.reward.function:
+    for key, source in reward_sources(config):
+        check_reward_source(key, source)
+    if config.checkpoint.uri is not None:
+        check_checkpoint_writable(config.checkpoint)
+
+
+def reward_sources(config: JobConfig) -> list[tuple[str, Any]]:
+    """``(config key, source)`` for the job's reward and for each of its components; a source
+    has ``function``, ``model`` and ``kwargs``."""
+    components = config.reward.components or []
+    if not components:
+        return [("reward", config.reward)]
+    return [(f"reward.components[{i}] ({c.name})", c) for i, c in enumerate(components)]
+
+
+def check_reward_source(key: str, source: Any) -> None:
+    """The reward function imports, the reward model directory is one."""
+    if source.function:
         from rlfleet.reward.functions import load_function
 
         try:
-            load_function(config.reward.function)
+            load_function(source.function)
         except ValueError as exc:
-            raise ConfigError(f"reward.function: {exc}") from exc
-    if config.reward.model:
-        check_model_dir("reward.model", config.reward.model)
-    if config.checkpoint.uri is not None:
-        check_checkpoint_writable(config.checkpoint)
+            raise ConfigError(f"{key}.function: {exc}") from exc
+    if source.model:
+        check_model_dir(f"{key}.model", source.model)
 
 
 def is_model_dir(path: str) -> bool:
@@ -109,16 +125,17 @@ def check_reward_arguments(config: JobConfig, field_names: Iterable[str]) -> Non
     """A reward function gets the dataset's fields (all but the prompt) as keyword arguments
     beside ``prompts``, ``responses`` and ``reward.kwargs``: a field of the same name as one
     of those would clash on the first score."""
-    if not config.reward.function:
-        return
-    arguments = {"prompts", "responses", *config.reward.kwargs}
-    clashing = sorted((set(field_names) - {config.dataset.prompt_field}) & arguments)
-    if clashing:
-        raise ConfigError(
-            f"dataset.path: {config.dataset.path} has fields {clashing} that clash with the "
-            f"reward function's arguments (prompts, responses, reward.kwargs); rename them in "
-            "the dataset or in reward.kwargs"
-        )
+    fields = set(field_names) - {config.dataset.prompt_field}
+    for key, source in reward_sources(config):
+        if not source.function:
+            continue
+        clashing = sorted(fields & {"prompts", "responses", *source.kwargs})
+        if clashing:
+            raise ConfigError(
+                f"dataset.path: {config.dataset.path} has fields {clashing} that clash with the "
+                f"reward function's arguments (prompts, responses, {key}.kwargs); rename them in "
+                f"the dataset or in {key}.kwargs"
+            )
 
 
 def one_line(exc: BaseException) -> str:

@@ -92,6 +92,15 @@ def prompt_count(batch: pa.RecordBatch) -> int:
     return len(set(batch.column("group_id").to_pylist()))
 
 
+def component_means(batch: pa.RecordBatch) -> dict[str, float]:
+    """``reward/<name>_mean`` for each named reward component scored in ``batch``."""
+    scores: dict[str, list[float]] = {}
+    for row in batch.column("score_components").to_pylist():
+        for name, score in row or ():
+            scores.setdefault(name, []).append(score)
+    return {f"reward/{name}_mean": float(np.mean(values)) for name, values in scores.items()}
+
+
 def checkpoint_due(config: CheckpointConfig, iteration: int, iterations: int) -> bool:
     """Every ``checkpoint.every`` iterations and after the last one, when ``checkpoint.uri`` is
     set."""
@@ -283,6 +292,7 @@ class PPOJob:
             "sampled_with_versions": sorted(set(versions)),
             "reward_mean": float(scores.mean()),
             "reward_std": float(scores.std()),
+            **component_means(scored),
             "response_length_mean": float(np.mean(lengths)),
             "generator_restarts": self.generators.restarts,
             "reward_restarts": self.rewards.restarts,

@@ -62,10 +62,61 @@ def test_bad_engine_names_allowed_values(tmp_path):
 
 
 def test_reward_needs_exactly_one_source():
-    with pytest.raises(ValidationError, match="exactly one of function, model or url"):
+    with pytest.raises(ValidationError, match="exactly one of function, model, url or components"):
         RewardConfig(function="rlfleet.reward.functions:sentiment", url="http://127.0.0.1:1")
-    with pytest.raises(ValidationError, match="exactly one of function, model or url"):
+    with pytest.raises(ValidationError, match="exactly one of function, model, url or components"):
         RewardConfig()
+
+
+def test_reward_components_have_unique_names_finite_weights_and_one_source_each():
+    correct = {"name": "correct", "function": "rlfleet.reward.functions:arithmetic_correct"}
+    short = {
+        "name": "short",
+        "function": "rlfleet.reward.functions:length_penalty",
+        "weight": 0.1,
+        "kwargs": {"target": 0, "coef": 0.01},
+    }
+    config = RewardConfig(components=[correct, short])
+    assert [(c.name, c.weight, c.kwargs) for c in config.components] == [
+        ("correct", 1.0, {}),
+        ("short", 0.1, {"target": 0, "coef": 0.01}),
+    ]
+    with pytest.raises(ValidationError, match=r"names \['correct'\] are used more than once"):
+        RewardConfig(components=[correct, {**short, "name": "correct"}])
+    with pytest.raises(ValidationError, match="at least 1 item"):
+        RewardConfig(components=[])
+    with pytest.raises(ValidationError, match=r"got \['function', 'components'\]"):
+        RewardConfig(function="f:g", components=[correct])
+    with pytest.raises(ValidationError, match="reward.kwargs is not used with reward.components"):
+        RewardConfig(components=[correct], kwargs={"target": 0})
+    with pytest.raises(ValidationError, match="finite number"):
+        RewardConfig(components=[{**short, "weight": float("nan")}])
+    with pytest.raises(ValidationError, match="component 'short' needs exactly one of"):
+        RewardConfig(components=[{**short, "url": "http://127.0.0.1:1"}])
+    with pytest.raises(ValidationError, match="component 'short' needs exactly one of"):
+        RewardConfig(components=[{"name": "short"}])
+    with pytest.raises(ValidationError, match="should match pattern"):
+        RewardConfig(components=[{**short, "name": "too short"}])
+
+
+def test_reward_components_load_from_yaml(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(
+        """
+model: m
+dataset: {path: p}
+reward:
+  components:
+    - {name: correct, function: rlfleet.reward.functions:arithmetic_correct, weight: 1.0}
+    - {name: short, function: rlfleet.reward.functions:length_penalty, weight: 0.1,
+       kwargs: {target: 0, coef: 0.01}}
+  num_actors: 1
+  timeout_s: 30
+"""
+    )
+    reward = load_job_config(path).reward
+    assert [c.name for c in reward.components] == ["correct", "short"]
+    assert reward.components[1].kwargs == {"target": 0, "coef": 0.01}
 
 
 def test_one_step_off_needs_policy_lag():

@@ -183,7 +183,7 @@ def test_rlfleet_submit_runs_a_job_to_success_on_a_real_cluster(
     proc = rlfleet_submit(ray_head, job_dir)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "SUCCEEDED" in proc.stdout
-    assert "done: 2 iterations, 16 rollouts" in proc.stdout
+    assert "done: 2 iterations (1..2), 16 rollouts" in proc.stdout
     stats = [json.loads(line) for line in (output_dir / "stats.jsonl").read_text().splitlines()]
     assert [line["iteration"] for line in stats] == [1, 2]
     assert [line["rollout_ids"] for line in stats] == [[0, 7], [8, 15]]
@@ -203,7 +203,7 @@ def test_a_token_cluster_refuses_a_submission_without_the_token_and_runs_one_wit
     assert refused.returncode != 0
     assert "Authentication required" in refused.stderr
     assert accepted.returncode == 0, accepted.stdout + accepted.stderr
-    assert "done: 2 iterations, 16 rollouts" in accepted.stdout
+    assert "done: 2 iterations (1..2), 16 rollouts" in accepted.stdout
 
 
 def test_the_entrypoint_repeats_the_train_arguments() -> None:

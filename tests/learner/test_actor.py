@@ -164,6 +164,29 @@ def test_a_critic_free_step_gets_whole_groups_the_generators_logprobs_and_trunca
         learner.step(batch)
 
 
+def test_a_ppo_step_gets_the_generators_logprobs_for_truncated_importance_sampling(
+    tiny_model_dir: Path,
+) -> None:
+    config = PPOConfig(batch_size=BATCH, mini_batch_size=2, ppo_epochs=1, tis_cap=2.0)
+    learner = in_process_learner(tiny_model_dir, config)
+    calls = []
+    step = learner.trainer.step
+    learner.trainer.step = lambda *args, **kwargs: calls.append(kwargs) or step(*args, **kwargs)
+    batch = with_columns(
+        scored_batch(0), response_logprobs=[[-1.0, -2.0, -0.5, -1.5 - i] for i in range(BATCH)]
+    )
+
+    stats = learner.step(batch)
+
+    (inputs,) = calls
+    behaviour = [lp.tolist() for lp in inputs["behaviour_logprobs"]]
+    assert behaviour == [[-1.0, -2.0, -0.5, -1.5 - i] for i in range(BATCH)]
+    assert all(lp.dtype == torch.float32 for lp in inputs["behaviour_logprobs"])
+    assert stats["rollout/logprob_diff_mean"] > 0
+    assert 0 <= stats["rollout/tis_capped_fraction"] <= 1
+    assert learner.version == 1
+
+
 def test_a_critic_free_step_with_every_sample_masked_out_trains_nothing_and_goes_on(
     tiny_model_dir: Path,
 ) -> None:

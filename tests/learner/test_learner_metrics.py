@@ -99,3 +99,18 @@ def test_a_critic_free_step_that_trained_on_no_token_sets_only_the_reward_gauges
         {"critic_free/reward/mean": 0.5, "critic_free/reward/std": 0.0}, 1, 1, gauges
     )
     assert sample(metrics, "rlfleet_learner_mean_reward") == 0.5
+
+
+def test_the_sampling_mismatch_is_a_gauge_whenever_a_step_reports_it() -> None:
+    metrics = LearnerMetrics("demo", 0)
+    metrics.record_step(PPO_STATS, seconds=1.0, iteration=1)
+    assert sample(metrics, "rlfleet_learner_logprob_diff") == 0.0
+    rollout = {
+        "rollout/logprob_diff_mean": 0.03125,
+        "rollout/tis_capped_fraction": 0.25,
+        "rollout/truncated_fraction": 0.5,
+    }
+    metrics.record_step({**PPO_STATS, **rollout}, seconds=1.0, iteration=2)
+    assert sample(metrics, "rlfleet_learner_logprob_diff") == 0.03125
+    assert sample(metrics, "rlfleet_learner_tis_capped_fraction") == 0.25
+    assert sample(metrics, "rlfleet_learner_truncated_fraction") == 0.5

@@ -318,3 +318,106 @@ def test_step_runs_with_the_model_on_cuda(make_trainer):
     stats = trainer.step(*random_batch(4))
     assert trainer.current_device.type == "cuda"
     assert all(np.isfinite(value).all() for value in stats.values())
+
+
+def behaviour_from(old_logprobs: np.ndarray, responses, shift: list[float]) -> list[torch.Tensor]:
+    """Each response's old-policy logprobs (a step's ``objective/logprobs`` row) minus its
+    ``shift``: the logprobs of a generator that found the response that much less likely."""
+    return [
+        torch.tensor(old_logprobs[row, : len(response)]) - shift[row]
+        for row, response in enumerate(responses)
+    ]
+
+
+def trained_weights(trainer: PPOTrainer) -> dict[str, torch.Tensor]:
+    return {name: tensor.clone() for name, tensor in trainer.model.state_dict().items()}
+
+
+def assert_same_weights(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> None:
+    assert first.keys() == second.keys()
+    for name, tensor in first.items():
+        assert torch.equal(tensor, second[name]), name
+
+
+PPO_TIS_RUN = {"batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 2, "learning_rate": 1e-3}
+
+
+@pytest.fixture()
+def make_seeded_trainer(make_trainer):
+    """Trainers whose value heads (randomly initialized) start the same."""
+
+    def make(**ppo_kwargs) -> PPOTrainer:
+        torch.manual_seed(0)
+        return make_trainer(**ppo_kwargs)
+
+    return make
+
+
+def test_without_a_tis_cap_the_behaviour_logprobs_only_add_the_mismatch_stats(make_seeded_trainer):
+    queries, responses, scores = random_batch(4)
+    plain = make_seeded_trainer(**PPO_TIS_RUN)
+    plain_stats = plain.step(queries, responses, scores)
+    behaviour = behaviour_from(plain_stats["objective/logprobs"], responses, [5.0] * 4)
+    observed = make_seeded_trainer(**PPO_TIS_RUN)
+    stats = observed.step(queries, responses, scores, behaviour_logprobs=behaviour)
+    capped_but_blind = make_seeded_trainer(**PPO_TIS_RUN, tis_cap=2.0)
+    capped_but_blind.step(queries, responses, scores)
+
+    assert_same_weights(trained_weights(observed), trained_weights(plain))
+    assert_same_weights(trained_weights(capped_but_blind), trained_weights(plain))
+    assert set(stats) == TRL_STAT_KEYS | {
+        "rollout/logprob_diff_mean",
+        "rollout/tis_capped_fraction",
+    }
+    assert stats["ppo/loss/total"] == plain_stats["ppo/loss/total"]
+    assert stats["rollout/logprob_diff_mean"] == pytest.approx(5.0)
+    assert stats["rollout/tis_capped_fraction"] == 0.0  # no cap, nothing cut
+
+
+def test_behaviour_logprobs_equal_to_the_old_ones_weigh_1_and_change_nothing(make_seeded_trainer):
+    queries, responses, scores = random_batch(4)
+    plain = make_seeded_trainer(**PPO_TIS_RUN)
+    plain_stats = plain.step(queries, responses, scores)
+    behaviour = behaviour_from(plain_stats["objective/logprobs"], responses, [0.0] * 4)
+    corrected = make_seeded_trainer(**PPO_TIS_RUN, tis_cap=2.0)
+    stats = corrected.step(queries, responses, scores, behaviour_logprobs=behaviour)
+
+    assert_same_weights(trained_weights(corrected), trained_weights(plain))
+    assert stats["ppo/loss/policy"] == plain_stats["ppo/loss/policy"]
+    assert stats["rollout/logprob_diff_mean"] == 0.0
+    assert stats["rollout/tis_capped_fraction"] == 0.0
+
+
+def test_behaviour_logprobs_far_below_the_old_ones_are_capped_and_counted(make_seeded_trainer):
+    queries, responses, scores = random_batch(4)
+    one_minibatch = {"batch_size": 4, "mini_batch_size": 4, "ppo_epochs": 1}
+    plain_stats = make_seeded_trainer(**one_minibatch).step(queries, responses, scores)
+    old_logprobs = plain_stats["objective/logprobs"]
+    # Rows 0 and 2 sampled by a generator 5 nats less sure (weight e^5, capped at 2), rows 1
+    # and 3 by the old policy itself (weight 1).
+    half_stale = behaviour_from(old_logprobs, responses, [5.0, 0.0, 5.0, 0.0])
+    stats = make_seeded_trainer(**one_minibatch, tis_cap=2.0).step(
+        queries, responses, scores, behaviour_logprobs=half_stale
+    )
+    tokens = [len(r) for r in responses]
+    stale_share = (tokens[0] + tokens[2]) / sum(tokens)
+    assert stats["rollout/tis_capped_fraction"] == pytest.approx(stale_share)
+    assert stats["rollout/logprob_diff_mean"] == pytest.approx(5.0 * stale_share)
+
+    # Every row stale: every weight is the cap, and the one minibatch's policy loss (taken
+    # before any update) doubles; the value loss does not change.
+    all_stale = behaviour_from(old_logprobs, responses, [5.0] * 4)
+    stats = make_seeded_trainer(**one_minibatch, tis_cap=2.0).step(
+        queries, responses, scores, behaviour_logprobs=all_stale
+    )
+    assert stats["rollout/tis_capped_fraction"] == 1.0
+    assert stats["ppo/loss/policy"] == pytest.approx(2 * plain_stats["ppo/loss/policy"], rel=1e-5)
+    assert stats["ppo/loss/value"] == pytest.approx(plain_stats["ppo/loss/value"], rel=1e-6)
+
+
+def test_behaviour_logprobs_of_the_wrong_shape_are_a_value_error(make_trainer):
+    trainer = make_trainer(batch_size=2, mini_batch_size=2, tis_cap=2.0)
+    queries, responses, scores = random_batch(2)
+    behaviour = [torch.zeros(len(responses[0]) + 1), torch.zeros(len(responses[1]))]
+    with pytest.raises(ValueError, match=r"behaviour_logprobs\[0\]"):
+        trainer.step(queries, responses, scores, behaviour_logprobs=behaviour)

@@ -105,6 +105,17 @@ def test_ppo_loss_differentiates_both_heads():
     torch.testing.assert_close(vpreds.grad, torch.tensor([[1.1 / 4, (1.1 - 3.0) / 4]]))
 
 
+def test_ppo_loss_weights_only_the_policy_loss_by_the_importance_weights():
+    config = LossConfig(cliprange=0.2, cliprange_value=0.2, vf_coef=0.1)
+    weights = torch.tensor([[0.5, 2.0]])
+    result = ppo_loss(**minibatch(), config=config, importance_weights=weights)
+    # L_pg = (0.5 * -1.2 + 2 * 2) / 2 = 1.7; L_vf unchanged, 1.81.
+    torch.testing.assert_close(result.loss, torch.tensor(1.7 + 0.1 * 1.81))
+    assert result.stats["loss/policy"].item() == pytest.approx(1.7)
+    assert result.stats["loss/value"].item() == pytest.approx(1.81)
+    assert result.stats["policy/clipfrac"].item() == 0.5
+
+
 def test_a_minibatch_over_the_ratio_threshold_is_skipped_with_zero_losses():
     config = LossConfig(ratio_threshold=1.5)
     with pytest.warns(UserWarning, match=r"average ratio of batch \(2.00\) exceeds threshold 1.50"):

@@ -118,3 +118,36 @@ def test_dataset_fields_that_clash_with_reward_arguments_are_named(
     ):
         check_reward_arguments(job, fields)
     check_reward_arguments(job, {"prompt", "answer"})
+
+
+def test_each_reward_component_is_checked_before_start(tmp_path) -> None:
+    from rlfleet.common.config import JobConfig
+    from rlfleet.learner.driver.checks import (
+        ConfigError,
+        check_reward_arguments,
+        check_reward_source,
+        reward_sources,
+    )
+
+    def job(components: list[dict]) -> JobConfig:
+        return JobConfig.model_validate(
+            {
+                "model": str(tmp_path),
+                "dataset": {"path": str(tmp_path / "d.jsonl")},
+                "reward": {"components": components},
+            }
+        )
+
+    good = {"name": "good", "function": "rlfleet.reward.functions:sentiment"}
+    bad = {"name": "typo", "function": "rlfleet.reward.functions:nope"}
+    sources = reward_sources(job([good, bad]))
+    assert [key for key, _ in sources] == [
+        "reward.components[0] (good)",
+        "reward.components[1] (typo)",
+    ]
+    check_reward_source(*sources[0])
+    with pytest.raises(ConfigError, match=r"reward.components\[1\] \(typo\).function: .*'nope'"):
+        check_reward_source(*sources[1])
+    clash = job([{**good, "kwargs": {"target": 1}}])
+    with pytest.raises(ConfigError, match=r"clash .*reward.components\[0\] \(good\).kwargs"):
+        check_reward_arguments(clash, ["prompt", "target"])

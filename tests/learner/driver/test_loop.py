@@ -6,20 +6,24 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import pyarrow as pa
 import pytest
 import ray
 from driver_fakes import CRITIC_FREE_LEARNER_STATS, LEARNER_STATS, fake_factories
 from job_configs import PROMPTS, read_stats, small_job
 
 from rlfleet.common.config import CheckpointConfig, JobConfig
+from rlfleet.common.schema import prompt_batch, with_columns
 from rlfleet.learner.driver.data import read_prompt_rows
 from rlfleet.learner.driver.loop import (
     JobResult,
     PPOJob,
     StageTimer,
     checkpoint_due,
+    component_means,
     reference_kl,
 )
 from rlfleet.learner.driver.metrics import STAGES
@@ -309,3 +313,32 @@ def test_the_progress_bar_shows_the_kl_to_the_reference_of_either_trainer() -> N
     assert reference_kl({"critic_free/kl": 0.5}) == "0.500"
     assert reference_kl({"critic_free/kl_in_reward": 0.125}) == "0.125"
     assert reference_kl({"critic_free/loss": 1.0}) == "-"  # beta and kl_coef 0: no reference
+
+
+def scored_with_components(parts: list[dict[str, float] | None]) -> pa.RecordBatch:
+    n = len(parts)
+    batch = prompt_batch(list(range(n)), ["p"] * n, [[1]] * n)
+    return with_columns(
+        batch,
+        response=["r"] * n,
+        response_ids=[[2, 3]] * n,
+        policy_version=[0] * n,
+        score=[sum((row or {}).values()) for row in parts],
+        score_components=parts,
+    )
+
+
+def test_each_reward_component_gets_its_mean_in_the_stats_line() -> None:
+    scored = scored_with_components(
+        [{"correct": 1.0, "short": -0.5}, {"correct": 0.0, "short": -1.5}]
+    )
+    assert component_means(scored) == {"reward/correct_mean": 0.5, "reward/short_mean": -1.0}
+    assert component_means(scored_with_components([None, None])) == {}
+
+    job = SimpleNamespace(
+        iteration=1, generators=SimpleNamespace(restarts=0), rewards=SimpleNamespace(restarts=0)
+    )
+    line = PPOJob.stats_line(job, scored, {"objective/kl": 0.1})
+    assert line["reward/correct_mean"] == 0.5
+    assert line["reward/short_mean"] == -1.0
+    assert line["reward_mean"] == pytest.approx(-0.5)
