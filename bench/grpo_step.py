@@ -37,9 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,8 +50,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
+from side_by_side import ROOT, machine, run_side  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 VENVS = {
     "rlfleet": ROOT / ".venv" / "bin" / "python",
     "trl": ROOT / ".venv-trl116" / "bin" / "python",
@@ -277,25 +275,6 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def machine() -> str:
-    model = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    return f"{os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), {model}"
-
-
-def run_side(impl: str, steps: int) -> dict[str, Any]:
-    command = [str(VENVS[impl]), str(Path(__file__).resolve()), "--impl", impl, "--json"]
-    command += ["--steps", str(steps)]
-    output = subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT).stdout
-    return json.loads(output.strip().splitlines()[-1])
-
-
 def compare(rounds: int, steps: int) -> None:
     """Alternates the two sides ``rounds`` times (order flipped every round); prints each run,
     where rlfleet's step time goes, and the median ratio rlfleet / TRL."""
@@ -306,7 +285,7 @@ def compare(rounds: int, steps: int) -> None:
     for round_index in range(rounds):
         order = ("rlfleet", "trl") if round_index % 2 == 0 else ("trl", "rlfleet")
         for impl in order:
-            result = run_side(impl, steps)
+            result = run_side(VENVS[impl], __file__, impl, steps)
             results[impl].append(result)
             times = " ".join(f"{s:.2f}" for s in result["step_s"])
             print(

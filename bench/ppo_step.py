@@ -25,20 +25,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
-import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from side_by_side import ROOT, machine, run_side
 
-ROOT = Path(__file__).resolve().parent.parent
 VENVS = {"rlfleet": ROOT / ".venv" / "bin" / "python", "trl": ROOT / ".venv-trl" / "bin" / "python"}
 VOCAB_SIZE = 50257
 EOS_ID = VOCAB_SIZE - 1
@@ -182,25 +179,6 @@ def profile(steps: int) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
 
 
-def machine() -> str:
-    model = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    return f"{os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), {model}"
-
-
-def run_side(impl: str, steps: int) -> dict[str, Any]:
-    command = [str(VENVS[impl]), str(Path(__file__).resolve()), "--impl", impl, "--json"]
-    command += ["--steps", str(steps)]
-    output = subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT).stdout
-    return json.loads(output.strip().splitlines()[-1])
-
-
 def compare(rounds: int, steps: int) -> None:
     """Alternates the two sides ``rounds`` times (order flipped every round) and prints a table
     and the median ratios rlfleet / TRL."""
@@ -213,7 +191,7 @@ def compare(rounds: int, steps: int) -> None:
     for round_index in range(rounds):
         order = ("rlfleet", "trl") if round_index % 2 == 0 else ("trl", "rlfleet")
         for impl in order:
-            result = run_side(impl, steps)
+            result = run_side(VENVS[impl], __file__, impl, steps)
             results[impl].append(result)
             times = " ".join(f"{s:.2f}" for s in result["step_s"])
             print(
