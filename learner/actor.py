@@ -30,7 +30,7 @@ from rlfleet.common.config import CheckpointConfig, CriticFreeConfig, MetricsCon
 from rlfleet.common.metrics import MetricsTarget
 from rlfleet.common.transport import DEFAULT_TRANSPORT, WeightsHandle, make_publisher
 from rlfleet.learner.checkpoint import policy_of
-from rlfleet.learner.guards import check_finite_weights
+from rlfleet.learner.guards import CRITIC_FREE_ADVICE, PPO_ADVICE, check_finite_weights
 from rlfleet.learner.metrics import (
     PPO_STAT_GAUGES,
     LearnerMetrics,
@@ -228,7 +228,9 @@ class LearnerActor:
         started = time.perf_counter()
         stats = self._critic_free_step(batch) if self.critic_free else self._ppo_step(batch)
         check_finite_weights(
-            self.trainer.model, f"step {self.version + 1} (rollouts {min(ids)}..{max(ids)})"
+            self.trainer.model,
+            f"step {self.version + 1} (rollouts {min(ids)}..{max(ids)})",
+            CRITIC_FREE_ADVICE if self.critic_free else PPO_ADVICE,
         )
         self.consumed.extend(ids)
         self._consumed_set.update(ids)

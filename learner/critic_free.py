@@ -48,7 +48,7 @@ from rlfleet.learner.critic_free_stats import (
     rollout_stats,
 )
 from rlfleet.learner.forward import PackedRows, ResponseBatch, lm_head_of, response_forward
-from rlfleet.learner.guards import check_finite_loss, finite_grad_norm
+from rlfleet.learner.guards import CRITIC_FREE_ADVICE, check_finite_loss, finite_grad_norm
 from rlfleet.learner.reference import create_reference_model
 from rlfleet.learner.shuffle import Shuffler
 from rlfleet.learner.stats import StepTimer
@@ -269,7 +269,7 @@ class CriticFreeTrainer:
                     num_items_in_batch=num_items_in_batch,
                     importance_sampling_ratio=tis_weights,
                 )
-                check_finite_loss(result.loss, where)
+                check_finite_loss(result.loss, where, CRITIC_FREE_ADVICE)
                 result.loss.backward()
                 grad_norm = self._optimizer_step(where)
                 all_metrics.append(
@@ -286,7 +286,7 @@ class CriticFreeTrainer:
         """Check the gradient norm, clip (if ``max_grad_norm``), step, zero; returns the norm."""
         parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
         try:
-            norm = finite_grad_norm(parameters, where)
+            norm = finite_grad_norm(parameters, where, CRITIC_FREE_ADVICE)
         except FloatingPointError:
             self.optimizer.zero_grad()
             raise

@@ -15,7 +15,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-ADVICE = "lower ppo.learning_rate or set ppo.max_grad_norm, or set ppo.nonfinite: skip"
+PPO_ADVICE = "lower ppo.learning_rate or set ppo.max_grad_norm, or set ppo.nonfinite: skip"
+CRITIC_FREE_ADVICE = "lower critic_free.learning_rate or critic_free.max_grad_norm"
 
 
 class NonFiniteError(FloatingPointError):
@@ -26,10 +27,10 @@ def is_finite(value: torch.Tensor) -> bool:
     return bool(torch.isfinite(value).all())
 
 
-def check_finite_loss(loss: torch.Tensor, where: str) -> None:
+def check_finite_loss(loss: torch.Tensor, where: str, advice: str = PPO_ADVICE) -> None:
     """Raises ``NonFiniteError`` naming ``where`` (e.g. ``step 3, epoch 0, minibatch 1``)."""
     if not is_finite(loss):
-        raise NonFiniteError(f"{where}: the loss is {loss.item()}; {ADVICE}")
+        raise NonFiniteError(f"{where}: the loss is {loss.item()}; {advice}")
 
 
 def grad_norm(parameters: Iterable[nn.Parameter]) -> float:
@@ -40,20 +41,25 @@ def grad_norm(parameters: Iterable[nn.Parameter]) -> float:
     return float(torch.nn.utils.get_total_norm(grads, norm_type=2.0))
 
 
-def finite_grad_norm(parameters: Iterable[nn.Parameter], where: str) -> float:
+def finite_grad_norm(
+    parameters: Iterable[nn.Parameter], where: str, advice: str = PPO_ADVICE
+) -> float:
     """The gradient norm; raises ``NonFiniteError`` naming ``where`` when it is NaN or inf."""
     norm = grad_norm(parameters)
     if not math.isfinite(norm):
-        raise NonFiniteError(f"{where}: the gradient norm is {norm}; {ADVICE}")
+        raise NonFiniteError(f"{where}: the gradient norm is {norm}; {advice}")
     return norm
 
 
-def check_finite_weights(model: nn.Module, where: str) -> None:
+@torch.no_grad()
+def check_finite_weights(model: nn.Module, where: str, advice: str = PPO_ADVICE) -> None:
     """Raises ``NonFiniteError`` naming ``where`` and the first parameter holding a NaN or an
-    infinity."""
-    for name, parameter in model.named_parameters():
-        if not is_finite(parameter.detach()):
-            raise NonFiniteError(
-                f"{where}: weight {name} is not finite; it was neither published nor "
-                f"checkpointed; {ADVICE}"
-            )
+    infinity. One reduction over every parameter (one host sync per step, not one per tensor);
+    the parameters are searched only when it fails."""
+    parameters = list(model.named_parameters())
+    if bool(torch.stack([torch.isfinite(p).all() for _, p in parameters]).all()):
+        return
+    name = next(name for name, p in parameters if not is_finite(p))
+    raise NonFiniteError(
+        f"{where}: weight {name} is not finite; it was neither published nor checkpointed; {advice}"
+    )
