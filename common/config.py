@@ -251,6 +251,8 @@ class GeneratorConfig(StrictModel):
     n_samples_per_prompt: PositiveInt = 1
     """Samples per prompt (the group size): each gets its own rollout id and seed, and all of
     them share the prompt's group id."""
+    dtype: Dtype | None = None
+    """The engine's dtype; None: the learner's (``learner.dtype``)."""
 
 
 REWARD_SOURCES = ("function", "model", "url")
@@ -314,9 +316,41 @@ class RewardConfig(StrictModel):
         return self
 
 
+Dtype = Literal["float32", "bfloat16"]
+
+
 class LearnerConfig(StrictModel):
+    """The learner: ``num_ranks`` rank actors in one placement group and one
+    ``torch.distributed`` group (nccl on GPUs, gloo on CPU), the models sharded across them
+    with FSDP2; ``num_cpus`` and ``num_gpus`` are per rank."""
+
+    num_ranks: PositiveInt = 1
     num_cpus: float = Field(default=1.0, ge=0)
-    num_gpus: float = Field(default=0.0, ge=0)
+    """CPUs per rank; torch uses as many threads (at least one)."""
+    num_gpus: float = Field(default=0.0, ge=0, le=1)
+    """GPUs per rank (at most 1: a rank trains on one device; more GPUs, more ranks)."""
+    dtype: Dtype = "float32"
+    """Parameters and activations; bfloat16 keeps float32 master weights, optimizer state,
+    gradient reductions, logits and log-softmax."""
+    gradient_checkpointing: bool = False
+    """Recompute each transformer block's activations in the backward pass (less memory)."""
+    max_tokens_per_microbatch: PositiveInt | None = None
+    """Split each rank's share of a minibatch into micro-batches of at most this many (padded)
+    tokens; None: one micro-batch per minibatch share."""
+    timeout_s: PositiveFloat = 600.0
+    """Deadline of the learner ranks' collectives (a dead or stalled rank fails the step)."""
+
+
+class WeightSyncConfig(StrictModel):
+    """How new weights reach the generators: through Ray's object store, or a collective
+    group (nccl on GPUs, gloo on CPU) of the learner's rank 0 and every generator."""
+
+    transport: Literal["object_store", "collective", "auto"] = "auto"
+    """auto: collective when the learner and the generators are on GPUs, else object_store."""
+    bucket_mb: PositiveFloat = 256.0
+    """Tensors travel packed in buckets of at most this size."""
+    timeout_s: PositiveFloat = 120.0
+    """A sync not finished by then fails, naming the generator that did not answer."""
 
 
 class CheckpointConfig(StrictModel):
@@ -361,6 +395,7 @@ class JobConfig(StrictModel):
     generators: GeneratorConfig = Field(default_factory=GeneratorConfig)
     reward: RewardConfig
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
     critic_free: CriticFreeConfig | None = None
     """The critic-free trainer's settings (only when ``algorithm`` is not ppo; its
@@ -383,6 +418,11 @@ class JobConfig(StrictModel):
     def trainer_config(self) -> PPOConfig | CriticFreeConfig:
         """The learner trainer's config: ``ppo`` or ``critic_free``, as ``algorithm`` says."""
         return self.ppo if self.critic_free is None else self.critic_free
+
+    @property
+    def generator_dtype(self) -> str:
+        """The generators' engine dtype: ``generators.dtype``, else ``learner.dtype``."""
+        return self.generators.dtype or self.learner.dtype
 
     @property
     def batch_key(self) -> str:
