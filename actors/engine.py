@@ -8,13 +8,13 @@ logprobs are what the learner recomputes for the PPO ratio, so the two are compa
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import torch
 
-from rlfleet.common.config import GeneratorConfig
+from rlfleet.common.config import Dtype, GeneratorConfig
 
 FinishReason = Literal["stop", "length"]
 
@@ -40,10 +40,16 @@ class SamplingSpec:
     seeds: tuple[int, ...] | None = None
     """None: draw from the engine's own random stream (seeded once when it was made); else one
     seed per prompt of the call, so a prompt's sample does not depend on how it was batched."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Ids that end generation besides the model's own EOS ids, kept as the last token (finish
+    reason ``"stop"``): ``rlfleet.common.chat.stop_token_ids``, a chat model's end of turn."""
 
     @classmethod
     def from_config(
-        cls, config: GeneratorConfig, seeds: Sequence[int] | None = None
+        cls,
+        config: GeneratorConfig,
+        seeds: Sequence[int] | None = None,
+        stop_token_ids: Sequence[int] = (),
     ) -> SamplingSpec:
         return cls(
             max_new_tokens=config.max_new_tokens,
@@ -51,6 +57,7 @@ class SamplingSpec:
             top_p=config.top_p,
             top_k=config.top_k,
             seeds=None if seeds is None else tuple(seeds),
+            stop_token_ids=tuple(stop_token_ids),
         )
 
     @classmethod
@@ -63,7 +70,29 @@ class Engine(Protocol):
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load these tensors into the model in place (HF parameter names: all of the learner's
-        weights, or one bucket of them)."""
+        weights, or one bucket of them), cast to the engine's dtype."""
+
+    def sleep(self) -> None:
+        """Free the accelerator memory the engine holds (weights and KV cache) while another
+        role uses the device (a colocated learner trains); ``wake_up`` takes it back. No
+        ``generate`` or ``load_weights`` in between."""
+
+    def wake_up(self) -> None:
+        """Take back what ``sleep`` freed: the weights held before it, an empty KV cache."""
+
+
+def engine_dtype(dtype: Dtype | None) -> torch.dtype:
+    """The torch dtype an engine computes in, given ``GeneratorConfig.dtype``; None (a config
+    no job resolved against its learner) is float32."""
+    return getattr(torch, dtype or "float32")
+
+
+def cast_floating(
+    named_tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors with every floating-point one cast to ``dtype`` (others as they are)."""
+    for name, tensor in named_tensors:
+        yield name, tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
 def check_prompts(prompt_ids: Sequence[Sequence[int]], params: SamplingSpec, context: int) -> None:

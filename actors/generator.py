@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import time
+from contextlib import closing
+from itertools import chain
 from pathlib import Path
 
 import pyarrow as pa
@@ -16,10 +18,18 @@ import ray
 
 from rlfleet.actors.engine import Engine, SamplingSpec
 from rlfleet.actors.metrics import GeneratorMetrics
-from rlfleet.common.config import GeneratorConfig, MetricsConfig
+from rlfleet.common.chat import stop_token_ids
+from rlfleet.common.config import GeneratorConfig, MetricsConfig, WeightSyncConfig
 from rlfleet.common.metrics import MetricsTarget
 from rlfleet.common.schema import with_columns
-from rlfleet.common.transport import DEFAULT_TRANSPORT, WeightsHandle, make_receiver
+from rlfleet.common.transport import (
+    DEFAULT_TRANSPORT,
+    CollectiveError,
+    GroupSpec,
+    WeightLoadError,
+    WeightsHandle,
+    make_receiver,
+)
 
 
 def make_engine(
@@ -32,7 +42,7 @@ def make_engine(
         return VLLMEngine(model_dir, config, seed, trust_remote_code=trust_remote_code)
     from rlfleet.actors.hf_engine import HFEngine
 
-    return HFEngine(model_dir, seed, trust_remote_code=trust_remote_code)
+    return HFEngine(model_dir, seed, trust_remote_code=trust_remote_code, dtype=config.dtype)
 
 
 def rollout_seed(job_seed: int, rollout_id: int) -> int:
@@ -54,13 +64,14 @@ class GeneratorActor:
         seed: int,
         job_name: str = "rlfleet",
         metrics: MetricsConfig | None = None,
-        weight_transport: str = DEFAULT_TRANSPORT,
+        weight_transport: WeightSyncConfig | str = DEFAULT_TRANSPORT,
         trust_remote_code: bool = False,
     ) -> None:
         """Load ``model_dir`` (policy version 0) into the engine ``config.engine`` names; serve
         this generator's Prometheus metrics as ``job_name`` unless ``metrics.enabled`` is off;
-        receive new weights through ``weight_transport`` (``common/transport/``). The model
-        directory's own code runs only with ``trust_remote_code``.
+        receive new weights through ``weight_transport`` (the job's resolved ``weight_sync``,
+        or a transport name; ``common/transport/``). The model directory's own code runs only
+        with ``trust_remote_code``.
 
         Each rollout is sampled with its own seed derived from ``seed`` and its rollout id, so
         a rollout's sample is the same whichever generator draws it and in whatever batch: a
@@ -69,11 +80,13 @@ class GeneratorActor:
         from transformers import AutoTokenizer
 
         self._config = config
+        self._index = index
         self._seed = seed
         self._engine = make_engine(model_dir, config, seed + index, trust_remote_code)
         self._tokenizer = AutoTokenizer.from_pretrained(
             str(model_dir), trust_remote_code=trust_remote_code
         )
+        self._stop_token_ids = stop_token_ids(model_dir, self._tokenizer)
         self._receiver = make_receiver(weight_transport)
         self._version = 0
         self._metrics = GeneratorMetrics.from_config(job_name, index, metrics or MetricsConfig())
@@ -85,14 +98,44 @@ class GeneratorActor:
         """Where this actor serves its Prometheus metrics (None when metrics are disabled)."""
         return self._metrics.served_target
 
+    def sleep(self) -> None:
+        """The engine frees its accelerator memory (while a colocated learner trains)."""
+        self._engine.sleep()
+
+    def wake_up(self) -> None:
+        self._engine.wake_up()
+
+    def join_weight_group(self, spec: GroupSpec, rank: int) -> None:
+        """Leave the weight group this generator is in (if any) and join ``spec``'s as
+        ``rank`` (collective transport; the job driver forms a new group at the start and after
+        a generator restarts or a sync fails)."""
+        self._receiver.join(spec, rank)
+
     def load_weights(self, handle: WeightsHandle) -> int:
-        """Load the published weights ``handle`` names in place, bucket by bucket; returns the
-        policy version now held."""
+        """Load the weights ``handle`` names in place as they arrive, bucket by bucket, in one
+        engine reload (a layer's tensors may span two buckets); returns the policy version now
+        held.
+
+        A transport failure raises ``CollectiveError`` (the driver re-forms the group and
+        syncs again); anything the engine raises becomes a ``WeightLoadError`` naming this
+        generator (the job stops: retrying would not help)."""
         started = time.perf_counter()
-        for bucket in self._receiver.receive(handle):
-            self._engine.load_weights(bucket)
-        self._version = handle.version
-        self._metrics.record_weight_load(time.perf_counter() - started, handle.version)
+        with closing(self._receiver.receive(handle)) as buckets:
+            try:
+                self._engine.load_weights(chain.from_iterable(buckets))
+            except CollectiveError:
+                raise
+            except Exception as exc:
+                raise WeightLoadError(
+                    f"generator {self._index}: its {self._config.engine} engine could not load "
+                    f"the published weights: {type(exc).__name__}: {exc}"
+                ) from exc
+        if self._receiver.version is None:
+            raise WeightLoadError(
+                f"generator {self._index}: its engine stopped before taking every published weight"
+            )
+        self._version = self._receiver.version
+        self._metrics.record_weight_load(time.perf_counter() - started, self._version)
         return self._version
 
     def generate(self, batch: pa.RecordBatch) -> pa.RecordBatch:
@@ -102,7 +145,7 @@ class GeneratorActor:
         started = time.perf_counter()
         with self._metrics.busy():
             completions = self._engine.generate(
-                prompt_ids, SamplingSpec.from_config(self._config, seeds)
+                prompt_ids, SamplingSpec.from_config(self._config, seeds, self._stop_token_ids)
             )
         responses = [c.token_ids for c in completions]
         self._metrics.record_generation(

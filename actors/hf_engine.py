@@ -4,6 +4,7 @@ Prompts are decoded together, left-padded, with a KV cache. Each step samples fr
 after temperature, top-k and top-p, and records the sampled token's raw log-probability
 (log-softmax before those), matching vLLM's ``raw_logprobs``. A row stops at its first EOS
 (kept as its last token, finish reason ``"stop"``) or after ``max_new_tokens`` (``"length"``).
+The model runs on CPU in the generator's dtype; logits are taken in float32 before sampling.
 """
 
 from __future__ import annotations
@@ -13,15 +14,25 @@ from pathlib import Path
 
 import torch
 
-from rlfleet.actors.engine import Completion, SamplingSpec, check_prompts
+from rlfleet.actors.engine import Completion, SamplingSpec, check_prompts, engine_dtype
+from rlfleet.common.config import Dtype
 
 
 class HFEngine:
-    def __init__(self, model_dir: str | Path, seed: int, trust_remote_code: bool = False) -> None:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        seed: int,
+        trust_remote_code: bool = False,
+        dtype: Dtype | None = None,
+    ) -> None:
+        """``dtype``: the generator's (``GeneratorConfig.dtype``); None is float32."""
         from transformers import AutoModelForCausalLM
 
         self._model = AutoModelForCausalLM.from_pretrained(
-            str(model_dir), dtype=torch.float32, trust_remote_code=trust_remote_code
+            str(model_dir),
+            dtype=engine_dtype(dtype),
+            trust_remote_code=trust_remote_code,
         )
         self._model.eval()
         config = self._model.config
@@ -32,9 +43,17 @@ class HFEngine:
         self._rng = torch.Generator().manual_seed(seed)
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy the tensors into the parameters of the same names (copying casts them to the
+        engine's dtype)."""
         unexpected = self._model.load_state_dict(dict(named_tensors), strict=False).unexpected_keys
         if unexpected:
             raise KeyError(f"the model has no parameters named {unexpected}")
+
+    def sleep(self) -> None:
+        """Nothing to free: this engine runs on CPU."""
+
+    def wake_up(self) -> None:
+        """Nothing to take back (see ``sleep``)."""
 
     @torch.inference_mode()
     def generate(self, prompt_ids: list[list[int]], params: SamplingSpec) -> list[Completion]:
@@ -44,6 +63,7 @@ class HFEngine:
         rngs = self._row_generators(params, len(prompt_ids))
         input_ids, mask = self._left_pad(prompt_ids)
         tokens, logprobs = [], []
+        stop_ids = self._eos_ids + list(params.stop_token_ids)
         finished = torch.zeros(len(prompt_ids), dtype=torch.bool)
         past = None
         for _ in range(params.max_new_tokens):
@@ -60,12 +80,12 @@ class HFEngine:
             next_ids = _sample(logits, params, rngs)
             tokens.append(next_ids)
             logprobs.append(torch.log_softmax(logits, -1).gather(1, next_ids[:, None])[:, 0])
-            finished |= torch.isin(next_ids, torch.tensor(self._eos_ids))
+            finished |= torch.isin(next_ids, torch.tensor(stop_ids))
             if finished.all():
                 break
             input_ids = next_ids[:, None]
             mask = torch.cat([mask, torch.ones_like(input_ids)], dim=1)
-        return self._completions(torch.stack(tokens, 1), torch.stack(logprobs, 1))
+        return self._completions(torch.stack(tokens, 1), torch.stack(logprobs, 1), stop_ids)
 
     def _row_generators(self, params: SamplingSpec, n: int) -> list[torch.Generator]:
         if params.seeds is None:
@@ -81,11 +101,14 @@ class HFEngine:
             mask[row, width - len(ids) :] = 1
         return input_ids, mask
 
-    def _completions(self, tokens: torch.Tensor, logprobs: torch.Tensor) -> list[Completion]:
-        """Cut each row after its first EOS; tokens decoded past it are discarded."""
+    @staticmethod
+    def _completions(
+        tokens: torch.Tensor, logprobs: torch.Tensor, stop_ids: list[int]
+    ) -> list[Completion]:
+        """Cut each row after its first stop id; tokens decoded past it are discarded."""
         completions = []
         for row_tokens, row_logprobs in zip(tokens.tolist(), logprobs.tolist(), strict=True):
-            stop = next((i for i, t in enumerate(row_tokens) if t in self._eos_ids), None)
+            stop = next((i for i, t in enumerate(row_tokens) if t in stop_ids), None)
             end = len(row_tokens) if stop is None else stop + 1
             completions.append(
                 Completion(

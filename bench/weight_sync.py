@@ -1,20 +1,16 @@
-"""Weight sync time to 1 vs 3 generator actors: one pack and put, N readers loading in place.
+"""Weight sync, object store vs collective (gloo on CPU), to 1 and 3 generators, side by side.
 
-One sync is what the job does after each PPO step: publish the new policy through the
-object-store transport (``common/transport/object_store.py``: pack it, ``ray.put`` it once), call
-every generator's ``load_weights`` with the one handle and wait until all hold the new version.
-Times are split into pack + put (learner side, once) and load (until the last generator has
-loaded). 1-generator and 3-generator syncs alternate run by run so that load from other processes
-on a shared machine hits both alike. Target: 3 generators <= 1.5x 1.
+One sync is what the job does after a step (``learner/driver/sync.py``'s ``WeightSync.publish``):
+the learner publishes its policy and every generator loads it in place and answers the version it
+holds. The object store: pack, one ``ray.put``, then every generator reads the one copy. The
+collective: the learner broadcasts bucket by bucket (``bucket_mb``) over a gloo group while every
+generator receives. Times run from the publish call until the last generator holds the version;
+GB/s is the model's bytes over that time (each generator gets all of them). Each transport
+has its own learner and 3 generators (a generator's receiver is fixed when it starts); the
+1-generator syncs use the first of them.
+Targets: collective <= 1.2x the object store; 3 generators <= 1.3x of 1.
 
-The in-place reload is CPU work in each generator (vLLM's layerwise reload and CPU GEMM
-repacking), so on C cores 3 reloads take at least 3/min(3, C) times one: 1.5x on 2 cores,
-before any load from other processes.
-
-A second table times only the transfer, for the packed format and for a plain state dict of
-torch tensors put as is: N reader actors ``ray.get`` the object and sum its tensors.
-
-    .venv/bin/python bench/weight_sync.py [--n-embd 256] [--n-layer 4] [--runs 9] [--engine vllm|hf]
+    .venv/bin/python bench/weight_sync.py [--sizes 13,100,500] [--runs 3] [--engine hf|vllm]
 """
 
 from __future__ import annotations
@@ -35,130 +31,139 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from rlfleet.actors.generator import start_generators  # noqa: E402
-from rlfleet.common.config import GeneratorConfig  # noqa: E402
+from rlfleet.actors.generator import RemoteGenerator, generator_options  # noqa: E402
+from rlfleet.common.config import GeneratorConfig, MetricsConfig, WeightSyncConfig  # noqa: E402
 from rlfleet.common.tiny_model import build_tiny_model  # noqa: E402
-from rlfleet.common.transport.object_store import ObjectStorePublisher  # noqa: E402
-from rlfleet.common.transport.packing import pack_state_dict, unpack  # noqa: E402
+from rlfleet.common.transport import make_publisher  # noqa: E402
+from rlfleet.learner.driver.pool import ActorPool  # noqa: E402
+from rlfleet.learner.driver.sync import WeightSync  # noqa: E402
+from rlfleet.learner.group import LearnerGroup  # noqa: E402
 
 COUNTS = (1, 3)
+TRANSPORTS = ("object_store", "collective")
+MODELS = {13: (256, 4, 4), 100: (512, 8, 8), 500: (1024, 10, 16)}
+"""About that many MiB of float32 GPT-2: (width, layers, heads), heads of 64."""
 
 
 @ray.remote(num_cpus=1)
-class Reader:
-    """Reads a broadcast object the way a generator would, without loading it anywhere."""
+class BenchLearner:
+    """The learner's weight methods (learner/actor.py) on a plain model; ``step`` perturbs it."""
 
-    def read(self, wrapped: list) -> float:
-        obj = ray.get(wrapped[0])
-        tensors = [t for _, t in unpack(obj)] if not isinstance(obj, dict) else obj.values()
-        return float(sum(t.float().sum() for t in tensors))
+    def __init__(self, model_dir: str, weight_sync: WeightSyncConfig) -> None:
+        from transformers import AutoModelForCausalLM
 
+        self.policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        self.version = 0
+        self._publisher = make_publisher(weight_sync, dtype="float32")
 
-def perturbed(state_dict: dict[str, torch.Tensor], version: int) -> dict[str, torch.Tensor]:
-    """New weights per sync, as after an optimizer step (ties kept)."""
-    torch.manual_seed(version)
-    with torch.no_grad():
-        for tensor in {t.data_ptr(): t for t in state_dict.values()}.values():
-            tensor.add_(torch.randn_like(tensor), alpha=1e-3)
-    return state_dict
+    def ready(self) -> int:
+        return self.version
 
+    @torch.no_grad()
+    def step(self) -> int:
+        self.version += 1
+        for param in self.policy.parameters():
+            param.mul_(1.0 + 1e-4)
+        return self.version
 
-def sync(
-    generators: list, state_dict: dict[str, torch.Tensor], version: int
-) -> tuple[float, float]:
-    """One sync: (seconds to pack and put, seconds until every generator loaded it)."""
-    start = time.perf_counter()
-    handle = ObjectStorePublisher().publish(state_dict, version)
-    put_done = time.perf_counter()
-    versions = ray.get([g.load_weights.remote(handle) for g in generators])
-    done = time.perf_counter()
-    if versions != [version] * len(generators):
-        raise RuntimeError(f"generators hold versions {versions}, expected {version}")
-    return put_done - start, done - put_done
+    def nbytes(self) -> int:
+        unique = {p.data_ptr(): p for p in self.policy.state_dict().values()}
+        return sum(t.numel() * t.element_size() for t in unique.values())
 
+    def publish_weights(self):
+        return self._publisher.publish(iter(self.policy.state_dict().items()), self.version)
 
-def transfer_seconds(readers: list, obj: object) -> float:
-    """Seconds from one put until ``readers`` have all read ``obj``."""
-    start = time.perf_counter()
-    ref = ray.put(obj)
-    ray.get([reader.read.remote([ref]) for reader in readers])
-    return time.perf_counter() - start
+    def join_weight_group(self, spec) -> None:
+        self._publisher.join(spec)
 
 
-def median_ms(values: list[float]) -> float:
-    return 1000 * statistics.median(values)
+def start_actors(
+    model_dir: Path, weight_sync: WeightSyncConfig, engine: str
+) -> tuple[object, list]:
+    """A learner and ``max(COUNTS)`` generators receiving through ``weight_sync``."""
+    learner = BenchLearner.remote(str(model_dir), weight_sync)
+    config = GeneratorConfig(engine=engine, num_cpus=0.5, kv_cache_gib=0.125)
+    generators = [
+        RemoteGenerator.options(**generator_options(config)).remote(
+            i,
+            str(model_dir),
+            config,
+            0,
+            metrics=MetricsConfig(enabled=False),
+            weight_transport=weight_sync,
+        )
+        for i in range(max(COUNTS))
+    ]
+    ray.get([learner.ready.remote(), *[g.ready.remote() for g in generators]])
+    return learner, generators
 
 
-def bench_syncs(model_dir: Path, args: argparse.Namespace) -> None:
-    from transformers import AutoModelForCausalLM
+def sync_seconds(
+    learner, generators: list, weight_sync: WeightSyncConfig, runs: int
+) -> list[float]:
+    """``runs`` timed syncs to ``generators`` (after a warm-up that forms the group)."""
+    sync = WeightSync(LearnerGroup([learner], timeout_s=600), weight_sync, backend="gloo")
+    pool = ActorPool("generator", lambda i: generators[i], len(generators))
+    seconds = []
+    for _ in range(runs + 1):
+        ray.get(learner.step.remote())
+        started = time.perf_counter()
+        sync.publish(pool)
+        seconds.append(time.perf_counter() - started)
+    return seconds[1:]
 
-    config = GeneratorConfig(
-        engine=args.engine, num_actors=max(COUNTS), num_cpus=1, kv_cache_gib=0.125
+
+def bench_model(size_mib: int, work: Path, args: argparse.Namespace) -> None:
+    width, layers, heads = MODELS[size_mib]
+    model_dir = build_tiny_model(
+        work / f"model-{size_mib}", n_embd=width, n_layer=layers, n_head=heads
     )
-    generators = start_generators(str(model_dir), config, seed=0)
-    state_dict = AutoModelForCausalLM.from_pretrained(str(model_dir)).state_dict()
-    sync(generators, state_dict, 1)  # warm-up
-    times: dict[int, list[tuple[float, float]]] = {n: [] for n in COUNTS}
-    version = 1
-    for _ in range(args.runs):
+    medians: dict[tuple[str, int], float] = {}
+    for transport in TRANSPORTS:
+        weight_sync = WeightSyncConfig(transport=transport, bucket_mb=args.bucket_mb, timeout_s=600)
+        learner, generators = start_actors(model_dir, weight_sync, args.engine)
+        nbytes = ray.get(learner.nbytes.remote())
         for n in COUNTS:
-            version += 1
-            times[n].append(sync(generators[:n], perturbed(state_dict, version), version))
-    nbytes = pack_state_dict(state_dict, 0).nbytes
-    print(f"\n{args.engine} weight sync, {nbytes / 2**20:.1f} MiB packed, median of {args.runs}")
-    print(f"{'generators':<12}{'pack+put ms':>12}{'load ms':>10}{'total ms':>10}{'ratio':>8}")
-    totals = {n: median_ms([put + load for put, load in times[n]]) for n in COUNTS}
-    for n in COUNTS:
-        put = median_ms([p for p, _ in times[n]])
-        load = median_ms([x for _, x in times[n]])
-        ratio = totals[n] / totals[COUNTS[0]]
-        print(f"{n:<12}{put:>12.1f}{load:>10.1f}{totals[n]:>10.1f}{ratio:>7.2f}x")
-    for generator in generators:
-        ray.kill(generator)
-
-
-def bench_transfer(model_dir: Path, runs: int) -> None:
-    from transformers import AutoModelForCausalLM
-
-    state_dict = AutoModelForCausalLM.from_pretrained(str(model_dir)).state_dict()
-    formats = {"packed buffer": pack_state_dict(state_dict, 0), "torch state dict": state_dict}
-    readers = [Reader.remote() for _ in range(max(COUNTS))]
-    transfer_seconds(readers, formats["packed buffer"])  # warm-up
-    times = {(f, n): [] for f in formats for n in COUNTS}
-    for _ in range(runs):
-        for (name, n), values in times.items():
-            values.append(transfer_seconds(readers[:n], formats[name]))
-    print(f"\ntransfer only (put + N readers get and sum), median of {runs}")
+            seconds = sync_seconds(learner, generators[:n], weight_sync, args.runs)
+            medians[transport, n] = statistics.median(seconds)
+        for actor in [learner, *generators]:
+            ray.kill(actor)
     print(
-        f"{'format':<18}" + "".join(f"{f'{n} reader(s) ms':>16}" for n in COUNTS) + f"{'ratio':>8}"
+        f"\n{nbytes / 2**20:.0f} MiB (GPT-2 width {width}, {layers} layers), {args.engine} "
+        f"engine, bucket_mb {args.bucket_mb:g}, median of {args.runs}"
     )
-    for name in formats:
-        medians = [median_ms(times[(name, n)]) for n in COUNTS]
-        cells = "".join(f"{m:>16.1f}" for m in medians)
-        print(f"{name:<18}{cells}{medians[-1] / medians[0]:>7.2f}x")
+    header = "".join(f"{t + ' s':>16}{'GB/s':>7}" for t in TRANSPORTS)
+    print(f"{'generators':<11}{header}{'coll/os':>9}")
+    for n in COUNTS:
+        cells = "".join(
+            f"{medians[t, n]:>16.3f}{nbytes / medians[t, n] / 1e9:>7.2f}" for t in TRANSPORTS
+        )
+        ratio = medians["collective", n] / medians["object_store", n]
+        print(f"{n:<11}{cells}{ratio:>8.2f}x")
+    scaling = "  ".join(f"{t}: {medians[t, 3] / medians[t, 1]:.2f}x" for t in TRANSPORTS)
+    print(f"3 generators / 1: {scaling}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n-embd", type=int, default=256)
-    parser.add_argument("--n-layer", type=int, default=4)
-    parser.add_argument("--runs", type=int, default=9)
-    parser.add_argument("--engine", choices=["vllm", "hf"], default="vllm")
+    parser.add_argument("--sizes", default="13,100,500", help="model sizes in MiB: 13, 100, 500")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--engine", choices=["vllm", "hf"], default="hf")
+    parser.add_argument("--bucket-mb", type=float, default=64.0)
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-weight-sync-"))
     atexit.register(shutil.rmtree, work, ignore_errors=True)
     os.environ["TMPDIR"] = str(work)
-    model_dir = build_tiny_model(work / "model", n_embd=args.n_embd, n_layer=args.n_layer, n_head=4)
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
-        bench_syncs(model_dir, args)
-        bench_transfer(model_dir, args.runs)
+        for size in (int(s) for s in args.sizes.split(",")):
+            bench_model(size, work, args)
     finally:
         ray.shutdown()
     print(
-        f"(model: GPT-2 width {args.n_embd}, {args.n_layer} layers; {os.cpu_count()} cores, "
-        f"load average {os.getloadavg()[0]:.1f})"
+        f"({os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; other processes "
+        "may share the machine)"
     )
 
 

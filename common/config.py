@@ -231,7 +231,25 @@ class DatasetConfig(StrictModel):
     path: str
     """A JSONL or Parquet file of prompts."""
     prompt_field: str = "prompt"
+    """The field of each row holding the prompt as text (unused with ``messages_field``)."""
+    messages_field: str | None = None
+    """A field of OpenAI-style message lists (``[{"role": "user", "content": "..."}]``) to
+    render with the tokenizer's chat template, the assistant's turn opened, as each prompt;
+    None: the prompts are the text of ``prompt_field``. Reward functions get each sample's
+    conversation (system prompt included) as the keyword argument ``messages``."""
+    system_prompt: str | None = None
+    """With ``messages_field``: a system message put first in each conversation that does not
+    open with its own."""
     shuffle: bool = True
+
+    @model_validator(mode="after")
+    def _system_prompt_needs_messages(self) -> DatasetConfig:
+        if self.system_prompt is not None and self.messages_field is None:
+            raise ValueError(
+                "dataset.system_prompt needs dataset.messages_field (a field of chat messages); "
+                "with text prompts, write the system prompt into the prompts"
+            )
+        return self
 
 
 class GeneratorConfig(StrictModel):
@@ -253,6 +271,11 @@ class GeneratorConfig(StrictModel):
     them share the prompt's group id."""
     dtype: Dtype | None = None
     """The engine's dtype; None: the learner's (``learner.dtype``)."""
+    cache_dir: str | None = "~/.cache/rlfleet"
+    """Where the vLLM engine keeps the kernels torch inductor compiles for its sampler (in
+    ``torchinductor/``; on GPUs, on CPU it compiles none), so that later jobs on the machine
+    load them instead of compiling again; None: torch's default, in the temp dir. An inductor
+    cache named by ``TORCHINDUCTOR_CACHE_DIR`` wins."""
 
 
 REWARD_SOURCES = ("function", "model", "url")
@@ -325,8 +348,11 @@ class LearnerConfig(StrictModel):
     with FSDP2; ``num_cpus`` and ``num_gpus`` are per rank."""
 
     num_ranks: PositiveInt = 1
-    num_cpus: float = Field(default=1.0, ge=0)
-    """CPUs per rank; torch uses as many threads (at least one)."""
+    num_cpus: float | None = Field(default=None, ge=0)
+    """CPUs per rank that Ray reserves; torch uses as many threads (at least one). None: Ray
+    reserves one per rank, and torch uses the node's cores shared among the ranks on it when
+    ``placement`` is colocated (the generators are idle while the learner trains), one thread
+    when disaggregated."""
     num_gpus: float = Field(default=0.0, ge=0, le=1)
     """GPUs per rank (at most 1: a rank trains on one device; more GPUs, more ranks)."""
     dtype: Dtype = "float32"
@@ -338,7 +364,23 @@ class LearnerConfig(StrictModel):
     """Split each rank's share of a minibatch into micro-batches of at most this many (padded)
     tokens; None: one micro-batch per minibatch share."""
     timeout_s: PositiveFloat = 600.0
-    """Deadline of the learner ranks' collectives (a dead or stalled rank fails the step)."""
+    """Deadline of the learner ranks' collectives, and (plus a minute) of the driver's wait for
+    each call to the ranks: start-up, a step, a weight publication, a checkpoint. A dead or
+    stalled rank fails the call naming it; raise it for steps that take longer."""
+
+    @property
+    def cpus_per_rank(self) -> float:
+        """The CPUs Ray reserves for each rank: ``num_cpus``, else one."""
+        return 1.0 if self.num_cpus is None else self.num_cpus
+
+    @model_validator(mode="after")
+    def _check_rank_resources(self) -> LearnerConfig:
+        if self.num_cpus == 0 and self.num_gpus == 0:
+            raise ValueError(
+                "learner: a rank with num_cpus 0 and num_gpus 0 has nothing to run on; give it "
+                "CPUs (or leave num_cpus unset) or a GPU"
+            )
+        return self
 
 
 class WeightSyncConfig(StrictModel):
@@ -371,6 +413,8 @@ class MetricsConfig(StrictModel):
     """Where the job writes its Prometheus file_sd targets (read by deploy/prometheus/*.yml)."""
 
 
+Placement = Literal["colocated", "disaggregated"]
+
 Algorithm = Literal["ppo", "grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"]
 GROUPED_ALGORITHMS = ("grpo", "rloo", "reinforce_pp_baseline")
 """The algorithms whose baseline is the other samples of a prompt: groups of two or more."""
@@ -395,6 +439,13 @@ class JobConfig(StrictModel):
     generators: GeneratorConfig = Field(default_factory=GeneratorConfig)
     reward: RewardConfig
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    placement: Placement = "colocated"
+    """Where generators run relative to the learner. colocated: they share its cores or GPUs
+    and take turns (the loop is synchronous): on CPUs the learner's torch threads use the
+    node's cores (``learner.num_cpus`` unset); on GPUs generator i shares learner rank
+    ``i % num_ranks``'s GPU and its vLLM engine sleeps (frees its memory) while the learner
+    trains. disaggregated: every actor keeps the resources it asks for (clusters, and
+    ``one_step_off`` on GPUs)."""
     weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
     critic_free: CriticFreeConfig | None = None
@@ -423,6 +474,17 @@ class JobConfig(StrictModel):
     def generator_dtype(self) -> str:
         """The generators' engine dtype: ``generators.dtype``, else ``learner.dtype``."""
         return self.generators.dtype or self.learner.dtype
+
+    @property
+    def colocated_on_gpus(self) -> bool:
+        """Whether generators share the learner's GPUs and sleep while it trains."""
+        on_gpus = self.learner.num_gpus > 0 and self.generators.num_gpus > 0
+        return self.placement == "colocated" and on_gpus
+
+    @property
+    def generators_per_learner_gpu(self) -> int:
+        """Generators that share one learner rank's GPU when colocated on GPUs."""
+        return -(-self.generators.num_actors // self.learner.num_ranks)
 
     @property
     def batch_key(self) -> str:
@@ -473,6 +535,8 @@ class JobConfig(StrictModel):
             )
         if self.critic_free is not None:
             self._check_completion_length(self.critic_free)
+        if self.colocated_on_gpus:
+            self._check_gpu_colocation()
         samples = self.generators.n_samples_per_prompt
         if self.samples_per_iteration % samples:
             raise ValueError(
@@ -486,6 +550,25 @@ class JobConfig(StrictModel):
                 f"the others of its prompt; it needs at least 2, got {samples}"
             )
         return self
+
+    def _check_gpu_colocation(self) -> None:
+        """Colocated on GPUs, a learner rank and its generators fit one GPU, and generation
+        cannot overlap training (the engines sleep while the learner trains)."""
+        if self.one_step_off:
+            raise ValueError(
+                "one_step_off: with placement colocated on GPUs the generators sleep while the "
+                "learner trains, so nothing overlaps; set placement: disaggregated or drop "
+                "one_step_off"
+            )
+        shared = self.generators_per_learner_gpu
+        total = self.learner.num_gpus + shared * self.generators.num_gpus
+        if total > 1:
+            raise ValueError(
+                f"placement: colocated puts {shared} generator(s) on each learner rank's GPU, but "
+                f"learner.num_gpus ({self.learner.num_gpus}) + {shared} x generators.num_gpus "
+                f"({self.generators.num_gpus}) = {total:g} > 1; lower them (e.g. 0.5 each) or "
+                "set placement: disaggregated"
+            )
 
     def _check_completion_length(self, critic_free: CriticFreeConfig) -> None:
         """``critic_free.max_completion_length`` is the generation limit, as in TRL's GRPO:

@@ -1,11 +1,15 @@
 """A tiny GPT-2 and its byte-level BPE tokenizer, built offline and byte-for-byte reproducibly.
 
 Nothing is downloaded: the tokenizer is trained on the built-in review corpus
-(``rlfleet.common.corpus``) and the model starts from seeded random weights. ``pretrain_demo_model``
-then trains it briefly on the same corpus so that it writes short review sentences, which is the
-demo task's starting policy. ``pretrain_arithmetic_model`` builds the GRPO example's model the
-same way from the arithmetic task's worked examples (``rlfleet.common.arithmetic``). The
-directory loads with ``GPT2Tokenizer``, ``AutoTokenizer``, ``AutoModelForCausalLM`` and vLLM.
+(``rlfleet.common.corpus``) and the model starts from seeded random weights. The same builder
+makes tiny models of the other architectures rlfleet supports (``ARCHITECTURES``: Llama,
+Qwen2, Mistral, GPT-NeoX, Gemma), each from its transformers config, and can give the
+tokenizer a ChatML chat template with its end-of-turn token (``chat_template=True``).
+``pretrain_demo_model`` then trains it briefly on the same corpus so that it writes short
+review sentences, which is the demo task's starting policy. ``pretrain_arithmetic_model`` builds
+the GRPO example's model the same way from the arithmetic task's worked examples
+(``rlfleet.common.arithmetic``). The directory loads with ``GPT2Tokenizer``, ``AutoTokenizer``,
+``AutoModelForCausalLM`` and vLLM.
 """
 
 from __future__ import annotations
@@ -13,9 +17,11 @@ from __future__ import annotations
 import argparse
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -24,6 +30,16 @@ from rlfleet.common import arithmetic
 from rlfleet.common.corpus import review_sentences
 
 EOS_TOKEN = "<|endoftext|>"
+TURN_START_TOKEN = "<|im_start|>"
+TURN_END_TOKEN = "<|im_end|>"
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+"""ChatML, as Qwen2's instruct models write it: a turn ends with ``TURN_END_TOKEN``, which the
+generation config lists as an EOS id beside ``EOS_TOKEN``."""
 DEFAULT_PRETRAIN_STEPS = 600
 ARITHMETIC_PRETRAIN_STEPS = 2500
 BYTE_VOCAB_SIZE = 257
@@ -31,8 +47,11 @@ BYTE_VOCAB_SIZE = 257
 per character, so each digit of a sum is its own step (the arithmetic model's vocabulary)."""
 
 
-def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
-    """A GPT-2-style byte-level BPE tokenizer (no prefix space, ``EOS_TOKEN`` as id 0).
+def train_tokenizer(
+    texts: list[str], vocab_size: int, special_tokens: tuple[str, ...] = (EOS_TOKEN,)
+) -> Tokenizer:
+    """A GPT-2-style byte-level BPE tokenizer (no prefix space, ``special_tokens`` as ids 0, 1,
+    ..., ``EOS_TOKEN`` first).
 
     BPE training is deterministic: merges are picked by count, ties by the pair itself.
     """
@@ -42,7 +61,7 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[EOS_TOKEN],
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -50,11 +69,14 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
-def _save_tokenizer(tokenizer: Tokenizer, out_dir: Path, model_max_length: int) -> None:
+def _save_tokenizer(
+    tokenizer: Tokenizer, out_dir: Path, model_max_length: int, chat_template: str | None = None
+) -> None:
     """vocab.json + merges.txt (slow-tokenizer files), tokenizer.json and the GPT-2 configs.
 
     As in GPT-2, bos, eos and unk are ``EOS_TOKEN``; the pad token is set to it as well, the
     way GPT-2 users set ``tokenizer.pad_token = tokenizer.eos_token`` before batching.
+    ``chat_template``, when given, is saved with the tokenizer.
     """
     from transformers import GPT2Tokenizer
 
@@ -70,35 +92,105 @@ def _save_tokenizer(tokenizer: Tokenizer, out_dir: Path, model_max_length: int) 
         add_prefix_space=False,
         model_max_length=model_max_length,
     )
+    if chat_template is not None:
+        hf_tokenizer.chat_template = chat_template
     hf_tokenizer.save_pretrained(str(out_dir))
 
 
-def _save_random_gpt2(
-    out_dir: Path,
-    *,
-    vocab_size: int,
-    eos_token_id: int,
-    n_layer: int,
-    n_embd: int,
-    n_head: int,
-    n_positions: int,
-    seed: int,
-) -> None:
-    from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
+ARCHITECTURES = ("gpt2", "llama", "qwen2", "mistral", "gpt_neox", "gemma")
+"""The transformers ``model_type`` of each architecture ``build_tiny_model`` makes."""
 
-    config = GPT2Config(
-        vocab_size=vocab_size,
-        n_positions=n_positions,
-        n_embd=n_embd,
-        n_layer=n_layer,
-        n_head=n_head,
-        bos_token_id=eos_token_id,
-        eos_token_id=eos_token_id,
+
+@dataclass(frozen=True)
+class Shape:
+    """A tiny model's size in the architecture-neutral terms of ``build_tiny_model``."""
+
+    vocab_size: int
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_kv_head: int
+    n_positions: int
+
+
+def _gpt2_config(shape: Shape) -> dict[str, Any]:
+    if shape.n_kv_head != shape.n_head:
+        raise ValueError(f"gpt2 has no grouped-query attention (n_kv_head {shape.n_kv_head})")
+    return {
+        "vocab_size": shape.vocab_size,
+        "n_positions": shape.n_positions,
+        "n_embd": shape.n_embd,
+        "n_layer": shape.n_layer,
+        "n_head": shape.n_head,
+    }
+
+
+def _decoder_config(shape: Shape, tie_word_embeddings: bool) -> dict[str, Any]:
+    """The keys Llama-style configs share; the MLP is twice the width, as in the small models
+    of these families."""
+    return {
+        "vocab_size": shape.vocab_size,
+        "hidden_size": shape.n_embd,
+        "intermediate_size": 2 * shape.n_embd,
+        "num_hidden_layers": shape.n_layer,
+        "num_attention_heads": shape.n_head,
+        "max_position_embeddings": shape.n_positions,
+        "tie_word_embeddings": tie_word_embeddings,
+    }
+
+
+def _grouped_query_config(shape: Shape, tie_word_embeddings: bool) -> dict[str, Any]:
+    return {
+        **_decoder_config(shape, tie_word_embeddings),
+        "num_key_value_heads": shape.n_kv_head,
+        "head_dim": shape.n_embd // shape.n_head,
+    }
+
+
+def _gpt_neox_config(shape: Shape) -> dict[str, Any]:
+    """Pythia's layout: untied, parallel residual, rotary embedding on a quarter of each head."""
+    if shape.n_kv_head != shape.n_head:
+        raise ValueError(f"gpt_neox has no grouped-query attention (n_kv_head {shape.n_kv_head})")
+    return _decoder_config(shape, tie_word_embeddings=False)
+
+
+def _mistral_config(shape: Shape) -> dict[str, Any]:
+    """Untied, grouped-query, with a sliding window of half the context so that prompts of the
+    tests reach past it."""
+    return {**_grouped_query_config(shape, False), "sliding_window": shape.n_positions // 2}
+
+
+ARCHITECTURE_CONFIGS: dict[str, Callable[[Shape], dict[str, Any]]] = {
+    "gpt2": _gpt2_config,
+    "llama": lambda shape: _grouped_query_config(shape, tie_word_embeddings=False),
+    "qwen2": lambda shape: _grouped_query_config(shape, tie_word_embeddings=True),
+    "mistral": _mistral_config,
+    "gpt_neox": _gpt_neox_config,
+    "gemma": lambda shape: _grouped_query_config(shape, tie_word_embeddings=True),
+}
+"""Each architecture's config keys, as the small models of its family set them: Llama and
+Mistral untied, Qwen2 (biased q/k/v, built into the architecture) and Gemma tied, all four with
+grouped-query attention."""
+
+
+def _save_random_model(
+    out_dir: Path, architecture: str, shape: Shape, eos_token_ids: list[int], seed: int
+) -> None:
+    """Seeded random weights of ``architecture``; bos (and the generation config's pad) is the
+    first EOS id, and the configs name every EOS id (one list when there are several)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    eos = eos_token_ids[0] if len(eos_token_ids) == 1 else eos_token_ids
+    config = AutoConfig.for_model(
+        architecture,
+        **ARCHITECTURE_CONFIGS[architecture](shape),
+        bos_token_id=eos_token_ids[0],
+        eos_token_id=eos,
     )
     torch.manual_seed(seed)
-    model = GPT2LMHeadModel(config)
+    model = AutoModelForCausalLM.from_config(config)
     model.generation_config = GenerationConfig(
-        bos_token_id=eos_token_id, eos_token_id=eos_token_id, pad_token_id=eos_token_id
+        bos_token_id=eos_token_ids[0], eos_token_id=eos, pad_token_id=eos_token_ids[0]
     )
     model.save_pretrained(str(out_dir), safe_serialization=True)
 
@@ -106,32 +198,45 @@ def _save_random_gpt2(
 def build_tiny_model(
     out_dir: str | Path,
     *,
+    architecture: str = "gpt2",
     n_layer: int = 2,
     n_embd: int = 64,
     n_head: int = 2,
+    n_kv_head: int | None = None,
     n_positions: int = 128,
     vocab_size: int = 1024,
     seed: int = 0,
     texts: list[str] | None = None,
+    chat_template: bool = False,
 ) -> Path:
-    """Build the tokenizer and a random-weight GPT-2 in ``out_dir``; same bytes for same args.
+    """Build the tokenizer and a random-weight model in ``out_dir``; same bytes for same args.
 
-    Returns ``out_dir`` as a ``Path``. The tokenizer is trained on ``texts`` (the review corpus
-    by default); the model's vocabulary is its actual size (at most ``vocab_size``).
+    Returns ``out_dir`` as a ``Path``. ``architecture`` is one of ``ARCHITECTURES``; the head
+    size is ``n_embd // n_head`` and ``n_kv_head`` (grouped-query architectures only) defaults
+    to half the heads for those, all of them otherwise. The tokenizer is trained on ``texts``
+    (the review corpus by default); the model's vocabulary is its actual size (at most
+    ``vocab_size``). ``chat_template`` adds ChatML's turn tokens and template
+    (``CHAT_TEMPLATE``) and makes the end-of-turn token an EOS id of the generation config.
     """
+    if architecture not in ARCHITECTURE_CONFIGS:
+        raise ValueError(f"architecture {architecture!r} is not one of {', '.join(ARCHITECTURES)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_tokenizer(review_sentences() if texts is None else texts, vocab_size)
-    _save_tokenizer(tokenizer, out_dir, model_max_length=n_positions)
-    _save_random_gpt2(
-        out_dir,
+    special = (EOS_TOKEN, TURN_START_TOKEN, TURN_END_TOKEN) if chat_template else (EOS_TOKEN,)
+    tokenizer = train_tokenizer(review_sentences() if texts is None else texts, vocab_size, special)
+    _save_tokenizer(tokenizer, out_dir, n_positions, CHAT_TEMPLATE if chat_template else None)
+    eos_tokens = (TURN_END_TOKEN, EOS_TOKEN) if chat_template else (EOS_TOKEN,)
+    grouped = architecture in ("llama", "qwen2", "mistral", "gemma")
+    shape = Shape(
         vocab_size=tokenizer.get_vocab_size(),
-        eos_token_id=tokenizer.token_to_id(EOS_TOKEN),
         n_layer=n_layer,
         n_embd=n_embd,
         n_head=n_head,
+        n_kv_head=n_kv_head or (max(1, n_head // 2) if grouped else n_head),
         n_positions=n_positions,
-        seed=seed,
+    )
+    _save_random_model(
+        out_dir, architecture, shape, [tokenizer.token_to_id(t) for t in eos_tokens], seed
     )
     return out_dir
 
@@ -173,8 +278,11 @@ def pretrain_demo_model(
     seed: int = 0,
     batch_size: int = 32,
     learning_rate: float = 3e-3,
+    architecture: str = "gpt2",
+    chat_template: bool = False,
 ) -> Path:
-    """Build the tiny model in ``out_dir`` and pretrain it on the corpus (CPU, seeded).
+    """Build the tiny model in ``out_dir`` and pretrain it on the corpus (CPU, seeded);
+    ``architecture`` and ``chat_template`` as for ``build_tiny_model``.
 
     Each step is one AdamW update on ``batch_size`` whole sentences (each starting at position
     0, as prompts do at generation time), with linear warm-up and decay of the learning rate.
@@ -183,7 +291,9 @@ def pretrain_demo_model(
     """
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps ({steps}) and batch_size ({batch_size}) must be at least 1")
-    out_dir = build_tiny_model(out_dir, seed=seed)
+    out_dir = build_tiny_model(
+        out_dir, seed=seed, architecture=architecture, chat_template=chat_template
+    )
     with _torch_threads(1):
         _pretrain(
             out_dir,
@@ -269,17 +379,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"{ARITHMETIC_PRETRAIN_STEPS} for arithmetic)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for weights and pretraining")
+    parser.add_argument(
+        "--architecture",
+        choices=ARCHITECTURES,
+        default="gpt2",
+        help="the transformers architecture of the reviews model (default gpt2)",
+    )
+    parser.add_argument(
+        "--chat-template",
+        action="store_true",
+        help="give the reviews model's tokenizer a ChatML chat template and end-of-turn token",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
+    shape = {"architecture": args.architecture, "chat_template": args.chat_template}
     if args.task == "arithmetic":
+        if shape != {"architecture": "gpt2", "chat_template": False}:
+            raise SystemExit("--architecture and --chat-template are for --task reviews only")
         steps = args.steps or ARITHMETIC_PRETRAIN_STEPS
         out_dir = pretrain_arithmetic_model(args.dir, steps=steps, seed=args.seed)
     elif args.pretrain:
         steps = args.steps or DEFAULT_PRETRAIN_STEPS
-        out_dir = pretrain_demo_model(args.dir, steps=steps, seed=args.seed)
+        out_dir = pretrain_demo_model(args.dir, steps=steps, seed=args.seed, **shape)
     else:
-        out_dir = build_tiny_model(args.dir, seed=args.seed)
+        out_dir = build_tiny_model(args.dir, seed=args.seed, **shape)
     print(f"tiny model written to {out_dir} in {time.perf_counter() - started:.1f} s")
     return 0

@@ -1,4 +1,12 @@
-"""The learner Ray actor: one trainer behind Ray, PPO's or a critic-free one.
+"""The learner's rank actor: one rank of the learner, a trainer (PPO's or a critic-free one) behind
+Ray.
+
+The job runs the learner as ``learner.num_ranks`` of these in one placement group and one
+``torch.distributed`` group (learner/group.py starts them; nccl on GPUs, gloo on CPU), the models
+sharded across the ranks with FSDP2 by the trainer; one rank is the same path with a group of
+one. Every rank gets every call with the same arguments (the trainer takes each rank's share of a
+batch, and all ranks take part in its collectives); rank 0 answers for the group, serves the
+learner's metrics and hands the gathered weights to the transport.
 
 The trainer's config picks it: a ``PPOConfig`` gives a PPOTrainer (policy with value head and a
 frozen reference, learner/trainer.py), a ``CriticFreeConfig`` a CriticFreeTrainer (plain causal
@@ -17,6 +25,7 @@ between the learner's old policy and the generator's every step.
 from __future__ import annotations
 
 import math
+import os
 import time
 from numbers import Number
 from typing import Any
@@ -26,10 +35,19 @@ import pyarrow as pa
 import ray
 import torch
 
-from rlfleet.common.config import CheckpointConfig, CriticFreeConfig, MetricsConfig, PPOConfig
+from rlfleet.common.config import (
+    CheckpointConfig,
+    CriticFreeConfig,
+    LearnerConfig,
+    MetricsConfig,
+    PPOConfig,
+    WeightSyncConfig,
+)
 from rlfleet.common.metrics import MetricsTarget
-from rlfleet.common.transport import DEFAULT_TRANSPORT, WeightsHandle, make_publisher
-from rlfleet.learner.checkpoint import policy_of
+from rlfleet.common.transport import DEFAULT_TRANSPORT, GroupSpec, WeightsHandle, make_publisher
+from rlfleet.learner.checkpoint import CheckpointIdentity, model_fingerprint, policy_of
+from rlfleet.learner.distributed import DataParallel, full_state, init_process_group
+from rlfleet.learner.group import RankSpec
 from rlfleet.learner.guards import CRITIC_FREE_ADVICE, PPO_ADVICE, check_finite_weights
 from rlfleet.learner.metrics import (
     PPO_STAT_GAUGES,
@@ -163,29 +181,75 @@ def critic_free_stats(step_stats: dict[str, float], batch: pa.RecordBatch) -> di
     return {**stats, "rollout/truncated_fraction": truncated_fraction(batch)}
 
 
+def node_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0))
+
+
+def torch_threads(num_cpus: float | None, colocated: bool, ranks_on_node: int = 1) -> int:
+    """Torch's threads in one rank: ``learner.num_cpus`` when given; else, colocated, the node's
+    cores shared among its ranks (generators sleep while the learner trains), else one."""
+    if num_cpus is not None:
+        return max(1, int(num_cpus))
+    if not colocated:
+        return 1
+    return max(1, node_cores() // max(1, ranks_on_node))
+
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 def load_trainer(
-    model_dir: str, config: PPOConfig | CriticFreeConfig, trust_remote_code: bool
+    model_dir: str,
+    config: PPOConfig | CriticFreeConfig,
+    trust_remote_code: bool,
+    learner: LearnerConfig,
+    parallel: DataParallel | None,
 ) -> Any:
-    """The trainer ``config`` names, its model loaded from ``model_dir`` onto
-    ``learner_device()``."""
+    """The trainer ``config`` names, its model loaded from ``model_dir`` onto the learner's
+    device and sharded across ``parallel``'s ranks (None: a plain trainer, no process group),
+    with ``learner``'s dtype, gradient checkpointing and micro-batch budget."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rlfleet import AutoModelForCausalLMWithValueHead, CriticFreeTrainer, PPOTrainer
 
+    device = parallel.device if parallel else learner_device()
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    options = {
+        "parallel": parallel,
+        "dtype": TORCH_DTYPES[learner.dtype],
+        "gradient_checkpointing": learner.gradient_checkpointing,
+        "max_tokens_per_microbatch": learner.max_tokens_per_microbatch,
+    }
     if isinstance(config, CriticFreeConfig):
         model = AutoModelForCausalLM.from_pretrained(
             model_dir, trust_remote_code=trust_remote_code
-        ).to(learner_device())
-        return CriticFreeTrainer(config=config, model=model, tokenizer=tokenizer)
+        ).to(device)
+        return CriticFreeTrainer(config=config, model=model, tokenizer=tokenizer, **options)
     model = AutoModelForCausalLMWithValueHead.from_pretrained(
         model_dir, trust_remote_code=trust_remote_code
-    ).to(learner_device())
-    return PPOTrainer(config=config, model=model, tokenizer=tokenizer)
+    ).to(device)
+    return PPOTrainer(config=config, model=model, tokenizer=tokenizer, **options)
+
+
+def join_process_group(rank: RankSpec | None, learner: LearnerConfig) -> DataParallel | None:
+    """Joins the learner's process group as ``rank`` (nccl on a GPU, gloo on the CPU) on the
+    device Ray assigned. None (a plain trainer, no group) without a rank (in-process use) and
+    for a lone float32 rank: FSDP2 over one rank shards nothing and made the demo's step about
+    1.9x slower (the bench workload's 14%); bfloat16 needs its mixed-precision policy."""
+    if rank is None or (rank.world_size == 1 and learner.dtype == "float32"):
+        return None
+    device = learner_device()
+    init_process_group(
+        rank.rank, rank.world_size, rank.master_addr, rank.master_port, device, learner.timeout_s
+    )
+    return DataParallel.current(device)
 
 
 class LearnerActor:
-    """Owns the trainer; use as ``ray.remote(LearnerActor).options(...).remote(...)``."""
+    """One learner rank; use as ``ray.remote(LearnerActor).options(...).remote(...)``, N of them
+    through ``learner.group.start_learner_group``. Without ``rank`` it is a learner of one rank
+    and no process group (in-process use, tests)."""
 
     def __init__(
         self,
@@ -195,19 +259,42 @@ class LearnerActor:
         max_policy_lag: int = 0,
         job_name: str = "rlfleet",
         metrics: MetricsConfig | None = None,
-        weight_transport: str = DEFAULT_TRANSPORT,
+        weight_transport: WeightSyncConfig | str = DEFAULT_TRANSPORT,
         trust_remote_code: bool = False,
+        *,
+        learner: LearnerConfig | None = None,
+        rank: RankSpec | None = None,
+        colocated: bool = True,
+        weights_dtype: str | None = None,
     ) -> None:
+        """``weight_transport``: the job's resolved ``weight_sync`` (or a transport name);
+        ``weights_dtype``: the generators' engine dtype, which published weights are cast to
+        (None: as trained). ``learner``: ranks, dtype, micro-batches, collective deadline;
+        ``rank``: this rank's place in the group (None: no process group, one rank);
+        ``colocated``: the job's placement, for torch's thread count."""
+        learner = learner or LearnerConfig()
+        if rank is not None:
+            torch.set_num_threads(torch_threads(learner.num_cpus, colocated, rank.ranks_on_node))
         torch.manual_seed(seed)
-        self.trainer = load_trainer(model_dir, trainer_config, trust_remote_code)
+        self.parallel = join_process_group(rank, learner)
+        self.rank = self.parallel.rank if self.parallel else 0
+        self.world_size = self.parallel.world_size if self.parallel else 1
+        self.trainer = load_trainer(
+            model_dir, trainer_config, trust_remote_code, learner, self.parallel
+        )
         self.critic_free = isinstance(trainer_config, CriticFreeConfig)
-        self._publisher = make_publisher(weight_transport)
+        self._publisher = make_publisher(weight_transport, weights_dtype, sender=self.rank == 0)
         self.max_policy_lag = max_policy_lag
         self.version = 0
         self.consumed: list[int] = []
         self._consumed_set: set[int] = set()
         self._saver: Any = None
-        self.metrics = LearnerMetrics.from_config(job_name, 0, metrics or MetricsConfig())
+        algorithm = trainer_config.algorithm if self.critic_free else "ppo"
+        self.identity = CheckpointIdentity(
+            job_name, algorithm, model_dir, model_fingerprint(model_dir)
+        )
+        served = metrics if self.rank == 0 else MetricsConfig(enabled=False)
+        self.metrics = LearnerMetrics.from_config(job_name, 0, served or MetricsConfig())
 
     def ready(self) -> int:
         return self.version
@@ -262,15 +349,21 @@ class LearnerActor:
         batch = grouped(batch)
         return critic_free_stats(self.trainer.step(**critic_free_inputs(batch)), batch)
 
-    def publish_weights(self) -> WeightsHandle:
-        """Publishes the current policy; every generator loads it from the returned handle
-        (``GeneratorActor.load_weights``)."""
+    def join_weight_group(self, spec: GroupSpec) -> None:
+        """Joins the collective weight group ``spec`` names as its sender (rank 0 only; the
+        other ranks send nothing)."""
+        self._publisher.join(spec)
+
+    def publish_weights(self) -> WeightsHandle | None:
+        """Publishes the current policy: every rank gathers its full tensors one at a time (a
+        collective), rank 0 hands them to the transport and returns the handle that every
+        generator loads (``GeneratorActor.load_weights``); the other ranks return None."""
         started = time.perf_counter()
-        state_dict = self.policy.state_dict()
-        handle = self._publisher.publish(state_dict, self.version)
-        self.metrics.record_weight_broadcast(
-            time.perf_counter() - started, handle.nbytes, self.version
-        )
+        handle = self._publisher.publish(full_state(self.policy), self.version)
+        if handle is not None:
+            self.metrics.record_weight_broadcast(
+                time.perf_counter() - started, handle.nbytes, self.version
+            )
         return handle
 
     def metrics_target(self) -> MetricsTarget | None:
@@ -282,24 +375,46 @@ class LearnerActor:
         return list(self.consumed)
 
     def save_checkpoint(self, config: CheckpointConfig, job_state: dict[str, Any]) -> str:
-        """Saves checkpoint ``step-<version>`` (trainer + ``job_state`` + this actor's ledger);
-        for object stores the upload goes on in the background (see ``wait_for_checkpoint``)."""
-        from rlfleet.learner.checkpoint import CheckpointSaver
+        """Saves checkpoint ``step-<version>`` (trainer + ``job_state`` + this actor's ledger),
+        every rank its own shards. One rank: for object stores the upload goes on in the
+        background (see ``wait_for_checkpoint``); several: committed by rank 0 before it
+        returns (the commit is a collective of the ranks)."""
+        from rlfleet.learner.checkpoint import CheckpointSaver, save_checkpoint
 
-        if self._saver is None:
-            self._saver = CheckpointSaver(config.uri, keep_last=config.keep_last, config=config)
         state = {**job_state, "learner": {"version": self.version, "consumed": self.consumed}}
+        if self.world_size > 1:
+            return save_checkpoint(
+                config.uri,
+                self.version,
+                self.trainer,
+                state,
+                keep_last=config.keep_last,
+                config=config,
+                identity=self.identity,
+            )
+        if self._saver is None:
+            self._saver = CheckpointSaver(
+                config.uri, keep_last=config.keep_last, config=config, identity=self.identity
+            )
         return self._saver.save(self.version, self.trainer, state)
 
     def wait_for_checkpoint(self) -> str | None:
         """Blocks until the last checkpoint is committed; its URI (None if none was saved)."""
         return self._saver.wait() if self._saver else None
 
+    def resolve_checkpoint(self, uri: str, config: CheckpointConfig) -> str:
+        """The committed checkpoint ``uri`` names (the latest under a root), refused when it
+        belongs to another job, algorithm or model: what every rank then loads."""
+        from rlfleet.learner.checkpoint import resolve_resume
+
+        return resolve_resume(uri, expect=self.identity, config=config)
+
     def load_checkpoint(self, uri: str, config: CheckpointConfig) -> dict[str, Any]:
-        """Restores the trainer and ledger from a checkpoint; returns the saved job state."""
+        """Restores the trainer (this rank's shards) and ledger from the checkpoint ``uri``
+        (as ``resolve_checkpoint`` answered); returns the saved job state."""
         from rlfleet.learner.checkpoint import load_checkpoint
 
-        state = load_checkpoint(uri, self.trainer, config=config)
+        state = load_checkpoint(uri, self.trainer, config=config, expect=self.identity)
         self.version = state["learner"]["version"]
         self.consumed = list(state["learner"]["consumed"])
         self._consumed_set = set(self.consumed)

@@ -1,16 +1,28 @@
 """Checkpoints of a training run on local disk or in object storage, committed by a manifest.
 
-A checkpoint is the directory ``<uri>/step-<8 digits>/``::
+A checkpoint is the directory ``<uri>/step-<8 digits>/`` (format ``rlfleet-checkpoint/2``)::
 
+    model.rank-<r>-of-<N>.safetensors/.json      the model's tensors (value head included) as the
+                                                 N ranks held them: rank r's shards, and where
+                                                 they lie in the full tensors
+    optimizer.rank-<r>-of-<N>.safetensors/.json  the optimizer state's tensors, the same way
+    optimizer.json               the rest of the optimizer state, keyed by parameter name
+    lr_scheduler.json            the scheduler state (only when the trainer has one)
+    training_state.json          the trainer's ``training_state()`` (KL controller, RNG, ...)
+    job_state.json               what the job loop passed (dataset cursor, policy version, ...)
     policy/                      the policy as a Hugging Face directory (safetensors, config,
                                  tokenizer): ``AutoModelForCausalLM.from_pretrained`` loads it
     value_head.safetensors       the value head's weights (PPO only: the model of a critic-free
                                  trainer is a plain causal LM)
-    optimizer.safetensors/.json  the optimizer state: tensors, and the rest as JSON
-    lr_scheduler.json            the scheduler state (only when the trainer has one)
-    training_state.json          the trainer's ``training_state()`` (KL controller, RNG, ...)
-    job_state.json               what the job loop passed (dataset cursor, policy version, ...)
-    MANIFEST.json                written last: every file's size and sha256
+    MANIFEST.json                written last: every file's size and sha256, the number of
+                                 ranks, and the job it belongs to (:class:`CheckpointIdentity`)
+
+A plain (unsharded) trainer is rank 0 of 1. A resume reads the per-rank files, onto any number
+of ranks (learner/checkpoint_shards.py): each rank reads only the slices of the files that
+overlap its own shards, so the copy is exact; ``policy/`` and ``value_head.safetensors`` are
+exports for people and tools (learner/checkpoint_export.py). Checkpoints of the first format,
+``rlfleet-checkpoint/1`` (whole tensors in ``policy/``, the optimizer keyed by position), still
+load into a plain trainer.
 
 Only a directory with a manifest counts (:func:`latest_checkpoint`, :func:`list_checkpoints`), so
 a save that crashes or is killed half-way leaves the previous checkpoint the latest; the next save
@@ -18,9 +30,23 @@ of that step or of a later one removes the debris. Older checkpoints are pruned 
 only after the new manifest is committed. Nothing is pickled: tensors go through safetensors,
 everything else through JSON.
 
-:class:`CheckpointSaver` writes the files (for an ``s3://`` URI into a local staging directory):
-the only part that must stop training, since it snapshots the weights. Hashing, the upload, the
-manifest and pruning then run in a background thread; :func:`save_checkpoint` waits for them.
+Saving from N ranks (the rank group's protocol; :func:`save_checkpoint` runs it over
+torch.distributed):
+
+1. every rank calls ``CheckpointSaver(uri, ..., auto_commit=False).save(step, trainer, state)``
+   at once: rank 0 clears debris of that step, a barrier, then each rank writes its own files
+   (rank 0 also the exports, gathered tensor by tensor from all ranks, and the JSON states);
+   training may go on when it returns;
+2. each rank's ``stored_files()`` returns once its files are hashed and fsynced (or uploaded):
+   a :class:`RankFiles`;
+3. rank 0's ``commit(parts)`` with every rank's :class:`RankFiles` checks that the files are in
+   the store with their sizes, writes the manifest, and prunes.
+
+A local URI with several ranks needs a filesystem that all of them see. One rank
+(``auto_commit=True``, the default) commits by itself: :class:`CheckpointSaver` writes the files
+(for an ``s3://`` URI into a local staging directory) in the foreground, since that snapshots the
+weights; hashing, the upload, the manifest and pruning run in a background thread, and ``wait``
+returns once the checkpoint is committed.
 """
 
 from __future__ import annotations
@@ -34,35 +60,53 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import pyarrow.fs as pafs
 import torch
-from safetensors.torch import load_file, save_file
+import torch.distributed as dist
+from safetensors.torch import load_file
 
 from rlfleet.common.config import CheckpointConfig
 from rlfleet.common.storage import Storage, fsync_dir, join_uri, open_storage
+from rlfleet.learner.checkpoint_export import (
+    POLICY_DIR,
+    VALUE_HEAD_FILE,
+    has_value_head,
+    policy_of,
+    write_exports,
+)
+from rlfleet.learner.checkpoint_identity import CheckpointIdentity
+from rlfleet.learner.checkpoint_identity import model_fingerprint as model_fingerprint
+from rlfleet.learner.checkpoint_shards import (
+    CheckpointError,
+    ShardReader,
+    rank_file_names,
+    write_rank_file,
+)
+from rlfleet.learner.checkpoint_state import (
+    encode_state,
+    load_model_tensors,
+    load_optimizer_state,
+    load_state,
+    model_tensors,
+    optimizer_state,
+    save_state,
+)
 
-FORMAT = "rlfleet-checkpoint/1"
+FORMAT = "rlfleet-checkpoint/2"
+FORMAT_V1 = "rlfleet-checkpoint/1"
 MANIFEST = "MANIFEST.json"
-POLICY_DIR = "policy"
-VALUE_HEAD_FILE = "value_head.safetensors"
+MODEL = "model"
 OPTIMIZER = "optimizer"
 LR_SCHEDULER = "lr_scheduler"
 TRAINING_STATE = "training_state"
 JOB_STATE = "job_state"
 STEP_NAME = re.compile(r"^step-(\d+)$")
-_TAGS = ("__tensor__", "__ndarray__", "__tuple__", "__items__")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, uncommitted, corrupt, or does not fit the trainer."""
-
 
 REQUIRED_FILES = (
     f"{POLICY_DIR}/config.json",
@@ -70,8 +114,9 @@ REQUIRED_FILES = (
     f"{TRAINING_STATE}.json",
     f"{JOB_STATE}.json",
 )
-"""Files every checkpoint's manifest must list (besides the policy's ``*.safetensors``, and
-``VALUE_HEAD_FILE`` unless the manifest says ``"value_head": false``)."""
+"""Files every checkpoint's manifest must list (besides the policy's ``*.safetensors``, the
+per-rank files of format 2, and ``VALUE_HEAD_FILE`` unless the manifest says ``"value_head":
+false``)."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +129,16 @@ class CheckpointInfo:
     """Why the checkpoint cannot be used (an unreadable manifest), else None."""
 
 
+@dataclass(frozen=True)
+class RankFiles:
+    """The files one rank stored for checkpoint ``step``: relative path -> size and sha256."""
+
+    step: int
+    rank: int
+    world_size: int
+    files: dict[str, dict[str, Any]]
+
+
 def step_dir_name(step: int) -> str:
     if step < 0:
         raise ValueError(f"checkpoint step must be >= 0, got {step}")
@@ -94,130 +149,109 @@ def _endpoint(config: CheckpointConfig | None) -> str | None:
     return config.s3_endpoint_override if config else None
 
 
-# ----------------------------------------------------------------------------------------------
-# State dicts without pickle: tensors to safetensors, the rest to JSON
-
-
-def encode_state(state: Any) -> tuple[Any, dict[str, torch.Tensor]]:
-    """Split a nested state (dicts, lists, tuples, tensors, numbers) into JSON and tensors.
-
-    Tuples, dicts with non-string keys (an optimizer's ``state`` is keyed by parameter index) and
-    numpy arrays are tagged so that :func:`decode_state` gives back the same structure.
-    """
-    tensors: dict[str, torch.Tensor] = {}
-
-    def encode(value: Any, path: str) -> Any:
-        if isinstance(value, torch.Tensor):
-            tensors[path] = value.detach().cpu().contiguous()
-            return {"__tensor__": path}
-        if isinstance(value, np.ndarray):
-            tensors[path] = torch.from_numpy(np.ascontiguousarray(value))
-            return {"__ndarray__": path}
-        if isinstance(value, np.generic):
-            return value.item()
-        if isinstance(value, dict):
-            if all(isinstance(key, str) and key not in _TAGS for key in value):
-                return {key: encode(item, f"{path}.{key}") for key, item in value.items()}
-            return {
-                "__items__": [
-                    [encode(key, f"{path}.key{i}"), encode(item, f"{path}.{key}")]
-                    for i, (key, item) in enumerate(value.items())
-                ]
-            }
-        if isinstance(value, tuple):
-            return {"__tuple__": [encode(item, f"{path}.{i}") for i, item in enumerate(value)]}
-        if isinstance(value, list):
-            return [encode(item, f"{path}.{i}") for i, item in enumerate(value)]
-        if value is None or isinstance(value, bool | int | float | str):
-            return value
-        raise TypeError(
-            f"{path}: cannot store a {type(value).__name__} in a checkpoint (tensors, arrays, "
-            "numbers, strings, lists, tuples and dicts only)"
-        )
-
-    return encode(state, "state"), tensors
-
-
-def decode_state(encoded: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    """The inverse of :func:`encode_state`."""
-    if isinstance(encoded, list):
-        return [decode_state(item, tensors) for item in encoded]
-    if not isinstance(encoded, dict):
-        return encoded
-    if set(encoded) == {"__tensor__"}:
-        return tensors[encoded["__tensor__"]]
-    if set(encoded) == {"__ndarray__"}:
-        return tensors[encoded["__ndarray__"]].numpy()
-    if set(encoded) == {"__tuple__"}:
-        return tuple(decode_state(item, tensors) for item in encoded["__tuple__"])
-    if set(encoded) == {"__items__"}:
-        return {
-            decode_state(key, tensors): decode_state(item, tensors)
-            for key, item in encoded["__items__"]
-        }
-    return {key: decode_state(item, tensors) for key, item in encoded.items()}
-
-
-def save_state(directory: Path, name: str, state: Any) -> None:
-    """``<name>.json`` and, when the state holds tensors, ``<name>.safetensors``."""
-    encoded, tensors = encode_state(state)
-    if tensors:
-        save_file(tensors, str(directory / f"{name}.safetensors"))
-    (directory / f"{name}.json").write_text(json.dumps(encoded))
-
-
-def load_state(directory: Path, name: str) -> Any:
-    tensor_file = directory / f"{name}.safetensors"
-    tensors = load_file(str(tensor_file)) if tensor_file.exists() else {}
-    return decode_state(json.loads((directory / f"{name}.json").read_text()), tensors)
+def rank_and_world_size() -> tuple[int, int]:
+    """This process's place in the default torch.distributed group (rank 0 of 1 without one)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 # ----------------------------------------------------------------------------------------------
-# Writing a checkpoint directory and committing it
+# Writing a rank's files and committing a checkpoint
 
 
-def write_checkpoint_files(directory: Path, trainer: Any, job_state: dict[str, Any]) -> None:
-    """Everything but the manifest, into ``directory``: a complete snapshot of the trainer, so
-    training may go on as soon as this returns."""
+def write_checkpoint_files(
+    directory: Path,
+    trainer: Any,
+    job_state: dict[str, Any],
+    rank: int = 0,
+    world_size: int = 1,
+) -> list[str]:
+    """This rank's files (all of them for one rank) into ``directory``; returns their paths
+    relative to it. They are a complete snapshot: training may go on as soon as this returns.
+    Every rank calls it at once for a sharded trainer (the policy export is gathered)."""
     directory.mkdir(parents=True, exist_ok=True)
-    policy_dir = directory / POLICY_DIR
-    policy_of(trainer).save_pretrained(policy_dir)
-    trainer.tokenizer.save_pretrained(policy_dir)
-    if has_value_head(trainer):
-        state = trainer.model.v_head.state_dict()
-        value_head = {k: v.detach().contiguous() for k, v in state.items()}
-        save_file(value_head, str(directory / VALUE_HEAD_FILE))
-    save_state(directory, OPTIMIZER, trainer.optimizer.state_dict())
-    if trainer.lr_scheduler is not None:
-        save_state(directory, LR_SCHEDULER, trainer.lr_scheduler.state_dict())
-    save_state(directory, TRAINING_STATE, trainer.training_state())
-    save_state(directory, JOB_STATE, job_state)
+    written = write_rank_file(directory, MODEL, model_tensors(trainer.model), rank, world_size)
+    encoded, tensors = encode_state(optimizer_state(trainer.model, trainer.optimizer))
+    written += write_rank_file(directory, OPTIMIZER, tensors, rank, world_size)
+    written += write_exports(directory if rank == 0 else None, trainer)
+    if rank == 0:
+        (directory / f"{OPTIMIZER}.json").write_text(json.dumps(encoded))
+        written.append(f"{OPTIMIZER}.json")
+        if trainer.lr_scheduler is not None:
+            written += save_state(directory, LR_SCHEDULER, trainer.lr_scheduler.state_dict())
+        written += save_state(directory, TRAINING_STATE, trainer.training_state())
+        written += save_state(directory, JOB_STATE, job_state)
+    return written
 
 
-def has_value_head(trainer: Any) -> bool:
-    """Whether the trainer's model carries a value head (PPO) or is a plain causal LM (a
-    critic-free trainer's)."""
-    return hasattr(trainer.model, "v_head")
+def store_rank_files(
+    storage: Storage, step: int, local_dir: Path, files: list[str], rank: int, world_size: int
+) -> RankFiles:
+    """Make this rank's files of checkpoint ``step`` durable where the manifest will point:
+    fsync them in place (a local URI; ``local_dir`` is the step directory) or upload them (S3;
+    ``local_dir`` holds only this rank's files). Returns them with sizes and hashes."""
+    entries = {
+        name: {"size": (local_dir / name).stat().st_size, "sha256": _sha256(local_dir / name)}
+        for name in files
+    }
+    name = step_dir_name(step)
+    if storage.is_local:
+        _fsync_files(local_dir, files)
+    else:
+        storage.upload_dir(local_dir, name)
+        _check_uploaded(storage, name, entries)
+    return RankFiles(step, rank, world_size, entries)
 
 
-def policy_of(trainer: Any) -> torch.nn.Module:
-    """The trainer's causal LM, without any value head."""
-    return trainer.model.pretrained_model if has_value_head(trainer) else trainer.model
-
-
-def build_manifest(directory: Path, step: int) -> dict[str, Any]:
-    files = {}
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        relative = path.relative_to(directory).as_posix()
-        if relative != MANIFEST:
-            files[relative] = {"size": path.stat().st_size, "sha256": _sha256(path)}
-    return {
+def commit_checkpoint(
+    storage: Storage,
+    parts: Sequence[RankFiles],
+    *,
+    keep_last: int,
+    identity: CheckpointIdentity | None = None,
+) -> str:
+    """Commit a checkpoint whose ranks stored ``parts`` (one :class:`RankFiles` per rank): check
+    that every file is in ``storage`` with its size, write the manifest (one atomic write), then
+    prune to ``keep_last``. Returns the checkpoint's URI."""
+    step, world_size = _check_parts(parts)
+    name = step_dir_name(step)
+    files = {path: entry for part in parts for path, entry in part.files.items()}
+    _check_uploaded(storage, name, files)
+    manifest: dict[str, Any] = {
         "format": FORMAT,
         "step": step,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "ranks": world_size,
         "value_head": VALUE_HEAD_FILE in files,
-        "files": files,
+        "files": dict(sorted(files.items())),
     }
+    if identity is not None:
+        manifest["identity"] = identity.to_json()
+    raw = json.dumps(manifest, indent=1).encode()
+    parse_manifest(raw, join_uri(storage.uri, name))
+    if storage.is_local:
+        fsync_dir(Path(storage.root) / name)
+    storage.write_bytes(f"{name}/{MANIFEST}", raw)
+    prune(storage, keep_last, newest_step=step)
+    return join_uri(storage.uri, name)
+
+
+def _check_parts(parts: Sequence[RankFiles]) -> tuple[int, int]:
+    """The step and world size of ``parts``, which must be one per rank of one save."""
+    if not parts:
+        raise CheckpointError("commit needs the RankFiles of every rank; got none")
+    step, world_size = parts[0].step, parts[0].world_size
+    ranks = sorted(part.rank for part in parts)
+    if ranks != list(range(world_size)) or any(
+        (part.step, part.world_size) != (step, world_size) for part in parts
+    ):
+        described = [(part.step, part.rank, part.world_size) for part in parts]
+        raise CheckpointError(
+            f"commit needs one RankFiles per rank of one save (step, rank, world size): got "
+            f"{described}"
+        )
+    return step, world_size
 
 
 def _sha256(path: Path) -> str:
@@ -228,14 +262,12 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_tree(directory: Path) -> None:
-    for path in directory.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as file:
-                os.fsync(file.fileno())
-        else:
-            fsync_dir(path)
-    fsync_dir(directory)
+def _fsync_files(directory: Path, files: list[str]) -> None:
+    for name in files:
+        with open(directory / name, "rb") as file:
+            os.fsync(file.fileno())
+    for parent in {(directory / name).parent for name in files}:
+        fsync_dir(parent)
 
 
 def uncommit(storage: Storage, name: str) -> None:
@@ -245,33 +277,13 @@ def uncommit(storage: Storage, name: str) -> None:
     storage.delete(name)
 
 
-def publish(storage: Storage, step: int, local_dir: Path, keep_last: int) -> str:
-    """Commit the checkpoint files in ``local_dir`` as ``step`` under ``storage``, then prune.
-
-    For a local ``storage`` the files are already in place (``local_dir`` is the step
-    directory); for S3 they are uploaded first. The manifest is written last, in one atomic write.
-    """
-    name = step_dir_name(step)
-    manifest = build_manifest(local_dir, step)
-    if storage.is_local:
-        _fsync_tree(local_dir)
-    else:
-        uncommit(storage, name)
-        storage.upload_dir(local_dir, name)
-        _check_uploaded(storage, name, manifest)
-    storage.write_bytes(f"{name}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
-    prune(storage, keep_last, newest_step=step)
-    return join_uri(storage.uri, name)
-
-
-def _check_uploaded(storage: Storage, name: str, manifest: dict[str, Any]) -> None:
-    uploaded = storage.list_files(name)
-    wrong = [
-        path for path, entry in manifest["files"].items() if uploaded.get(path) != entry["size"]
-    ]
+def _check_uploaded(storage: Storage, name: str, files: dict[str, dict[str, Any]]) -> None:
+    stored = storage.list_files(name)
+    wrong = [path for path, entry in files.items() if stored.get(path) != entry["size"]]
     if wrong:
         raise CheckpointError(
-            f"upload of {storage.uri}/{name} is incomplete: {wrong}; not committed"
+            f"{join_uri(storage.uri, name)} is incomplete: {sorted(wrong)} missing or of "
+            "another size; not committed"
         )
 
 
@@ -294,24 +306,60 @@ def save_checkpoint(
     *,
     keep_last: int,
     config: CheckpointConfig | None = None,
+    identity: CheckpointIdentity | None = None,
 ) -> str:
-    """Write and commit ``<uri>/step-N/`` in the foreground; returns its URI."""
-    saver = CheckpointSaver(uri, keep_last=keep_last, config=config)
+    """Write and commit ``<uri>/step-N/`` in the foreground; returns its URI.
+
+    With several torch.distributed ranks every rank calls it at once: each stores its files,
+    rank 0 commits them all, and every rank returns once the checkpoint is committed (or raises
+    the reason it was not)."""
+    rank, world_size = rank_and_world_size()
+    saver = CheckpointSaver(
+        uri, keep_last=keep_last, config=config, identity=identity, auto_commit=world_size == 1
+    )
     try:
-        saver.save(step, trainer, job_state)
-        return saver.wait()
+        saved = saver.save(step, trainer, job_state)
+        if world_size == 1:
+            saver.wait()
+        else:
+            _commit_on_rank0(saver, rank, world_size)
+        return saved
     finally:
         saver.close()
+
+
+def _commit_on_rank0(saver: CheckpointSaver, rank: int, world_size: int) -> None:
+    """Gather every rank's stored files (or why it failed) to rank 0, which commits; every rank
+    learns the outcome."""
+    try:
+        mine: RankFiles | str = saver.stored_files()
+    except Exception as error:  # reported to rank 0, which refuses to commit
+        mine = f"rank {rank}: {error}"
+    parts: list[RankFiles | str | None] = [None] * world_size
+    dist.all_gather_object(parts, mine)
+    problems = [part for part in parts if isinstance(part, str)]
+    outcome = [None if not problems else "; ".join(problems)]
+    if rank == 0 and not problems:
+        try:
+            saver.commit([part for part in parts if isinstance(part, RankFiles)])
+        except Exception as error:
+            outcome = [f"rank 0 could not commit: {error}"]
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[0] is not None:
+        raise CheckpointError(f"checkpoint not committed: {outcome[0]}")
 
 
 class CheckpointSaver:
     """Saves checkpoints to one URI; only the snapshot blocks the caller.
 
     ``save`` first waits for the previous save (one in flight at a time, so staging space and
-    pruning never race), writes the checkpoint's files locally (into the step directory for a
-    local URI, a staging directory for S3) and returns; a background thread then hashes them,
-    uploads them (S3), commits the manifest and prunes. ``wait`` blocks until the last save is
-    committed and re-raises its error; call it before the job ends (``close`` does).
+    pruning never race), writes this rank's files locally (into the step directory for a local
+    URI, a staging directory for S3) and returns; a background thread then hashes them and
+    fsyncs or uploads them, and with ``auto_commit`` (one rank) commits the manifest and prunes.
+    ``wait`` blocks until that is done and re-raises its error; call it before the job ends
+    (``close`` does). With several ranks (``auto_commit=False``), ``stored_files`` gives this
+    rank's part and rank 0's ``commit`` takes every rank's (see the module's docstring).
+    ``identity`` is recorded in the manifest, for ``load_checkpoint(..., expect=...)``.
     """
 
     def __init__(
@@ -321,43 +369,77 @@ class CheckpointSaver:
         keep_last: int,
         config: CheckpointConfig | None = None,
         staging_dir: str | os.PathLike[str] | None = None,
+        identity: CheckpointIdentity | None = None,
+        auto_commit: bool = True,
     ) -> None:
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
         self.storage = open_storage(uri, _endpoint(config))
         self.keep_last = keep_last
         self.staging_dir = staging_dir
+        self.identity = identity
+        self.auto_commit = auto_commit
         self._uploads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
-        self._pending: Future[str] | None = None
+        self._pending: Future[RankFiles] | None = None
+        self._stored: RankFiles | None = None
 
     def save(self, step: int, trainer: Any, job_state: dict[str, Any]) -> str:
         """Snapshot the trainer and job state as checkpoint ``step``; returns its URI (committed
-        once :meth:`wait` returns)."""
+        once :meth:`wait`, or rank 0's :meth:`commit`, returns). Every rank calls it at once."""
         self.wait()
-        name = step_dir_name(step)
-        if self.storage.is_local:
-            uncommit(self.storage, name)
-            local_dir = Path(self.storage.root) / name
-            write_checkpoint_files(local_dir, trainer, job_state)
-            self._pending = self._uploads.submit(
-                publish, self.storage, step, local_dir, self.keep_last
+        rank, world_size = rank_and_world_size()
+        if self.auto_commit and world_size > 1:
+            raise CheckpointError(
+                f"rank {rank} of {world_size}: a checkpoint of several ranks is committed by rank "
+                "0's commit(parts); build the CheckpointSaver with auto_commit=False"
             )
+        name = step_dir_name(step)
+        if rank == 0:
+            uncommit(self.storage, name)
+        if world_size > 1:
+            dist.barrier()
+        if self.storage.is_local:
+            local_dir, staging = Path(self.storage.root) / name, None
         else:
             if self.staging_dir is not None:
                 Path(self.staging_dir).mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.staging_dir))
-            try:
-                write_checkpoint_files(staging, trainer, job_state)
-            except BaseException:
+            local_dir = staging
+        try:
+            files = write_checkpoint_files(local_dir, trainer, job_state, rank, world_size)
+        except BaseException:
+            if staging is not None:
                 shutil.rmtree(staging, ignore_errors=True)
-                raise
-            self._pending = self._uploads.submit(self._upload, step, staging)
+            raise
+        self._stored = None
+        self._pending = self._uploads.submit(
+            self._store, step, local_dir, files, rank, world_size, staging
+        )
         return join_uri(self.storage.uri, name)
 
     def wait(self) -> str | None:
-        """Block until the last save is committed; its URI, or None if nothing was saved."""
+        """Block until the last save's files are stored (and, with ``auto_commit``, committed);
+        its URI, or None if nothing was saved."""
         pending, self._pending = self._pending, None
-        return pending.result() if pending else None
+        if pending is not None:
+            self._stored = pending.result()
+        return (
+            join_uri(self.storage.uri, step_dir_name(self._stored.step)) if self._stored else None
+        )
+
+    def stored_files(self) -> RankFiles:
+        """This rank's files of the last save, once stored (what rank 0's :meth:`commit`
+        needs from every rank)."""
+        self.wait()
+        if self._stored is None:
+            raise CheckpointError("stored_files(): nothing was saved")
+        return self._stored
+
+    def commit(self, parts: Sequence[RankFiles]) -> str:
+        """Rank 0: commit the save that every rank's ``parts`` describe; returns its URI."""
+        return commit_checkpoint(
+            self.storage, parts, keep_last=self.keep_last, identity=self.identity
+        )
 
     def close(self) -> None:
         try:
@@ -371,11 +453,23 @@ class CheckpointSaver:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _upload(self, step: int, staging: Path) -> str:
+    def _store(
+        self,
+        step: int,
+        local_dir: Path,
+        files: list[str],
+        rank: int,
+        world_size: int,
+        staging: Path | None,
+    ) -> RankFiles:
         try:
-            return publish(self.storage, step, staging, self.keep_last)
+            part = store_rank_files(self.storage, step, local_dir, files, rank, world_size)
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+        if self.auto_commit:
+            self.commit([part])
+        return part
 
 
 # ----------------------------------------------------------------------------------------------
@@ -437,6 +531,18 @@ def resolve_checkpoint(uri: str, *, config: CheckpointConfig | None = None) -> S
     return open_storage(latest, _endpoint(config))
 
 
+def resolve_resume(
+    uri: str, *, expect: CheckpointIdentity, config: CheckpointConfig | None = None
+) -> str:
+    """The committed checkpoint that ``uri`` names (the latest under a root), once checked to
+    belong to ``expect``'s job and model; pass it to every rank's :func:`load_checkpoint`, so
+    that all load the same one."""
+    storage = resolve_checkpoint(uri, config=config)
+    manifest = parse_manifest(storage.read_bytes(MANIFEST), storage.uri)
+    expect.check(manifest.get("identity"), storage.uri)
+    return storage.uri
+
+
 def parse_manifest(raw: bytes, where: str) -> dict[str, Any]:
     """A manifest's content, checked for shape; a ``CheckpointError`` naming ``where`` if it is
     truncated, of another format, or does not list every file a checkpoint needs."""
@@ -446,16 +552,15 @@ def parse_manifest(raw: bytes, where: str) -> dict[str, Any]:
         raise CheckpointError(
             f"{where}: {MANIFEST} is not valid JSON (truncated or corrupt): {error}"
         ) from error
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+    found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+    if found not in (FORMAT, FORMAT_V1):
         raise CheckpointError(f"{where}: {MANIFEST} has format {found!r}, need {FORMAT}")
     files = manifest.get("files")
     if not isinstance(files, dict) or not all(
         isinstance(entry, dict) and {"size", "sha256"} <= set(entry) for entry in files.values()
     ):
         raise CheckpointError(f"{where}: {MANIFEST} has no valid file list")
-    required = REQUIRED_FILES + ((VALUE_HEAD_FILE,) if manifest.get("value_head", True) else ())
-    missing = [name for name in required if name not in files]
+    missing = [name for name in _required_files(manifest, where) if name not in files]
     if not any(
         name.startswith(f"{POLICY_DIR}/") and name.endswith(".safetensors") for name in files
     ):
@@ -465,6 +570,18 @@ def parse_manifest(raw: bytes, where: str) -> dict[str, Any]:
     return manifest
 
 
+def _required_files(manifest: dict[str, Any], where: str) -> list[str]:
+    required = list(REQUIRED_FILES)
+    if manifest.get("value_head", True):
+        required.append(VALUE_HEAD_FILE)
+    if manifest["format"] == FORMAT_V1:
+        return required
+    ranks = manifest.get("ranks")
+    if not isinstance(ranks, int) or ranks < 1:
+        raise CheckpointError(f"{where}: {MANIFEST} has no valid number of ranks ({ranks!r})")
+    return required + rank_file_names(MODEL, ranks) + rank_file_names(OPTIMIZER, ranks)
+
+
 def verify_checkpoint(directory: Path) -> dict[str, Any]:
     """Check the directory against its manifest: every listed file present with its size and
     sha256, and no file that the manifest does not list. Returns the manifest."""
@@ -472,22 +589,87 @@ def verify_checkpoint(directory: Path) -> dict[str, Any]:
     if not manifest_path.is_file():
         raise CheckpointError(f"{directory} has no {MANIFEST}: not a committed checkpoint")
     manifest = parse_manifest(manifest_path.read_bytes(), str(directory))
-    for relative, entry in manifest["files"].items():
-        path = directory / relative
-        if not path.is_file():
-            raise CheckpointError(f"{directory}: {relative} is listed in the manifest but missing")
-        if path.stat().st_size != entry["size"] or _sha256(path) != entry["sha256"]:
-            raise CheckpointError(f"{directory}: {relative} does not match the manifest (corrupt)")
-    present = {
-        path.relative_to(directory).as_posix() for path in directory.rglob("*") if path.is_file()
-    }
-    extra = sorted(present - set(manifest["files"]) - {MANIFEST})
-    if extra:
-        raise CheckpointError(
-            f"{directory}: {extra} are not in the manifest (added after the save); refusing to "
-            "load files nobody vouched for"
-        )
+    files = CheckpointFiles(open_storage(directory), manifest)
+    for relative in manifest["files"]:
+        files.path(relative)
     return manifest
+
+
+class CheckpointFiles:
+    """The files of one committed checkpoint, checked against its manifest: up front that it
+    lists every file there is, with its size; each file's sha256 when it is first used. A remote
+    checkpoint's files are downloaded one by one as they are used (a rank downloads only what
+    it reads)."""
+
+    def __init__(self, storage: Storage, manifest: dict[str, Any]) -> None:
+        self.storage = storage
+        self.manifest = manifest
+        self._verified: set[str] = set()
+        self._scratch = None if storage.is_local else tempfile.TemporaryDirectory()
+        self.directory = Path(self._scratch.name if self._scratch else storage.root)
+        self._check_listing()
+
+    def _check_listing(self) -> None:
+        present = self.storage.list_files()
+        present.pop(MANIFEST, None)
+        listed = self.manifest["files"]
+        for relative, entry in listed.items():
+            if relative not in present:
+                raise CheckpointError(
+                    f"{self.storage.uri}: {relative} is listed in the manifest but missing"
+                )
+            if present[relative] != entry["size"]:
+                raise CheckpointError(
+                    f"{self.storage.uri}: {relative} does not match the manifest (corrupt)"
+                )
+        extra = sorted(set(present) - set(listed))
+        if extra:
+            raise CheckpointError(
+                f"{self.storage.uri}: {extra} are not in the manifest (added after the save); "
+                "refusing to load files nobody vouched for"
+            )
+
+    def has(self, relative: str) -> bool:
+        return relative in self.manifest["files"]
+
+    def path(self, relative: str) -> Path:
+        """The local path of checkpoint file ``relative``, verified against the manifest."""
+        entry = self.manifest["files"].get(relative)
+        if entry is None:
+            raise CheckpointError(f"{self.storage.uri}: the manifest does not list {relative}")
+        path = self.directory / relative
+        if relative not in self._verified:
+            if self._scratch is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                pafs.copy_files(
+                    self.storage.child(relative).root,
+                    str(path),
+                    source_filesystem=self.storage.filesystem,
+                    destination_filesystem=pafs.LocalFileSystem(),
+                )
+            if path.stat().st_size != entry["size"] or _sha256(path) != entry["sha256"]:
+                raise CheckpointError(
+                    f"{self.storage.uri}: {relative} does not match the manifest (corrupt)"
+                )
+            self._verified.add(relative)
+        return path
+
+    def load_state(self, name: str) -> Any:
+        """A state that :func:`save_state` wrote as ``<name>.json`` (+ ``.safetensors``)."""
+        self.path(f"{name}.json")
+        if self.has(f"{name}.safetensors"):
+            self.path(f"{name}.safetensors")
+        return load_state(self.directory, name)
+
+    def close(self) -> None:
+        if self._scratch is not None:
+            self._scratch.cleanup()
+
+    def __enter__(self) -> CheckpointFiles:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def pull_checkpoint(
@@ -504,68 +686,92 @@ def pull_checkpoint(
     return destination.resolve()
 
 
-@contextmanager
-def local_checkpoint(uri: str, config: CheckpointConfig | None = None) -> Iterator[Path]:
-    """The checkpoint ``uri`` names as a verified local directory (downloaded if remote)."""
-    storage = resolve_checkpoint(uri, config=config)
-    if storage.is_local:
-        directory = Path(storage.root)
-        verify_checkpoint(directory)
-        yield directory
-        return
-    with tempfile.TemporaryDirectory(prefix="rlfleet-checkpoint-") as scratch:
-        yield pull_checkpoint(storage.uri, Path(scratch) / "checkpoint", config=config)
-
-
 def load_checkpoint(
-    uri: str, trainer: Any, *, config: CheckpointConfig | None = None
+    uri: str,
+    trainer: Any,
+    *,
+    config: CheckpointConfig | None = None,
+    expect: CheckpointIdentity | None = None,
 ) -> dict[str, Any]:
-    """Restore ``trainer`` (policy, value head if it has one, optimizer, scheduler, training
-    state) from the checkpoint ``uri`` names, after verifying it; returns the saved job state."""
-    with local_checkpoint(uri, config) as directory:
-        saved_value_head = (directory / VALUE_HEAD_FILE).is_file()
-        if saved_value_head != has_value_head(trainer):
-            saved, current = ("has a", "has none") if saved_value_head else ("has no", "has one")
-            raise CheckpointError(
-                f"{directory}: the checkpoint {saved} value head but the trainer's model {current}"
-            )
-        load_policy_weights(policy_of(trainer), directory / POLICY_DIR)
-        if saved_value_head:
-            trainer.model.v_head.load_state_dict(load_file(str(directory / VALUE_HEAD_FILE)))
-        trainer.optimizer.load_state_dict(load_state(directory, OPTIMIZER))
-        _load_scheduler(trainer, directory)
-        trainer.load_training_state(load_state(directory, TRAINING_STATE))
-        return load_state(directory, JOB_STATE)
+    """Restore ``trainer`` (model, value head if it has one, optimizer, scheduler, training
+    state) from the checkpoint ``uri`` names, after verifying what it reads; returns the saved
+    job state. The trainer may be sharded over any number of ranks (each rank calls this with
+    the same step URI, see :func:`resolve_resume`) or plain. With ``expect``, a checkpoint of
+    another job or model is refused before anything is read."""
+    storage = resolve_checkpoint(uri, config=config)
+    manifest = parse_manifest(storage.read_bytes(MANIFEST), storage.uri)
+    if expect is not None:
+        expect.check(manifest.get("identity"), storage.uri)
+    with CheckpointFiles(storage, manifest) as files:
+        _check_value_head(manifest.get("value_head", True), trainer, storage.uri)
+        if manifest["format"] == FORMAT_V1:
+            _load_v1_tensors(files, trainer)
+        else:
+            _load_tensors(files, trainer, manifest["ranks"])
+        _load_scheduler(trainer, files)
+        trainer.load_training_state(files.load_state(TRAINING_STATE))
+        return files.load_state(JOB_STATE)
 
 
-def load_policy_weights(model: torch.nn.Module, policy_dir: Path) -> None:
-    """Copy the safetensors weights of a saved HF directory into ``model`` in place.
+def _check_value_head(saved: bool, trainer: Any, where: str) -> None:
+    if saved != has_value_head(trainer):
+        saved_text, current = ("has a", "has none") if saved else ("has no", "has one")
+        raise CheckpointError(
+            f"{where}: the checkpoint {saved_text} value head but the trainer's model {current}"
+        )
+
+
+def _load_tensors(files: CheckpointFiles, trainer: Any, world_size: int) -> None:
+    with ShardReader(files.path, MODEL, world_size) as reader:
+        load_model_tensors(trainer.model, reader)
+    encoded = json.loads(files.path(f"{OPTIMIZER}.json").read_text())
+    with ShardReader(files.path, OPTIMIZER, world_size) as reader:
+        load_optimizer_state(trainer.model, trainer.optimizer, encoded, reader)
+
+
+def _load_v1_tensors(files: CheckpointFiles, trainer: Any) -> None:
+    """Format 1: whole tensors in ``policy/`` and ``value_head.safetensors``, the optimizer
+    keyed by position (a plain trainer only)."""
+    policy = [files.path(name) for name in files.manifest["files"] if _is_policy_weights(name)]
+    load_policy_weights(policy_of(trainer), policy)
+    if has_value_head(trainer):
+        trainer.model.v_head.load_state_dict(load_file(str(files.path(VALUE_HEAD_FILE))))
+    trainer.optimizer.load_state_dict(files.load_state(OPTIMIZER))
+
+
+def _is_policy_weights(name: str) -> bool:
+    return name.startswith(f"{POLICY_DIR}/") and name.endswith(".safetensors")
+
+
+def load_policy_weights(model: torch.nn.Module, weight_files: list[Path]) -> None:
+    """Copy the weights of a saved HF directory's safetensors files into ``model`` in place.
 
     Weights that ``save_pretrained`` leaves out because they are tied to a saved one (GPT-2's
     ``lm_head``) may be missing; any other missing or unexpected name is an error.
     """
     state_dict: dict[str, torch.Tensor] = {}
-    for shard in sorted(policy_dir.glob("*.safetensors")):
-        state_dict.update(load_file(str(shard)))
+    for weight_file in weight_files:
+        state_dict.update(load_file(str(weight_file)))
     current = model.state_dict()
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     loaded = {current[key].data_ptr() for key in state_dict if key in current}
     untied = [key for key in missing if current[key].data_ptr() not in loaded]
     if untied or unexpected:
         raise CheckpointError(
-            f"{policy_dir} does not fit the policy: missing {untied}, unexpected {unexpected}"
+            f"the saved policy does not fit the trainer's: missing {untied}, unexpected "
+            f"{unexpected}"
         )
 
 
-def _load_scheduler(trainer: Any, directory: Path) -> None:
-    saved = (directory / f"{LR_SCHEDULER}.json").exists()
+def _load_scheduler(trainer: Any, files: CheckpointFiles) -> None:
+    saved = files.has(f"{LR_SCHEDULER}.json")
     if saved != (trainer.lr_scheduler is not None):
         raise CheckpointError(
-            f"{directory}: the checkpoint {'has' if saved else 'has no'} lr_scheduler state but "
-            f"the trainer {'has no' if saved else 'has a'} scheduler"
+            f"{files.storage.uri}: the checkpoint {'has' if saved else 'has no'} lr_scheduler "
+            f"state but the trainer {'has no' if saved else 'has a'} scheduler"
         )
     if saved:
-        trainer.lr_scheduler.load_state_dict(load_state(directory, LR_SCHEDULER))
+        trainer.lr_scheduler.load_state_dict(files.load_state(LR_SCHEDULER))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,7 +32,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlfleet.common.config import CriticFreeConfig
 from rlfleet.learner.algorithms.advantages import ADVANTAGE_ESTIMATORS, AdvantageConfig
-from rlfleet.learner.algorithms.grpo import CriticFreeLossConfig, critic_free_loss
+from rlfleet.learner.algorithms.grpo import (
+    LOSS_TYPE_SHARES,
+    CriticFreeLossConfig,
+    CriticFreeLossOutput,
+    critic_free_loss,
+)
 from rlfleet.learner.algorithms.kl import KL_PENALTIES
 from rlfleet.learner.algorithms.losses import truncated_importance_weights
 from rlfleet.learner.algorithms.masked import masked_mean
@@ -47,13 +53,22 @@ from rlfleet.learner.critic_free_stats import (
     mean_metrics,
     rollout_stats,
 )
-from rlfleet.learner.forward import PackedRows, ResponseBatch, lm_head_of, response_forward
+from rlfleet.learner.distributed import DataParallel
+from rlfleet.learner.forward import (
+    PackedRows,
+    ResponseBatch,
+    ResponseOutputs,
+    TrainingLayout,
+    batch_logprobs,
+    lm_head_of,
+    split_backward,
+)
 from rlfleet.learner.guards import CRITIC_FREE_ADVICE, check_finite_loss, finite_grad_norm
 from rlfleet.learner.reference import create_reference_model
 from rlfleet.learner.shuffle import Shuffler
 from rlfleet.learner.stats import StepTimer
 from rlfleet.learner.step_inputs import checked_step_inputs
-from rlfleet.learner.trainer import eval_mode
+from rlfleet.learner.trainer import check_no_optimizer_when_sharded, eval_mode
 from rlfleet.learner.value_head import AutoModelForCausalLMWithValueHead
 
 __all__ = ["CriticFreeTrainer"]
@@ -73,7 +88,17 @@ class CriticFreeTrainer:
         tokenizer: PreTrainedTokenizerBase | None = None,
         ref_model: PreTrainedModel | None = None,
         optimizer: torch.optim.Optimizer | None = None,
+        *,
+        parallel: DataParallel | None = None,
+        dtype: torch.dtype = torch.float32,
+        gradient_checkpointing: bool = False,
+        max_tokens_per_microbatch: int | None = None,
     ) -> None:
+        """The keyword-only arguments lay the models out as for ``PPOTrainer`` (learner/trainer.py):
+        FSDP2 across the ranks of ``parallel`` (then ``optimizer`` must be None), compute
+        ``dtype``, gradient checkpointing, a token budget per forward."""
+        layout = TrainingLayout(parallel, dtype, gradient_checkpointing, max_tokens_per_microbatch)
+        check_no_optimizer_when_sharded(layout, optimizer, None)
         if not isinstance(config, CriticFreeConfig):
             raise ValueError(f"config must be a CriticFreeConfig, got {type(config).__name__}")
         if not isinstance(model, PreTrainedModel) or isinstance(
@@ -87,6 +112,8 @@ class CriticFreeTrainer:
         self.model = model
         self.tokenizer = tokenizer
         self.ref_model = self._reference(model, ref_model)
+        self.layout = layout
+        self.policy, self.reference = layout.forwards(model, self.ref_model)
         self.optimizer = optimizer or torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad],
             lr=config.learning_rate,
@@ -113,6 +140,11 @@ class CriticFreeTrainer:
     @property
     def current_device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def parallel(self) -> DataParallel:
+        """This rank's place in the learner's group (rank 0 of 1 in this process)."""
+        return self.layout.local(self.current_device)
 
     @property
     def minibatches_per_iteration(self) -> int:
@@ -192,8 +224,11 @@ class CriticFreeTrainer:
         """Old-policy logprobs (None when the training forward gives them) and reference ones
         (None without a reference), ``[batch, width]``."""
         chunk_size = self.config.optimizer_batch_size
-        old = batch_logprobs(self.model, batch, chunk_size) if self.needs_old_forward else None
-        ref = None if self.ref_model is None else batch_logprobs(self.ref_model, batch, chunk_size)
+        old, ref = None, None
+        if self.needs_old_forward:
+            old = batch_logprobs(self.policy, batch, chunk_size, self.layout)
+        if self.reference is not None:
+            ref = batch_logprobs(self.reference, batch, chunk_size, self.layout)
         return old, ref
 
     def _token_rewards(
@@ -235,10 +270,20 @@ class CriticFreeTrainer:
             max_completion_length=config.max_completion_length,
             steps_per_generation=self.minibatches_per_iteration,
         )
-        num_items_in_batch = loss_mask.sum()
         fill_old = old_logprobs is None  # then the one training forward gives them
-        if fill_old:
-            old_logprobs = torch.zeros_like(loss_mask, dtype=torch.float)
+        targets = CriticFreeTargets(
+            old_logprobs=torch.zeros_like(loss_mask, dtype=torch.float)
+            if fill_old
+            else old_logprobs,
+            fill_old=fill_old,
+            ref_logprobs=ref_logprobs,
+            advantages=advantages,
+            mask=loss_mask,
+            behaviour=behaviour,
+            tis_cap=config.tis_cap,
+            config=loss_config,
+            num_items_in_batch=loss_mask.sum(),
+        )
         all_metrics: list[dict[str, torch.Tensor]] = []
         size = config.optimizer_batch_size
         for iteration in range(config.num_iterations):
@@ -246,31 +291,10 @@ class CriticFreeTrainer:
             for index, start in enumerate(range(0, config.batch_size, size)):
                 where = f"step {self.current_step}, iteration {iteration}, minibatch {index}"
                 rows = permutation[start : start + size]
-                packed = PackedRows.build(batch, rows)
-                rows = packed.rows
-                mask = loss_mask[rows]
+                mask = loss_mask[torch.tensor(rows, device=loss_mask.device)]
                 if not mask.any():
                     continue  # every sample masked (truncated): nothing to learn from
-                outputs = response_forward(self.model, packed, with_entropy=True)
-                if fill_old:
-                    old_logprobs[rows] = outputs.logprobs.detach()
-                tis_weights = None
-                if behaviour is not None and config.tis_cap is not None:
-                    tis_weights = truncated_importance_weights(
-                        old_logprobs[rows], behaviour[rows], config.tis_cap
-                    )
-                result = critic_free_loss(
-                    outputs.logprobs,
-                    old_logprobs[rows],
-                    None if ref_logprobs is None else ref_logprobs[rows],
-                    advantages[rows],
-                    mask,
-                    loss_config,
-                    num_items_in_batch=num_items_in_batch,
-                    importance_sampling_ratio=tis_weights,
-                )
-                check_finite_loss(result.loss, where, CRITIC_FREE_ADVICE)
-                result.loss.backward()
+                outputs, result = self._minibatch(batch, rows, targets, where)
                 grad_norm = self._optimizer_step(where)
                 all_metrics.append(
                     {
@@ -280,7 +304,44 @@ class CriticFreeTrainer:
                         **result.metrics,
                     }
                 )
-        return all_metrics, old_logprobs
+        return all_metrics, targets.old_logprobs
+
+    def _minibatch(
+        self, batch: ResponseBatch, rows: list[int], targets: CriticFreeTargets, where: str
+    ) -> tuple[ResponseOutputs, CriticFreeLossOutput]:
+        """One minibatch's forward and backward: its outputs and loss.
+
+        In one piece (one rank, within the token budget) the loss's backward is its own; split
+        (over ranks or micro-batches), each micro-batch backpropagates its share of the
+        minibatch's loss, and the loss and metrics come from the gathered outputs."""
+        micro_batches = self.layout.micro_batches(batch, rows)
+        index = torch.tensor(rows, device=batch.mask.device)
+        if self.parallel.world_size == 1 and len(micro_batches) == 1:
+            outputs = self.policy(PackedRows.build(batch, rows), with_entropy=True)
+            result = targets.loss(outputs, index)
+            self._check_finite(result.loss, where)
+            result.loss.backward()
+            return outputs, result
+        share = LOSS_TYPE_SHARES[targets.config.loss_type]
+
+        def loss_of(outputs: ResponseOutputs, micro_rows: torch.Tensor) -> torch.Tensor:
+            part = share(targets.mask[micro_rows], targets.mask[index])
+            return targets.loss(outputs, micro_rows).loss * part
+
+        outputs = split_backward(
+            self.policy, batch, rows, micro_batches, loss_of, self.parallel, with_entropy=True
+        )
+        result = targets.loss(outputs, index)
+        self._check_finite(result.loss, where)
+        return outputs, result
+
+    def _check_finite(self, loss: torch.Tensor, where: str) -> None:
+        """``check_finite_loss``; no gradient of a failed step carries into the next."""
+        try:
+            check_finite_loss(loss, where, CRITIC_FREE_ADVICE)
+        except FloatingPointError:
+            self.optimizer.zero_grad()
+            raise
 
     def _optimizer_step(self, where: str) -> float:
         """Check the gradient norm, clip (if ``max_grad_norm``), step, zero; returns the norm."""
@@ -309,14 +370,37 @@ class CriticFreeTrainer:
         self.shuffler.load_state(state["shuffle_rng"])
 
 
-@torch.no_grad()
-def batch_logprobs(model: PreTrainedModel, batch: ResponseBatch, chunk_size: int) -> torch.Tensor:
-    """``model``'s logprobs of every response token, ``[batch, width]``, in chunks of
-    ``chunk_size`` rows sorted by length (less padding)."""
-    logprobs = torch.zeros_like(batch.mask, dtype=torch.float)
-    lengths = [len(q) + len(r) for q, r in zip(batch.queries, batch.responses, strict=True)]
-    order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    for start in range(0, len(order), chunk_size):
-        packed = PackedRows.build(batch, order[start : start + chunk_size])
-        logprobs[packed.rows] = response_forward(model, packed).logprobs
-    return logprobs
+@dataclass
+class CriticFreeTargets:
+    """What the loss compares a minibatch's logprobs with, ``[batch, width]`` each."""
+
+    old_logprobs: torch.Tensor
+    """Filled by the training forward itself when ``fill_old``."""
+    fill_old: bool
+    ref_logprobs: torch.Tensor | None
+    advantages: torch.Tensor
+    mask: torch.Tensor
+    behaviour: torch.Tensor | None
+    tis_cap: float | None
+    config: CriticFreeLossConfig
+    num_items_in_batch: torch.Tensor
+
+    def loss(self, outputs: ResponseOutputs, rows: torch.Tensor) -> CriticFreeLossOutput:
+        """The loss of ``rows`` given their outputs, with truncated importance sampling against
+        the behaviour logprobs when given and capped."""
+        if self.fill_old:
+            self.old_logprobs[rows] = outputs.logprobs.detach()
+        old = self.old_logprobs[rows]
+        tis_weights = None
+        if self.behaviour is not None and self.tis_cap is not None:
+            tis_weights = truncated_importance_weights(old, self.behaviour[rows], self.tis_cap)
+        return critic_free_loss(
+            outputs.logprobs,
+            old,
+            None if self.ref_logprobs is None else self.ref_logprobs[rows],
+            self.advantages[rows],
+            self.mask[rows],
+            self.config,
+            num_items_in_batch=self.num_items_in_batch,
+            importance_sampling_ratio=tis_weights,
+        )

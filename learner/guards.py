@@ -13,7 +13,9 @@ import math
 from collections.abc import Iterable
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 PPO_ADVICE = "lower ppo.learning_rate or set ppo.max_grad_norm, or set ppo.nonfinite: skip"
 CRITIC_FREE_ADVICE = "lower critic_free.learning_rate or critic_free.max_grad_norm"
@@ -34,7 +36,8 @@ def check_finite_loss(loss: torch.Tensor, where: str, advice: str = PPO_ADVICE) 
 
 
 def grad_norm(parameters: Iterable[nn.Parameter]) -> float:
-    """The L2 norm of all gradients together (parameters without a gradient add nothing)."""
+    """The L2 norm of all gradients together (parameters without a gradient add nothing); over
+    every rank's shard for sharded (FSDP2) gradients, a collective then."""
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return 0.0
@@ -55,11 +58,21 @@ def finite_grad_norm(
 def check_finite_weights(model: nn.Module, where: str, advice: str = PPO_ADVICE) -> None:
     """Raises ``NonFiniteError`` naming ``where`` and the first parameter holding a NaN or an
     infinity. One reduction over every parameter (one host sync per step, not one per tensor);
-    the parameters are searched only when it fails."""
+    the parameters are searched only when it fails. Sharded (FSDP2) weights are checked shard by
+    shard and the verdicts combined over the ranks: collective, every rank calls it."""
     parameters = list(model.named_parameters())
-    if bool(torch.stack([torch.isfinite(p).all() for _, p in parameters]).all()):
+    finite = torch.stack([torch.isfinite(local_part(p)).all() for _, p in parameters])
+    if any(isinstance(p, DTensor) for _, p in parameters):
+        finite = finite.to(torch.int32)
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if bool(finite.all()):
         return
-    name = next(name for name, p in parameters if not is_finite(p))
+    name = next(name for (name, _), ok in zip(parameters, finite.tolist(), strict=True) if not ok)
     raise NonFiniteError(
         f"{where}: weight {name} is not finite; it was neither published nor checkpointed; {advice}"
     )
+
+
+def local_part(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a sharded tensor, else the tensor."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor

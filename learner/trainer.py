@@ -20,7 +20,8 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -30,17 +31,30 @@ from rlfleet.common.config import PPOConfig
 from rlfleet.learner import generation
 from rlfleet.learner.algorithms.advantages import AdvantageConfig
 from rlfleet.learner.algorithms.kl import AdaptiveKLController, FixedKLController
-from rlfleet.learner.algorithms.losses import LossConfig, truncated_importance_weights
-from rlfleet.learner.algorithms.ppo import early_stop, ppo_advantages, ppo_loss
+from rlfleet.learner.algorithms.losses import (
+    MICRO_BATCH_SHARES,
+    LossConfig,
+    truncated_importance_weights,
+)
+from rlfleet.learner.algorithms.ppo import (
+    PPOLossOutput,
+    early_stop,
+    ppo_advantages,
+    ppo_loss,
+    ppo_objective,
+)
 from rlfleet.learner.algorithms.rewards import RunningMoments, per_token_rewards, scaled_scores
 from rlfleet.learner.critic_free_inputs import checked_behaviour_logprobs
 from rlfleet.learner.critic_free_stats import behaviour_mismatch_stats
+from rlfleet.learner.distributed import DataParallel
 from rlfleet.learner.forward import (
     PackedRows,
     ResponseBatch,
+    ResponseOutputs,
+    TrainingLayout,
     lm_head_of,
-    response_forward,
     rollout_forward,
+    split_backward,
 )
 from rlfleet.learner.guards import NonFiniteError, check_finite_loss, finite_grad_norm
 from rlfleet.learner.reference import create_reference_model
@@ -72,7 +86,20 @@ class PPOTrainer(TRLCompatMixin):
         data_collator: Callable | None = None,
         num_shared_layers: int | None = None,
         lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        *,
+        parallel: DataParallel | None = None,
+        dtype: torch.dtype = torch.float32,
+        gradient_checkpointing: bool = False,
+        max_tokens_per_microbatch: int | None = None,
     ) -> None:
+        """``parallel``: train as this rank of the learner's group, the policy (value head
+        included) and the reference sharded with FSDP2 on ``parallel.device``, the optimizer
+        made over the sharded parameters (``optimizer`` and ``lr_scheduler`` must be None);
+        ``dtype`` bfloat16 (with ``parallel``) computes in bfloat16 on float32 master weights;
+        ``gradient_checkpointing`` recomputes each block's activations in the backward pass;
+        ``max_tokens_per_microbatch`` bounds a forward's padded tokens (rows times the longest).
+        The defaults train in this process exactly as without them."""
+        layout = TrainingLayout(parallel, dtype, gradient_checkpointing, max_tokens_per_microbatch)
         if not isinstance(config, PPOConfig):
             raise ValueError(f"config must be a PPOConfig, got {type(config).__name__}")
         if not isinstance(model, AutoModelForCausalLMWithValueHead):
@@ -87,6 +114,7 @@ class PPOTrainer(TRLCompatMixin):
             lr_scheduler, torch.optim.lr_scheduler.LRScheduler
         ):
             raise ValueError("lr_scheduler must be a torch.optim.lr_scheduler.LRScheduler")
+        check_no_optimizer_when_sharded(layout, optimizer, lr_scheduler)
         self.config = config
         self.model = model
         self.tokenizer = tokenizer
@@ -101,6 +129,8 @@ class PPOTrainer(TRLCompatMixin):
                 f"ref_model must be an AutoModelForCausalLMWithValueHead, a transformers causal "
                 f"LM or None, got {type(ref_model).__name__}"
             )
+        self.layout = layout
+        self.policy, self.reference = layout.forwards(model, self.ref_model)
         self.optimizer = optimizer or torch.optim.Adam(
             [p for p in model.parameters() if p.requires_grad], lr=config.learning_rate, fused=True
         )
@@ -122,6 +152,11 @@ class PPOTrainer(TRLCompatMixin):
     @property
     def current_device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def parallel(self) -> DataParallel:
+        """This rank's place in the learner's group (rank 0 of 1 in this process)."""
+        return self.layout.local(self.current_device)
 
     def prepare_dataloader(
         self, dataset: torch.utils.data.Dataset, data_collator: Callable | None = None
@@ -150,6 +185,8 @@ class PPOTrainer(TRLCompatMixin):
         A 1-D query gives a ``(1, length)`` tensor. A list gives a list of 1-D tensors, generated
         ``batch_size`` at a time with left padding, each cut after its first EOS (kept).
         """
+        if self.layout.sharded:
+            raise RuntimeError("generate needs whole models; a trainer given parallel has shards")
         models = [self.model] + ([self.ref_model] if generate_ref_response else [])
         outputs = generation.generate(
             models,
@@ -204,7 +241,12 @@ class PPOTrainer(TRLCompatMixin):
         with eval_mode(self.model):  # dropout off in every pass, as in TRL
             with timer.phase("forward_pass"):
                 rollout = rollout_forward(
-                    self.model, self.ref_model, batch, config.mini_batch_size, config.kl_penalty
+                    self.policy,
+                    self.reference,
+                    batch,
+                    config.mini_batch_size,
+                    config.kl_penalty,
+                    self.layout,
                 )
             with timer.phase("compute_rewards"):
                 kl_coef = self.kl_ctl.value
@@ -225,9 +267,10 @@ class PPOTrainer(TRLCompatMixin):
                     rollout.logprobs, behaviour, config.tis_cap
                 )
             with timer.phase("optimize_step"):
-                minibatch_stats = self._train(
-                    batch, rollout.logprobs, old_values, advantages, returns, tis_weights
+                targets = PPOTargets(
+                    rollout.logprobs, old_values, advantages, returns, batch.mask, tis_weights
                 )
+                minibatch_stats = self._train(batch, targets)
         with timer.phase("calc_stats"):
             stats = step_stats(
                 batch,
@@ -250,17 +293,9 @@ class PPOTrainer(TRLCompatMixin):
         self.current_step += 1
         return stats
 
-    def _train(
-        self,
-        batch: ResponseBatch,
-        old_logprobs: torch.Tensor,
-        old_values: torch.Tensor,
-        advantages: torch.Tensor,
-        returns: torch.Tensor,
-        tis_weights: torch.Tensor | None,
-    ) -> list[dict[str, torch.Tensor]]:
+    def _train(self, batch: ResponseBatch, targets: PPOTargets) -> list[dict[str, torch.Tensor]]:
         """``ppo_epochs`` passes over shuffled minibatches, one optimizer step per
-        ``backward_batch_size`` rows, each token's policy loss weighted by ``tis_weights`` when
+        ``backward_batch_size`` rows, each token's policy loss weighted by the TIS weights when
         given; returns each minibatch's stats."""
         config = self.config
         loss_config = LossConfig(
@@ -273,43 +308,79 @@ class PPOTrainer(TRLCompatMixin):
         for epoch in range(config.ppo_epochs):
             permutation = self.shuffler.permutation(config.batch_size)
             for start in range(0, config.batch_size, config.backward_batch_size):
-                skipped = False
-                finite = True
+                outcomes = []
                 end = start + config.backward_batch_size
                 for mini_start in range(start, end, config.mini_batch_size):
-                    mini_rows = permutation[mini_start : mini_start + config.mini_batch_size]
-                    packed = PackedRows.build(batch, mini_rows)
-                    outputs = response_forward(
-                        self.model, packed, with_values=True, with_entropy=True
-                    )
-                    rows = packed.rows
-                    result = ppo_loss(
-                        logprobs=outputs.logprobs,
-                        vpreds=outputs.values,
-                        entropy=outputs.entropy,
-                        old_logprobs=old_logprobs[rows],
-                        old_values=old_values[rows],
-                        advantages=advantages[rows],
-                        returns=returns[rows],
-                        mask=batch.mask[rows],
-                        config=loss_config,
-                        importance_weights=None if tis_weights is None else tis_weights[rows],
-                    )
+                    rows = permutation[mini_start : mini_start + config.mini_batch_size]
                     where = self._where(epoch, mini_start // config.mini_batch_size)
-                    if result.loss is None:
-                        skipped = True
-                    elif self._guarded(check_finite_loss, result.loss, where):
-                        (result.loss / config.gradient_accumulation_steps).backward()
-                    else:
-                        finite = False
+                    result, outcome = self._minibatch(batch, rows, targets, loss_config, where)
+                    outcomes.append(outcome)
                     all_stats.append(result.stats)
                 where = self._where(epoch, start // config.mini_batch_size)
-                self._optimizer_step(zero_fill_missing_grads=skipped, finite=finite, where=where)
+                self._optimizer_step(
+                    zero_fill_missing_grads="skipped" in outcomes,
+                    finite="nonfinite" not in outcomes,
+                    where=where,
+                )
             if config.early_stopping and early_stop(
                 all_stats[-1]["policy/policykl"], config.target_kl
             ):
                 break
         return all_stats
+
+    def _minibatch(
+        self,
+        batch: ResponseBatch,
+        rows: list[int],
+        targets: PPOTargets,
+        loss_config: LossConfig,
+        where: str,
+    ) -> tuple[PPOLossOutput, Outcome]:
+        """One minibatch's forward and backward (gradients accumulating): its loss, stats, and
+        whether it was trained on, skipped (mean ratio over the threshold) or not finite.
+
+        In one piece (one rank, within the token budget) the loss is decided on before the
+        backward, as in TRL. Split (over ranks or micro-batches), each micro-batch's backward
+        comes first, then the loss and stats of the whole minibatch from the gathered outputs
+        decide; a skipped minibatch's gradients are taken back out."""
+        accumulation = self.config.gradient_accumulation_steps
+        micro_batches = self.layout.micro_batches(batch, rows)
+        index = torch.tensor(rows, device=batch.mask.device)
+        if self.parallel.world_size == 1 and len(micro_batches) == 1:
+            outputs = self.policy(
+                PackedRows.build(batch, rows), with_values=True, with_entropy=True
+            )
+            result = targets.loss(outputs, index, loss_config)
+            if result.loss is None:
+                return result, "skipped"
+            if not self._guarded(check_finite_loss, result.loss, where):
+                return result, "nonfinite"
+            (result.loss / accumulation).backward()
+            return result, "trained"
+        share = MICRO_BATCH_SHARES[loss_config.aggregation]
+
+        def loss_of(outputs: ResponseOutputs, micro_rows: torch.Tensor) -> torch.Tensor:
+            part = share(targets.mask[micro_rows], targets.mask[index])
+            return targets.objective(outputs, micro_rows, loss_config) * part / accumulation
+
+        before = gradients(self.optimizer)
+        outputs = split_backward(
+            self.policy,
+            batch,
+            rows,
+            micro_batches,
+            loss_of,
+            self.parallel,
+            with_values=True,
+            with_entropy=True,
+        )
+        result = targets.loss(outputs, index, loss_config)
+        if result.loss is None:
+            restore_gradients(self.optimizer, before)
+            return result, "skipped"
+        if not self._guarded(check_finite_loss, result.loss, where):
+            return result, "nonfinite"
+        return result, "trained"
 
     def _optimizer_step(self, zero_fill_missing_grads: bool, finite: bool, where: str) -> None:
         """Clip (if ``max_grad_norm``), step and zero the gradients of the trainable parameters.
@@ -341,6 +412,7 @@ class PPOTrainer(TRLCompatMixin):
             check(value, where)
         except NonFiniteError:
             if self.config.nonfinite == "error":
+                self.optimizer.zero_grad()  # nothing of the failed step carries into the next
                 raise
             return False
         return True
@@ -363,6 +435,82 @@ class PPOTrainer(TRLCompatMixin):
         self.kl_ctl.value = float(state["kl_coef"])
         self.running.load_state(state["running_moments"])
         self.shuffler.load_state(state["shuffle_rng"])
+
+
+Outcome = Literal["trained", "skipped", "nonfinite"]
+
+
+@dataclass
+class PPOTargets:
+    """What the PPO loss compares a minibatch's outputs with, ``[batch, width]`` each."""
+
+    old_logprobs: torch.Tensor
+    old_values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    mask: torch.Tensor
+    tis_weights: torch.Tensor | None
+
+    def at(self, rows: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """The targets of ``rows`` as the loss functions name them."""
+        return {
+            "old_logprobs": self.old_logprobs[rows],
+            "old_values": self.old_values[rows],
+            "advantages": self.advantages[rows],
+            "returns": self.returns[rows],
+            "mask": self.mask[rows],
+            "importance_weights": None if self.tis_weights is None else self.tis_weights[rows],
+        }
+
+    def loss(
+        self, outputs: ResponseOutputs, rows: torch.Tensor, config: LossConfig
+    ) -> PPOLossOutput:
+        """The minibatch's loss (None when skipped) and stats."""
+        return ppo_loss(
+            logprobs=outputs.logprobs,
+            vpreds=outputs.values,
+            entropy=outputs.entropy,
+            config=config,
+            **self.at(rows),
+        )
+
+    def objective(
+        self, outputs: ResponseOutputs, rows: torch.Tensor, config: LossConfig
+    ) -> torch.Tensor:
+        """The loss of some rows, no skipping, no stats."""
+        return ppo_objective(
+            logprobs=outputs.logprobs, vpreds=outputs.values, config=config, **self.at(rows)
+        ).loss
+
+
+def check_no_optimizer_when_sharded(
+    layout: TrainingLayout,
+    optimizer: torch.optim.Optimizer | None,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+) -> None:
+    if layout.sharded and (optimizer is not None or lr_scheduler is not None):
+        raise ValueError(
+            "with parallel the trainer makes its optimizer over the sharded parameters: pass "
+            "neither optimizer nor lr_scheduler"
+        )
+
+
+Gradients = list[torch.Tensor | None]
+
+
+def gradients(optimizer: torch.optim.Optimizer) -> Gradients:
+    """A copy of the optimizer's parameters' gradients (None where there is none)."""
+    return [
+        None if p.grad is None else p.grad.detach().clone()
+        for group in optimizer.param_groups
+        for p in group["params"]
+    ]
+
+
+def restore_gradients(optimizer: torch.optim.Optimizer, saved: Gradients) -> None:
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    for parameter, grad in zip(parameters, saved, strict=True):
+        parameter.grad = grad
 
 
 @contextmanager

@@ -3,7 +3,11 @@
 A reward function is ``fn(prompts: list[str], responses: list[str], **kwargs) -> list[float]``:
 one score per (prompt, response) pair. ``kwargs`` holds the job config's ``reward.kwargs`` plus
 one list per extra dataset field (one value per sample, ``None`` where a row lacks the field),
-so every reward function must accept ``**kwargs`` even when it uses none of them.
+so every reward function must accept ``**kwargs`` even when it uses none of them. With a chat
+dataset (``dataset.messages_field``), ``messages`` is each sample's conversation (a list of
+``{"role", "content"}`` messages, the system prompt included), ``prompts`` are the conversations
+as rendered by the chat template and ``responses`` the completions' text without the
+end-of-turn token.
 """
 
 from __future__ import annotations

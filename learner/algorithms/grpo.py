@@ -16,6 +16,12 @@ from typing import Literal, NamedTuple, Protocol
 import torch
 
 from rlfleet.learner.algorithms.kl import KL_PENALTIES
+from rlfleet.learner.algorithms.losses import (
+    MicroBatchShare,
+    row_share,
+    token_share,
+    whole_share,
+)
 from rlfleet.learner.algorithms.registry import Registry
 
 
@@ -66,6 +72,11 @@ class LossTypeAggregation(Protocol):
 
 LOSS_TYPES: Registry[LossTypeAggregation] = Registry("loss type")
 register_loss_type = LOSS_TYPES.register
+LOSS_TYPE_SHARES: Registry[MicroBatchShare] = Registry("loss type's micro-batch share")
+"""By loss type: the factor that makes a micro-batch's loss its part of the minibatch's (see
+``MICRO_BATCH_SHARES`` in losses.py): rows for the means over sequences, tokens for the token
+mean, none for ``dapo``'s constant of the whole generation batch."""
+LOSS_TYPE_SHARES.update(grpo=row_share, bnpo=token_share, dr_grpo=row_share, dapo=whole_share)
 
 
 def masked_token_sum(per_token_loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -85,6 +85,31 @@ register_loss_aggregation = LOSS_AGGREGATIONS.register
 register_loss_aggregation("token-mean")(masked_mean)
 
 
+class MicroBatchShare(Protocol):
+    def __call__(self, micro_mask: torch.Tensor, minibatch_mask: torch.Tensor) -> float: ...
+
+
+def token_share(micro_mask: torch.Tensor, minibatch_mask: torch.Tensor) -> float:
+    """A token mean's part in a micro-batch: its tokens over the minibatch's."""
+    return float(micro_mask.sum()) / max(float(minibatch_mask.sum()), 1.0)
+
+
+def row_share(micro_mask: torch.Tensor, minibatch_mask: torch.Tensor) -> float:
+    """A mean over rows' part in a micro-batch: its rows over the minibatch's."""
+    return micro_mask.shape[0] / minibatch_mask.shape[0]
+
+
+def whole_share(micro_mask: torch.Tensor, minibatch_mask: torch.Tensor) -> float:
+    """A loss normalised by a constant of the whole batch: each micro-batch's loss is its part."""
+    return 1.0
+
+
+MICRO_BATCH_SHARES: Registry[MicroBatchShare] = Registry("micro-batch share")
+"""By aggregation name: the factor that makes a micro-batch's aggregated loss its part of the
+minibatch's, so that the parts (over micro-batches and ranks) sum to the minibatch's loss."""
+MICRO_BATCH_SHARES.register("token-mean")(token_share)
+
+
 @register_policy_loss("clipped")
 def clipped_policy_loss(
     logprobs: torch.Tensor,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -51,6 +52,40 @@ class PPOLossOutput:
     skipped."""
 
 
+class PPOObjective(NamedTuple):
+    loss: torch.Tensor
+    """``L_pg + vf_coef * L_vf``."""
+    pg_loss: torch.Tensor
+    vf_loss: torch.Tensor
+    pg_clipfrac: torch.Tensor
+    vf_clipfrac: torch.Tensor
+    ratio: torch.Tensor
+
+
+def ppo_objective(
+    *,
+    logprobs: torch.Tensor,
+    vpreds: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    old_values: torch.Tensor,
+    advantages: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    config: LossConfig,
+    importance_weights: torch.Tensor | None = None,
+) -> PPOObjective:
+    """``L = L_pg + vf_coef * L_vf`` from the policy and value losses ``config`` names, and its
+    parts; no skipping, no stats (a micro-batch's part of a minibatch's loss)."""
+    vf_loss, vf_clipfrac = VALUE_LOSSES[config.value_loss](
+        vpreds, old_values, returns, mask, config
+    )
+    pg_loss, pg_clipfrac, ratio = POLICY_LOSSES[config.policy_loss](
+        logprobs, old_logprobs, advantages, mask, config, importance_weights
+    )
+    loss = pg_loss + config.vf_coef * vf_loss
+    return PPOObjective(loss, pg_loss, vf_loss, pg_clipfrac, vf_clipfrac, ratio)
+
+
 def ppo_loss(
     *,
     logprobs: torch.Tensor,
@@ -64,18 +99,22 @@ def ppo_loss(
     config: LossConfig,
     importance_weights: torch.Tensor | None = None,
 ) -> PPOLossOutput:
-    """``L = L_pg + vf_coef * L_vf`` from the policy and value losses ``config`` names, unless the
-    mean ratio ``rho`` exceeds ``config.ratio_threshold`` (then a warning and no loss).
+    """:func:`ppo_objective`, unless the mean ratio ``rho`` exceeds ``config.ratio_threshold``
+    (then a warning and no loss), and the minibatch's stats.
 
     ``importance_weights`` (truncated importance sampling against the generator's policy) weight
     each token's policy loss, after the clip; None leaves TRL v0.11.4's loss unchanged."""
-    vf_loss, vf_clipfrac = VALUE_LOSSES[config.value_loss](
-        vpreds, old_values, returns, mask, config
+    loss, pg_loss, vf_loss, pg_clipfrac, vf_clipfrac, ratio = ppo_objective(
+        logprobs=logprobs,
+        vpreds=vpreds,
+        old_logprobs=old_logprobs,
+        old_values=old_values,
+        advantages=advantages,
+        returns=returns,
+        mask=mask,
+        config=config,
+        importance_weights=importance_weights,
     )
-    pg_loss, pg_clipfrac, ratio = POLICY_LOSSES[config.policy_loss](
-        logprobs, old_logprobs, advantages, mask, config, importance_weights
-    )
-    loss = pg_loss + config.vf_coef * vf_loss
     avg_ratio = masked_mean(ratio, mask).item()
     trained_loss: torch.Tensor | None = loss
     if avg_ratio > config.ratio_threshold:

@@ -10,6 +10,7 @@ names against the reward function's arguments.
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -27,16 +28,46 @@ class ConfigError(ValueError):
 
 def check_config(config: JobConfig) -> None:
     """Raises ``ConfigError`` for what would otherwise fail after the actors started: a model
-    directory without weights config or tokenizer, a generation budget that fills the context,
+    directory without weights config or tokenizer, GPUs asked of a local Ray instance on a
+    machine without any, a generation budget that fills the context,
     a model the generators' engine cannot serve, a reward function or model that cannot be
     loaded, a checkpoint location that cannot be written."""
     check_model_dir("model", config.model)
+    check_local_gpus(config)
     check_generation_fits_context(config)
     check_engine_serves_model(config)
     for key, source in reward_sources(config):
         check_reward_source(key, source)
     if config.checkpoint.uri is not None:
         check_checkpoint_writable(config.checkpoint)
+
+
+def check_local_gpus(config: JobConfig, gpus: int | None = None) -> None:
+    """A job on a local Ray instance (no ``ray_address``, no ``RAY_ADDRESS``) can use only this
+    machine's GPUs (``gpus``: their count, else torch's): asking for one without any would wait
+    for the learner's placement group until ``learner.timeout_s``."""
+    if config.ray_address or os.environ.get("RAY_ADDRESS"):
+        return
+    wanted = [
+        key
+        for key, amount in (
+            ("learner.num_gpus", config.learner.num_gpus),
+            ("generators.num_gpus", config.generators.num_gpus),
+            ("reward.num_gpus", config.reward.num_gpus),
+        )
+        if amount > 0
+    ]
+    if not wanted:
+        return
+    if gpus is None:
+        import torch
+
+        gpus = torch.cuda.device_count()
+    if gpus == 0:
+        raise ConfigError(
+            f"{wanted[0]}: this machine has no GPU and the job starts a local Ray instance; set "
+            f"{' and '.join(wanted)} to 0, or join a cluster with GPUs (ray_address)"
+        )
 
 
 def reward_sources(config: JobConfig) -> list[tuple[str, Any]]:

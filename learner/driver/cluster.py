@@ -13,7 +13,7 @@ from rlfleet.common.config import JobConfig
 def required_cpus(config: JobConfig) -> float:
     """Logical CPUs that the job's actors reserve together."""
     return (
-        config.learner.num_cpus
+        config.learner.num_ranks * config.learner.cpus_per_rank
         + config.generators.num_actors * config.generators.num_cpus
         + config.reward.num_actors * config.reward.num_cpus
     )

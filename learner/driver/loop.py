@@ -3,10 +3,14 @@
 One iteration (``PPOJob.train_iteration``, top to bottom): collect the rollouts of the prompt
 batch in flight; in one-step-off mode, send the next batch to the generators at once, so that
 they sample it while the learner trains; score the rollouts on the reward actors; one training
-step (PPO or critic-free, learner/actor.py) on the learner; publish the new weights once and have
-every generator confirm the version it holds, unless ``max_policy_lag`` lets them lag; save a
-checkpoint when due; otherwise send the next batch now; record the iteration's metrics and its
-stats.jsonl line.
+step (PPO or critic-free, learner/actor.py) on the learner's ranks (learner/group.py), the
+generators asleep meanwhile when they share its GPUs (``placement: colocated``); publish the new
+weights once and have every generator confirm the version it holds, unless ``max_policy_lag``
+lets them lag; save a checkpoint when due; otherwise send the next batch now; record the
+iteration's metrics and its stats.jsonl line.
+
+Start-up: the learner's ranks, the generators and the reward actors are all started at once and
+waited for together, each wait bounded by ``learner.timeout_s`` (plus a margin).
 
 Each rollout id is consumed exactly once: an actor that dies mid-batch has only its shard sent
 again (``pool.ActorPool``) and the learner refuses an id it has already trained on.
@@ -34,6 +38,7 @@ from rlfleet.learner.driver.metrics import JobMetrics
 from rlfleet.learner.driver.pool import ActorPool, PendingShards, id_range, split_batch
 from rlfleet.learner.driver.roles import ActorFactories
 from rlfleet.learner.driver.sync import WeightSync, needs_sync
+from rlfleet.learner.group import wait_all
 
 DispatchHook = Callable[[str, int, list[Any]], None]
 """``hook(kind, iteration, actors)``: called right after a batch's shards went out (for tests)."""
@@ -133,15 +138,26 @@ class PPOJob:
             rows = checked_rows(config)
         self.config = config
         self.on_dispatch = on_dispatch
+        self.start_actors(factories or ActorFactories.from_config(config))
         self.prompts = PromptBatches.from_config(config, rows)
         self.iteration = 0
         self.stats_path = Path(config.output_dir) / "stats.jsonl"
         self.stats_path.parent.mkdir(parents=True, exist_ok=True)
         self.metrics = JobMetrics.from_config(config.name, 0, config.metrics)
+        try:
+            self.wait_until_ready()
+        except BaseException:
+            self.shutdown()
+            raise
+        self.metrics.set_actors_alive("learner", len(self.learner.ranks))
+        self.metrics.set_actors_alive("generator", len(self.generators.actors))
+        self.metrics.set_actors_alive("reward", len(self.rewards.actors))
+        self.publish_metrics_targets()
 
-        factories = factories or ActorFactories.from_config(config)
-        self.learner = factories.learner()
-        self.sync = WeightSync(self.learner)
+    def start_actors(self, factories: ActorFactories) -> None:
+        """Starts the generators, the reward actors and the learner's ranks, none waited for:
+        they load while the driver tokenizes the prompts (``wait_until_ready`` waits)."""
+        config = self.config
         self.generators = ActorPool(
             "generator",
             factories.generator,
@@ -151,13 +167,25 @@ class PPOJob:
         self.rewards = ActorPool(
             "reward", factories.reward, config.reward.num_actors, on_restart=self._on_reward_restart
         )
-        ray.get(self.learner.ready.remote())
-        self.generators.wait_ready()
-        self.rewards.wait_ready()
-        self.metrics.set_actors_alive("learner", 1)
-        self.metrics.set_actors_alive("generator", len(self.generators.actors))
-        self.metrics.set_actors_alive("reward", len(self.rewards.actors))
-        self.publish_metrics_targets()
+        try:
+            self.learner = factories.learner()
+        except BaseException:
+            self._kill_pools()
+            raise
+        self.sync = WeightSync.from_config(self.learner, config)
+
+    def wait_until_ready(self) -> None:
+        """Waits for the learner's ranks, the generators and the reward actors together (they
+        start at once), at most the learner's deadline; names any that died or is late."""
+        calls = [
+            *self.learner.ready_calls(),
+            *[
+                (f"{pool.kind} {i}", actor.ready.remote())
+                for pool in self._pools()
+                for i, actor in enumerate(pool.actors)
+            ],
+        ]
+        wait_all(calls, self.learner.deadline_s, "at start-up")
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -185,10 +213,10 @@ class PPOJob:
                 stats_lines.append(stats)
                 bar.update(1)
                 bar.set_postfix(reward=f"{stats['reward_mean']:.3f}", kl=reference_kl(stats))
-        ray.get(self.learner.wait_for_checkpoint.remote())
+        self.learner.wait_for_checkpoint()
         return JobResult(
             stats=stats_lines,
-            consumed_rollout_ids=ray.get(self.learner.consumed_rollout_ids.remote()),
+            consumed_rollout_ids=self.learner.consumed_rollout_ids(),
             generator_restarts=self.generators.restarts,
             reward_restarts=self.rewards.restarts,
         )
@@ -206,8 +234,8 @@ class PPOJob:
 
         with timer.stage("score"):
             scored = self.score(rollouts)
-        with timer.stage("train"):
-            learner_stats = ray.get(self.learner.step.remote(scored))
+        with timer.stage("train"), self.generators_asleep():
+            learner_stats = self.learner.step(scored)
         self.iteration += 1
         with timer.stage("sync"):
             self.sync_weights_if_needed()
@@ -254,6 +282,19 @@ class PPOJob:
         self._dispatched(self.rewards)
         return concat_batches(self.rewards.collect(pending))
 
+    @contextmanager
+    def generators_asleep(self) -> Iterator[None]:
+        """Colocated on GPUs, the generators' engines sleep (free their GPU memory) while the
+        learner trains and wake before the weights sync; otherwise nothing happens."""
+        if not self.config.colocated_on_gpus:
+            yield
+            return
+        self.generators.call_all("sleep")
+        try:
+            yield
+        finally:
+            self.generators.call_all("wake_up")
+
     def sync_weights_if_needed(self) -> None:
         """Has every generator load the learner's policy when it would otherwise lag more than
         ``max_policy_lag`` versions (see ``sync.needs_sync``)."""
@@ -267,7 +308,7 @@ class PPOJob:
         policy)."""
         state = {"iteration": self.iteration, **cursor}
         started = time.perf_counter()
-        ray.get(self.learner.save_checkpoint.remote(self.config.checkpoint, state))
+        self.learner.save_checkpoint(self.config.checkpoint, state)
         self.metrics.record_checkpoint(time.perf_counter() - started)
 
     def record_metrics(
@@ -304,7 +345,7 @@ class PPOJob:
     def resume(self, uri: str) -> None:
         """Restores learner, prompt cursor and rollout ids from a checkpoint; stats.jsonl keeps
         the lines up to its iteration. Generators get the restored weights before they sample."""
-        state = ray.get(self.learner.load_checkpoint.remote(uri, self.config.checkpoint))
+        state = self.learner.load_checkpoint(uri, self.config.checkpoint)
         self.iteration = state["iteration"]
         self.prompts.load_state(state)
         if self.stats_path.exists():
@@ -320,13 +361,14 @@ class PPOJob:
         file_sd file (see common/metrics.py); again after a restart. Nothing when disabled."""
         if not self.config.metrics.enabled:
             return
-        targets = [self.metrics.target]
-        for ref in [actor.metrics_target.remote() for actor in self._actors()]:
+        targets = [self.metrics.target, self.learner.metrics_target()]
+        actors = [actor for pool in self._pools() for actor in pool.actors]
+        for ref in [actor.metrics_target.remote() for actor in actors]:
             try:
                 targets.append(ray.get(ref))
             except ray.exceptions.RayActorError:
                 continue  # a dead actor is listed again once its pool has restarted it
-        write_file_sd(self.file_sd_path, targets)
+        write_file_sd(self.file_sd_path, [target for target in targets if target is not None])
 
     @property
     def file_sd_path(self) -> Path:
@@ -336,12 +378,17 @@ class PPOJob:
         """Stops every actor; Prometheus is first told to forget the job's endpoints."""
         if self.config.metrics.enabled:
             self.file_sd_path.unlink(missing_ok=True)
-        for actor in self._actors():
-            ray.kill(actor, no_restart=True)
+        self.learner.kill()
+        self._kill_pools()
         self.metrics.close()
 
-    def _actors(self) -> list[Any]:
-        return [self.learner, *self.generators.actors, *self.rewards.actors]
+    def _pools(self) -> list[ActorPool]:
+        return [self.generators, self.rewards]
+
+    def _kill_pools(self) -> None:
+        for pool in self._pools():
+            for actor in pool.actors:
+                ray.kill(actor, no_restart=True)
 
     def _dispatched(self, pool: ActorPool) -> None:
         if self.on_dispatch:

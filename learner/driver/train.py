@@ -22,6 +22,7 @@ from rlfleet.learner.driver.checks import ConfigError, one_line
 from rlfleet.learner.driver.cluster import init_ray
 from rlfleet.learner.driver.data import checked_rows
 from rlfleet.learner.driver.loop import DispatchHook, JobResult, PPOJob
+from rlfleet.learner.group import first_line
 
 
 def run_job(
@@ -149,11 +150,6 @@ def job_error_line(exc: BaseException) -> str:
         actor = re.search(r"class_name: (\w+)", str(exc))
         return f"{actor.group(1) if actor else 'an actor'} died: {first_line(exc)}"
     return f"{type(exc).__name__}: {first_line(exc)}"
-
-
-def first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
 
 
 def write_error_log(output_dir: Path, exc: BaseException) -> Path:

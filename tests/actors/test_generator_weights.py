@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import pytest
 import torch
 from generator_reference import PROMPTS, assert_same_completions, load_model
 from generator_reference import reference_greedy as reference
@@ -14,7 +15,7 @@ from rlfleet.actors.engine import Completion
 from rlfleet.actors.generator import GeneratorActor
 from rlfleet.common.config import GeneratorConfig, MetricsConfig
 from rlfleet.common.schema import prompt_batch
-from rlfleet.common.transport import TRANSPORTS
+from rlfleet.common.transport import TRANSPORTS, Transport, WeightLoadError
 
 
 @dataclass(frozen=True)
@@ -32,16 +33,21 @@ class InlinePublisher:
 class TwoBucketReceiver:
     """Yields the weights in two buckets, as a collective transport sends them."""
 
+    version: int | None = None
+
     def receive(self, handle: InlineHandle) -> Iterator[list[tuple[str, torch.Tensor]]]:
         half = len(handle.named_tensors) // 2
         yield list(handle.named_tensors[:half])
         yield list(handle.named_tensors[half:])
+        self.version = handle.version
 
 
 def test_generator_loads_every_bucket_and_samples_with_the_new_version(
     monkeypatch, tiny_model_dir, other_model_dir
 ):
-    monkeypatch.setitem(TRANSPORTS, "two_buckets", (InlinePublisher, TwoBucketReceiver))
+    monkeypatch.setitem(
+        TRANSPORTS, "two_buckets", Transport(InlinePublisher, TwoBucketReceiver, concurrent=False)
+    )
     config = GeneratorConfig(engine="hf", max_new_tokens=6, temperature=0.0)
     generator = GeneratorActor(
         0,
@@ -68,3 +74,26 @@ def test_generator_loads_every_bucket_and_samples_with_the_new_version(
     ]
     assert_same_completions(completions, reference(other, PROMPTS, 6))
     assert out.column("policy_version").to_pylist() == [4] * len(PROMPTS)
+
+
+def test_an_engine_error_while_loading_is_a_weight_load_error_naming_the_generator(
+    monkeypatch, tiny_model_dir
+):
+    monkeypatch.setitem(
+        TRANSPORTS, "two_buckets", Transport(InlinePublisher, TwoBucketReceiver, concurrent=False)
+    )
+    generator = GeneratorActor(
+        3,
+        str(tiny_model_dir),
+        GeneratorConfig(engine="hf"),
+        0,
+        metrics=MetricsConfig(enabled=False),
+        weight_transport="two_buckets",
+    )
+    handle = InlinePublisher().publish({"h.99.weight": torch.zeros(2)}, version=1)
+    with pytest.raises(
+        WeightLoadError,
+        match=r"generator 3: its hf engine could not load the published weights: KeyError",
+    ):
+        generator.load_weights(handle)
+    assert generator._version == 0

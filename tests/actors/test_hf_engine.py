@@ -99,3 +99,23 @@ def test_top_k_and_top_p_keep_the_tokens_vllm_keeps():
     assert kept(_filter_top_p(logits, 1.0)) == [True, True, True]
     assert kept(_filter_top_k(logits, 2)) == [True, True, False]
     assert kept(_filter_top_k(logits, 0)) == [True, True, True]
+
+
+def test_a_bfloat16_engine_decodes_like_a_bfloat16_forward(tiny_model_dir, other_model_dir):
+    """Weights loaded in float32 are cast to the engine's bfloat16. Logprob tolerance: greedy
+    decoding of the same bfloat16 model with a KV cache and padding vs full forwards differs by
+    up to 0.017 (measured on three tiny models, 1 and 2 threads)."""
+    engine = HFEngine(tiny_model_dir, seed=0, dtype="bfloat16")
+    other = load_model(other_model_dir)
+    engine.load_weights(other.state_dict().items())
+    assert {p.dtype for p in engine._model.parameters()} == {torch.bfloat16}
+    completions = engine.generate(PROMPTS, SamplingSpec.greedy(6))
+    assert_same_completions(completions, reference(other.to(torch.bfloat16), PROMPTS, 6), 0.02)
+
+
+def test_sleep_and_wake_up_keep_the_engine_generating(engine, tiny_model_dir):
+    engine.load_weights(load_model(tiny_model_dir).state_dict().items())
+    before = engine.generate(PROMPTS, SamplingSpec.greedy(4))
+    engine.sleep()
+    engine.wake_up()
+    assert engine.generate(PROMPTS, SamplingSpec.greedy(4)) == before

@@ -58,6 +58,21 @@ def test_sampling_shapes_and_seeded_repeat(engine, tiny_model_dir):
     assert all(c.finish_reason == "length" and max(c.logprobs) < 0 for c in first)
 
 
+def test_an_asleep_engine_refuses_work_until_woken_with_its_weights(engine, tiny_model_dir):
+    """On CPU sleep frees nothing (vLLM's CPU build has no sleep mode), but the engine still
+    refuses calls between sleep and wake_up, as it must on GPUs."""
+    engine.load_weights(load_model(tiny_model_dir).state_dict().items())
+    before = engine.generate(PROMPTS, SamplingSpec.greedy(4))
+    engine.sleep()
+    engine.sleep()
+    with pytest.raises(RuntimeError, match=r"asleep: call wake_up\(\) before generate\(\)"):
+        engine.generate(PROMPTS, SamplingSpec.greedy(4))
+    with pytest.raises(RuntimeError, match=r"before load_weights\(\)"):
+        engine.load_weights([])
+    engine.wake_up()
+    assert_same_completions(engine.generate(PROMPTS, SamplingSpec.greedy(4)), before)
+
+
 def test_sync_drops_kv_blocks_cached_with_the_old_weights(tmp_path_factory):
     """A prompt that fills a KV block (128 tokens on CPU) is prefix-cached; after a sync, its
     cached keys and values belong to the old weights and must not be reused."""

@@ -21,7 +21,14 @@ from rlfleet.common.config import (
     PPOConfig,
 )
 from rlfleet.common.schema import concat_batches, prompt_batch, with_columns
-from rlfleet.learner.actor import LearnerActor, learner_device, rollout_stats, rollout_tensors
+from rlfleet.learner import actor as actor_module
+from rlfleet.learner.actor import (
+    LearnerActor,
+    learner_device,
+    rollout_stats,
+    rollout_tensors,
+    torch_threads,
+)
 
 BATCH = 4
 
@@ -90,6 +97,16 @@ def test_learner_device_is_the_gpu_ray_assigned_else_the_cpu(monkeypatch):
     assert learner_device() == torch.device("cpu")
 
 
+def test_torch_threads_are_num_cpus_else_the_nodes_cores_shared_by_colocated_ranks(monkeypatch):
+    monkeypatch.setattr(actor_module, "node_cores", lambda: 8)
+    assert torch_threads(2.0, colocated=True, ranks_on_node=2) == 2
+    assert torch_threads(0.5, colocated=True) == 1
+    assert torch_threads(None, colocated=True) == 8
+    assert torch_threads(None, colocated=True, ranks_on_node=3) == 2
+    assert torch_threads(None, colocated=True, ranks_on_node=16) == 1
+    assert torch_threads(None, colocated=False, ranks_on_node=1) == 1
+
+
 GRPO = CriticFreeConfig(algorithm="grpo", batch_size=8, learning_rate=1e-2, max_completion_length=8)
 
 
@@ -113,8 +130,8 @@ def in_process_learner(model_dir: Path, config: PPOConfig | CriticFreeConfig) ->
 
 
 class RecordingPublisher:
-    def publish(self, state_dict, version):
-        self.state_dict, self.version = state_dict, version
+    def publish(self, named_tensors, version):
+        self.state_dict, self.version = dict(named_tensors), version
         return type("Handle", (), {"version": version, "nbytes": 0})()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlfleet.common.config import CheckpointConfig, CriticFreeConfig, PPOConfig
@@ -28,6 +30,7 @@ from rlfleet.learner.checkpoint import (
     pull_checkpoint,
     save_checkpoint,
 )
+from rlfleet.learner.checkpoint_state import save_state
 from rlfleet.learner.cli import main as rlfleet
 from rlfleet.learner.critic_free import CriticFreeTrainer
 from rlfleet.learner.trainer import PPOTrainer
@@ -139,9 +142,14 @@ def test_policy_directory_loads_with_auto_model_and_nothing_is_pickled(
     assert sorted(manifest["files"]) == sorted(
         p.relative_to(step_dir).as_posix() for p in files if p.name != MANIFEST
     )
-    assert {"value_head.safetensors", "optimizer.safetensors", "lr_scheduler.json"} <= set(
-        manifest["files"]
-    )
+    assert manifest["format"] == "rlfleet-checkpoint/2" and manifest["ranks"] == 1
+    assert {
+        "value_head.safetensors",
+        "model.rank-00000-of-00001.safetensors",
+        "optimizer.rank-00000-of-00001.safetensors",
+        "optimizer.json",
+        "lr_scheduler.json",
+    } <= set(manifest["files"])
 
 
 def test_keep_last_prunes_old_checkpoints_after_commit(
@@ -237,13 +245,34 @@ def test_process_killed_mid_save_leaves_previous_checkpoint_latest(
     assert load_checkpoint(checkpoint_uri, resumed) == {"step": 1}
 
 
-def test_corrupt_file_is_refused(trained: PPOTrainer, tiny_model_dir: Path, tmp_path: Path):
-    step_dir = Path(save_checkpoint(str(tmp_path), 1, trained, {}, keep_last=1))
-    data = bytearray((step_dir / "value_head.safetensors").read_bytes())
+def flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
-    (step_dir / "value_head.safetensors").write_bytes(bytes(data))
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["model.rank-00000-of-00001.safetensors", "optimizer.rank-00000-of-00001.safetensors"],
+)
+def test_corrupt_file_is_refused(
+    trained: PPOTrainer, tiny_model_dir: Path, tmp_path: Path, name: str
+) -> None:
+    step_dir = Path(save_checkpoint(str(tmp_path / "ckpt"), 1, trained, {}, keep_last=1))
+    flip_last_byte(step_dir / name)
+    with pytest.raises(CheckpointError, match=f"{re.escape(name)} does not match"):
+        load_checkpoint(str(step_dir), build_trainer(tiny_model_dir, 1))
+    with pytest.raises(CheckpointError, match=f"{re.escape(name)} does not match"):
+        pull_checkpoint(str(step_dir), tmp_path / "pulled")
+
+
+def test_corrupt_export_is_refused_by_pull(trained: PPOTrainer, tmp_path: Path) -> None:
+    """A resume does not read the exports (policy/, value_head.safetensors); a pull checks
+    every file."""
+    step_dir = Path(save_checkpoint(str(tmp_path / "ckpt"), 1, trained, {}, keep_last=1))
+    flip_last_byte(step_dir / "value_head.safetensors")
     with pytest.raises(CheckpointError, match="value_head.safetensors does not match"):
-        load_checkpoint(str(tmp_path), build_trainer(tiny_model_dir, 1))
+        pull_checkpoint(str(step_dir), tmp_path / "pulled")
 
 
 def rewrite_manifest(step_dir: Path, edit) -> None:
@@ -428,3 +457,43 @@ def test_a_checkpoint_loads_only_into_a_trainer_of_its_kind(
         load_checkpoint(str(tmp_path / "ppo"), build_critic_free_trainer(tiny_model_dir))
     with pytest.raises(CheckpointError, match="has no value head but the trainer's model has one"):
         load_checkpoint(str(tmp_path / "critic_free"), build_trainer(tiny_model_dir, 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Format 1 (whole tensors in policy/, the optimizer keyed by position) still loads
+
+
+def write_format_1_checkpoint(step_dir: Path, trainer: PPOTrainer, job_state: dict) -> None:
+    """A checkpoint as rlfleet-checkpoint/1 wrote it."""
+    step_dir.mkdir(parents=True)
+    trainer.model.pretrained_model.save_pretrained(step_dir / "policy")
+    trainer.tokenizer.save_pretrained(step_dir / "policy")
+    value_head = {k: v.contiguous() for k, v in trainer.model.v_head.state_dict().items()}
+    save_file(value_head, str(step_dir / "value_head.safetensors"))
+    save_state(step_dir, "optimizer", trainer.optimizer.state_dict())
+    save_state(step_dir, "lr_scheduler", trainer.lr_scheduler.state_dict())
+    save_state(step_dir, "training_state", trainer.training_state())
+    save_state(step_dir, "job_state", job_state)
+    files = {
+        path.relative_to(step_dir).as_posix(): {
+            "size": path.stat().st_size,
+            "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        }
+        for path in step_dir.rglob("*")
+        if path.is_file()
+    }
+    manifest = {"format": "rlfleet-checkpoint/1", "step": 1, "created": "", "files": files}
+    (step_dir / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_a_format_1_checkpoint_still_loads(
+    trained: PPOTrainer, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    write_format_1_checkpoint(tmp_path / "step-00000001", trained, JOB_STATE)
+    assert [info.step for info in list_checkpoints(str(tmp_path))] == [1]
+    fresh = build_trainer(tiny_model_dir, init_seed=1)
+    assert load_checkpoint(str(tmp_path), fresh) == JOB_STATE
+    assert_same_weights(weights(fresh), weights(trained))
+    assert_same_optimizer(fresh, trained)
+    assert fresh.lr_scheduler.state_dict() == trained.lr_scheduler.state_dict()
+    assert fresh.training_state() == trained.training_state()

@@ -197,7 +197,7 @@ def test_a_job_with_metrics_disabled_serves_nothing_and_writes_no_discovery_file
     raw["generators"]["num_actors"] = raw["reward"]["num_actors"] = 1
     job = PPOJob(JobConfig.model_validate(raw))
     try:
-        actors = [job.learner, *job.generators.actors, *job.rewards.actors]
+        actors = [job.learner.ranks[0], *job.generators.actors, *job.rewards.actors]
         assert ray.get([actor.metrics_target.remote() for actor in actors]) == [None] * 3
         assert job.metrics.served_target is None
         assert len(job.train().stats) == 1

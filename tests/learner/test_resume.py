@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from s3_server import S3Server
 
 ITERATIONS = 5
-TENSOR_FILES = ("policy/model.safetensors", "value_head.safetensors", "optimizer.safetensors")
 
 
 def rlfleet_train(config: Path, *extra: str) -> subprocess.Popen:
@@ -74,10 +73,11 @@ def kill_after_checkpoint(process: subprocess.Popen, uri: str, step: int) -> int
 
 
 def saved_tensors(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every safetensors file of a checkpoint (per-rank files and exports)."""
     return {
-        f"{name}:{key}": tensor
-        for name in TENSOR_FILES
-        for key, tensor in load_file(str(checkpoint_dir / name)).items()
+        f"{path.relative_to(checkpoint_dir)}:{key}": tensor
+        for path in sorted(checkpoint_dir.rglob("*.safetensors"))
+        for key, tensor in load_file(str(path)).items()
     }
 
 

@@ -24,6 +24,7 @@ from rlfleet.common.config import CheckpointConfig, JobConfig
 from rlfleet.common.metrics import MetricsTarget
 from rlfleet.common.schema import prompt_batch, with_columns
 from rlfleet.learner.driver.roles import ActorFactories
+from rlfleet.learner.group import LearnerGroup
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -130,12 +131,14 @@ class FakeLearner:
     def wait_for_checkpoint(self) -> None:
         return None
 
-    def load_checkpoint(self, uri: str, config: CheckpointConfig) -> dict[str, Any]:
-        """``uri``: one checkpoint file, or the directory whose newest one is loaded."""
+    def resolve_checkpoint(self, uri: str, config: CheckpointConfig) -> str:
+        """``uri``: one checkpoint file, or the directory whose newest one is meant."""
         path = Path(uri)
-        if path.is_dir():
-            path = max(path.glob("step-*.json"))
-        state = json.loads(path.read_text())
+        return str(max(path.glob("step-*.json")) if path.is_dir() else path)
+
+    def load_checkpoint(self, uri: str, config: CheckpointConfig) -> dict[str, Any]:
+        """``uri``: one checkpoint file (as ``resolve_checkpoint`` answered)."""
+        state = json.loads(Path(uri).read_text())
         self.version = state["learner"]["version"]
         self.consumed = state["learner"]["consumed"]
         return state
@@ -145,7 +148,8 @@ class FakeLearner:
 class FakeGenerator:
     """Answers every prompt with three tokens, sampled with the version it holds; one
     ``stuck`` at a version loads nothing newer; one told to die exits on that ``generate``
-    call (1: the first)."""
+    call (1: the first). Asleep (``sleep``, until ``wake_up``) it refuses to generate or load
+    weights."""
 
     def __init__(
         self,
@@ -162,6 +166,7 @@ class FakeGenerator:
         self.die_on_call = die_on_call
         self.calls = 0
         self.version = 0
+        self.events: list[str] = []
 
     def ready(self) -> bool:
         return True
@@ -169,11 +174,23 @@ class FakeGenerator:
     def metrics_target(self) -> MetricsTarget | None:
         return fake_target(self.job, "generator", self.index) if self.metrics else None
 
+    def sleep(self) -> None:
+        self.events.append("sleep")
+
+    def wake_up(self) -> None:
+        self.events.append("wake_up")
+
+    def history(self) -> list[str]:
+        """``sleep``, ``wake_up``, ``load_weights`` and ``generate`` calls in order."""
+        return list(self.events)
+
     def load_weights(self, handle: FakeWeights) -> int:
+        self._check_awake("load_weights")
         self.version = handle.version if self.stuck is None else self.stuck
         return self.version
 
     def generate(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        self._check_awake("generate")
         self.calls += 1
         if self.calls == self.die_on_call:
             os._exit(1)
@@ -186,6 +203,11 @@ class FakeGenerator:
             finish_reason=["length"] * n,
             policy_version=[self.version] * n,
         )
+
+    def _check_awake(self, call: str) -> None:
+        if self.events[-1:] == ["sleep"]:
+            raise RuntimeError(f"generator {self.index}: {call} while asleep")
+        self.events.append(call)
 
 
 @ray.remote(num_cpus=0)
@@ -216,8 +238,9 @@ class FakeReward:
 def fake_factories(
     config: JobConfig, die_on_call: dict[tuple[str, int], int] | None = None
 ) -> ActorFactories:
-    """Starts the fakes for ``config``'s job; ``die_on_call[(role, index)] = n``: the first
-    generator or reward actor ``index`` exits on its n-th call (its replacement does not)."""
+    """Starts the fakes for ``config``'s job, ``learner.num_ranks`` fake learner ranks (rank 0
+    serves metrics); ``die_on_call[(role, index)] = n``: the first generator or reward actor
+    ``index`` exits on its n-th call (its replacement does not)."""
     job, metrics = config.name, config.metrics.enabled
     stats = LEARNER_STATS if config.algorithm == "ppo" else CRITIC_FREE_LEARNER_STATS
     started: set[tuple[str, int]] = set()
@@ -227,8 +250,15 @@ def fake_factories(
         started.add((role, index))
         return (die_on_call or {}).get((role, index)) if first else None
 
+    def learner() -> LearnerGroup:
+        ranks = [
+            FakeLearner.remote(job, config.max_policy_lag, metrics and rank == 0, stats)
+            for rank in range(config.learner.num_ranks)
+        ]
+        return LearnerGroup(ranks, config.learner.timeout_s)
+
     return ActorFactories(
-        learner=lambda: FakeLearner.remote(job, config.max_policy_lag, metrics, stats),
+        learner=learner,
         generator=lambda i: FakeGenerator.remote(job, i, metrics, die_on_call=dies("generator", i)),
         reward=lambda i: FakeReward.remote(job, i, metrics, die_on_call=dies("reward", i)),
     )

@@ -79,7 +79,8 @@ def test_a_head_size_vllm_on_cpu_cannot_serve_is_refused_naming_the_fallback(
     ):
         check_config(config(tmp_path, head_16))
     check_config(config(tmp_path, head_16, generators={"engine": "hf"}))
-    check_config(config(tmp_path, head_16, generators={"num_gpus": 1}))
+    on_gpus = config(tmp_path, head_16, generators={"num_gpus": 1}, ray_address="ray://head:1")
+    check_config(on_gpus)  # a cluster's GPUs: vLLM's GPU build serves any head size
 
 
 def test_an_unwritable_checkpoint_location_fails_before_start(tmp_path: Path) -> None:
@@ -151,3 +152,21 @@ def test_each_reward_component_is_checked_before_start(tmp_path) -> None:
     clash = job([{**good, "kwargs": {"target": 1}}])
     with pytest.raises(ConfigError, match=r"clash .*reward.components\[0\] \(good\).kwargs"):
         check_reward_arguments(clash, ["prompt", "target"])
+
+
+def test_gpus_asked_of_a_local_ray_instance_without_any_fail_before_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rlfleet.learner.driver.checks import check_local_gpus
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    job = config(tmp_path, learner={"num_gpus": 1})
+    with pytest.raises(
+        ConfigError,
+        match=r"^learner\.num_gpus: this machine has no GPU .* set "
+        r"learner\.num_gpus to 0, or join a cluster",
+    ):
+        check_local_gpus(job, gpus=0)
+    check_local_gpus(job, gpus=1)
+    check_local_gpus(job.model_copy(update={"ray_address": "ray://head:1"}), gpus=0)
+    check_local_gpus(config(tmp_path), gpus=0)

@@ -21,11 +21,15 @@ def test_required_cpus_add_up_every_actor(tmp_path: Path) -> None:
     config = small_job(
         tmp_path,
         tmp_path / "run",
-        learner={"num_cpus": 2},
+        learner={"num_ranks": 2, "num_cpus": 2},
         generators={"num_actors": 3, "num_cpus": 1.5},
         reward={"num_actors": 2, "num_cpus": 0.25},
     )
-    assert required_cpus(config) == 2 + 3 * 1.5 + 2 * 0.25
+    assert required_cpus(config) == 2 * 2 + 3 * 1.5 + 2 * 0.25
+    unset = config.model_copy(
+        update={"learner": config.learner.model_copy(update={"num_cpus": None})}
+    )
+    assert required_cpus(unset) == 2 * 1 + 3 * 1.5 + 2 * 0.25  # one reserved per rank
 
 
 LOCAL_JOB_BINDS = """

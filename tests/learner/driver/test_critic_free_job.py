@@ -30,8 +30,8 @@ def test_a_grpo_job_trains_on_groups_syncs_exact_weights_and_resumes(
 ) -> None:
     """2 prompts x 4 samples an iteration over 2 generators; a reward that varies with the
     response's length, so that every group has an advantage to learn from."""
-    import ray
-    from probes import generator_greedy, generator_version, learner_greedy
+    from job_probes import learner_greedy
+    from probes import generator_greedy, generator_version
 
     from rlfleet.learner.checkpoint import list_checkpoints
     from rlfleet.learner.driver.loop import PPOJob
@@ -52,18 +52,18 @@ def test_a_grpo_job_trains_on_groups_syncs_exact_weights_and_resumes(
         checkpoint=checkpoint,
     )
     job = PPOJob(config)
-    probe = [job.prompts.encode(row["prompt"]) for row in job.prompts.dataset.rows[:2]]
+    probe = [job.prompts.renderer.encode(row["prompt"]) for row in job.prompts.dataset.rows[:2]]
     scored = []
     score = job.score
     job.score = lambda rollouts: scored.append(score(rollouts)) or scored[-1]
     stats = []
     try:
-        before = learner_greedy(job.learner, probe, 8)
+        before = learner_greedy(job, probe, 8)
         in_flight = job.dispatch_next_batch()
         while in_flight is not None:
             line, in_flight = job.train_iteration(in_flight)
             stats.append(line)
-            learner = learner_greedy(job.learner, probe, 8)
+            learner = learner_greedy(job, probe, 8)
             for generator in job.generators.actors:
                 assert generator_version(generator) == job.iteration
                 for mine, theirs in zip(
@@ -71,8 +71,8 @@ def test_a_grpo_job_trains_on_groups_syncs_exact_weights_and_resumes(
                 ):
                     assert theirs.token_ids == mine["token_ids"]
                     assert theirs.logprobs == pytest.approx(mine["logprobs"], abs=1e-4)
-        consumed = ray.get(job.learner.consumed_rollout_ids.remote())
-        ray.get(job.learner.wait_for_checkpoint.remote())  # as PPOJob.train does at its end
+        consumed = job.learner.consumed_rollout_ids()
+        job.learner.wait_for_checkpoint()  # as PPOJob.train does at its end
     finally:
         job.shutdown()
 

@@ -15,6 +15,7 @@ from rlfleet.learner.driver.checks import ConfigError
 from rlfleet.learner.driver.data import (
     PromptBatches,
     PromptDataset,
+    PromptRenderer,
     check_prompt_lengths,
     context_length,
     read_prompt_rows,
@@ -112,8 +113,7 @@ def batches(dataset_rows: list[dict], max_prompt_tokens: int = 8) -> PromptBatch
     """Prompt batches whose 'tokenizer' makes one token per character."""
     return PromptBatches(
         PromptDataset(dataset_rows, shuffle=False, seed=0),
-        "prompt",
-        lambda text: [ord(c) for c in text],
+        PromptRenderer("prompt", lambda text: [ord(c) for c in text]),
         max_prompt_tokens,
     )
 

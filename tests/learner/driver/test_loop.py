@@ -156,7 +156,7 @@ def test_generators_sample_with_the_policy_that_lag_and_overlap_allow(
     )
     try:
         result = job.train()
-        assert ray.get(job.learner.published_versions.remote()) == published
+        assert ray.get(job.learner.ranks[0].published_versions.remote()) == published
     finally:
         job.shutdown()
 
@@ -194,7 +194,7 @@ def test_restarted_actors_get_the_current_weights_and_a_new_discovery_file(
     try:
         result = job.train()
         listed = {group["targets"][0] for group in json.loads(job.file_sd_path.read_text())}
-        actors = [job.learner, *job.generators.actors, *job.rewards.actors]
+        actors = [job.learner.ranks[0], *job.generators.actors, *job.rewards.actors]
         targets = [job.metrics.target, *ray.get([a.metrics_target.remote() for a in actors])]
     finally:
         job.shutdown()
@@ -259,7 +259,7 @@ def train_reading_groups(
         if resume_from:
             job.resume(resume_from)
         result = job.train()
-        return result, ray.get(job.learner.trained_groups.remote()), job
+        return result, ray.get(job.learner.ranks[0].trained_groups.remote()), job
     finally:
         job.shutdown()
 
@@ -342,3 +342,31 @@ def test_each_reward_component_gets_its_mean_in_the_stats_line() -> None:
     assert line["reward/correct_mean"] == 0.5
     assert line["reward/short_mean"] == -1.0
     assert line["reward_mean"] == pytest.approx(-0.5)
+
+
+@pytest.mark.parametrize(
+    ("placement", "slept"),
+    [("colocated", True), ("disaggregated", False)],
+)
+def test_generators_sharing_the_learners_gpus_sleep_while_it_trains(
+    ray_local, tiny_model_dir: Path, tmp_path: Path, placement: str, slept: bool
+) -> None:
+    config = fake_job(
+        tiny_model_dir,
+        tmp_path / "run",
+        iterations=2,
+        placement=placement,
+        learner={"num_ranks": 2, "num_gpus": 0.5},
+        generators={"num_actors": 2, "num_gpus": 0.5},
+        weight_sync={"transport": "object_store"},  # the fakes form no collective group
+    )
+    assert config.colocated_on_gpus is slept
+    job = PPOJob(config, ROWS, None, fake_factories(config))
+    try:
+        job.train()
+        histories = ray.get([g.history.remote() for g in job.generators.actors])
+    finally:
+        job.shutdown()
+    asleep = ["sleep", "wake_up"] if slept else []
+    iteration = ["generate", *asleep, "load_weights"]
+    assert histories == [iteration * 2] * 2

@@ -8,9 +8,12 @@ import pytest
 import ray
 from driver_fakes import LEARNER_STATS, FakeGenerator, FakeLearner, prompts
 
+from rlfleet.common.config import WeightSyncConfig
 from rlfleet.common.schema import with_columns
+from rlfleet.common.transport import CollectiveError, WeightLoadError
 from rlfleet.learner.driver.pool import ActorPool, split_batch
-from rlfleet.learner.driver.sync import WeightSync, needs_sync
+from rlfleet.learner.driver.sync import Outcome, WeightSync, learner_outcome, needs_sync
+from rlfleet.learner.group import LearnerGroup
 
 
 @pytest.mark.parametrize(
@@ -51,7 +54,7 @@ def generated_versions(pool: ActorPool) -> list[int]:
 
 def test_publish_brings_every_generator_and_a_restarted_one_to_the_new_version(ray_local) -> None:
     learner = FakeLearner.remote("sync", 0, False, LEARNER_STATS)
-    sync = WeightSync(learner)
+    sync = WeightSync(LearnerGroup([learner], timeout_s=30))
     pool = ActorPool(
         "generator",
         lambda i: FakeGenerator.remote("sync", i, False),
@@ -77,4 +80,51 @@ def test_a_generator_that_does_not_hold_the_published_version_fails_the_sync(ray
     step(learner, prompts(2))
     pool = ActorPool("generator", lambda i: FakeGenerator.remote("sync", i, False, stuck=0), 1)
     with pytest.raises(RuntimeError, match="generator 0 holds policy version 0, expected 1"):
-        WeightSync(learner).publish(pool)
+        WeightSync(LearnerGroup([learner], timeout_s=30)).publish(pool)
+
+
+def collective_sync() -> WeightSync:
+    return WeightSync(None, WeightSyncConfig(transport="collective", timeout_s=7), backend="gloo")
+
+
+def test_a_try_is_blamed_on_generators_that_died_or_did_not_answer_not_on_their_peers() -> None:
+    died = Outcome(done=True, error=ray.exceptions.RayActorError())
+    peer = Outcome(done=True, error=CollectiveError("connection closed by peer"))
+    failure = collective_sync()._judge(
+        peer, Outcome(done=True, result=3), died, Outcome(), peer, doing="syncing weights"
+    )
+    assert failure.blamed == {
+        1: "died while syncing weights",
+        2: "did not answer within weight_sync.timeout_s (7 s) while syncing weights",
+    }
+    assert len(failure.errors) == 3
+
+
+def test_a_generator_failing_alone_is_blamed_and_a_failure_nobody_caused_is_tried_again() -> None:
+    sync = collective_sync()
+    ok, broken = Outcome(done=True, result=1), Outcome(done=True, error=CollectiveError("reset"))
+    alone = sync._judge(ok, ok, broken, doing="syncing weights")
+    assert alone.blamed == {1: "failed syncing weights: CollectiveError: reset"}
+    everyone = sync._judge(broken, broken, broken, doing="syncing weights")
+    assert everyone.blamed == {}  # no restart: the group is formed again and the sync retried
+    assert sync._judge(ok, ok, ok, doing="syncing weights") is None
+
+
+def test_an_engine_load_error_or_a_learner_failing_on_its_own_stops_the_sync() -> None:
+    sync = collective_sync()
+    ok = Outcome(done=True, result=1)
+    load_error = Outcome(done=True, error=WeightLoadError("generator 0: its engine ..."))
+    with pytest.raises(RuntimeError, match="weight sync: generator 0: its engine"):
+        sync._judge(ok, load_error, doing="syncing weights")
+    learner_bug = Outcome(done=True, error=TypeError("weights['x'] is a list"))
+    with pytest.raises(RuntimeError, match="the learner failed syncing weights"):
+        sync._judge(learner_bug, ok, doing="syncing weights")
+    with pytest.raises(RuntimeError, match="learner did not finish joining the weight group"):
+        sync._judge(Outcome(), ok, doing="joining the weight group")
+
+
+def test_the_learner_outcome_is_its_first_failing_rank_else_rank_0() -> None:
+    failed = Outcome(done=True, error=CollectiveError("x"))
+    assert learner_outcome([Outcome(done=True, result=1), failed]) is failed
+    assert learner_outcome([Outcome(done=True, result=1), Outcome()]).done is False
+    assert learner_outcome([Outcome(done=True, result=1), Outcome(done=True)]).result == 1

@@ -364,7 +364,8 @@ def test_killed_actors_mid_batch_have_their_shards_redispatched_and_nothing_coun
 def test_after_every_sync_the_generators_greedy_tokens_and_logprobs_match_the_learner(
     ray_local, demo_model_dir: Path, tmp_path: Path
 ) -> None:
-    from probes import generator_greedy, generator_version, learner_greedy
+    from job_probes import learner_greedy
+    from probes import generator_greedy, generator_version
 
     from rlfleet.learner.driver.loop import PPOJob
 
@@ -378,11 +379,11 @@ def test_after_every_sync_the_generators_greedy_tokens_and_logprobs_match_the_le
     job = PPOJob(config)
     probe = job.prompts.next_batch(4).column("prompt_ids").to_pylist()
     try:
-        before = learner_greedy(job.learner, probe, 8)
+        before = learner_greedy(job, probe, 8)
         in_flight = job.dispatch_next_batch()
         for _ in range(config.iterations):
             _, in_flight = job.train_iteration(in_flight)
-            learner = learner_greedy(job.learner, probe, 8)
+            learner = learner_greedy(job, probe, 8)
             for generator in job.generators.actors:
                 assert generator_version(generator) == job.iteration
                 completions = generator_greedy(generator, probe, 8)
@@ -425,7 +426,6 @@ def test_demo_job_raises_the_mean_reward_with_bounded_kl(
         [
             f"model={demo_model_dir}",
             f"output_dir={tmp_path / 'run'}",
-            "learner.num_cpus=1",
             "generators.num_cpus=1",
             "reward.num_cpus=1",
         ],
