@@ -53,6 +53,8 @@ class Workload:
     steps: int
     generate_prompts: int
     generate_tokens: int
+    max_tokens_per_microbatch: int | None = None
+    gradient_checkpointing: bool = False
 
 
 GPU_WORKLOAD = Workload(64, 128, 128, 16, 1, 3, 128, 128)
@@ -202,6 +204,8 @@ def learner_rank(
         AutoModelForCausalLMWithValueHead(model),
         parallel=DataParallel.current(device),
         dtype=torch.bfloat16,
+        gradient_checkpointing=workload.gradient_checkpointing,
+        max_tokens_per_microbatch=workload.max_tokens_per_microbatch,
     )
     batch = random_batch(config, workload, seed=1)
     trainer.step(*batch)  # warm-up: allocator, kernels' first launches
@@ -235,6 +239,8 @@ def learner_rank(
             {
                 "ranks": world_size,
                 "mini_batch": workload.mini_batch,
+                "max_tokens_per_microbatch": workload.max_tokens_per_microbatch,
+                "gradient_checkpointing": workload.gradient_checkpointing,
                 "params": params,
                 "step_s": step_s,
                 "tokens_per_s": tokens / step_s,
@@ -427,9 +433,14 @@ def table(results: dict[str, Any]) -> str:
         f"bf16 matmul: {peak:.0f} TFLOP/s measured, {results['bf16_tflops_datasheet']} datasheet"
     )
     for learner in results.get("learner", []):
+        if "error" in learner:
+            lines.append(f"FAILED learner run {learner['error']}")
+            continue
         mfu = learner["model_tflops_per_s"] / peak if math.isfinite(peak) else float("nan")
         lines.append(
             f"learner {learner['ranks']} rank(s), minibatch {learner['mini_batch']}, "
+            f"micro-batch tokens {learner['max_tokens_per_microbatch'] or 'all'}, "
+            f"checkpointing {'on' if learner['gradient_checkpointing'] else 'off'}, "
             f"{learner['params'] / 1e6:.0f}M params, bf16: "
             f"{learner['step_s']:.3f} s/step, {learner['tokens_per_s']:.0f} tokens/s, "
             f"{learner['model_tflops_per_s']:.1f} TFLOP/s, MFU {mfu:.1%}, peak mem rank 0 "
@@ -474,12 +485,18 @@ def datasheet_tflops(device: torch.device) -> float | None:
 
 def learner_runs(smoke: bool, n_ranks: int) -> list[dict[str, Any]]:
     """1 and ``n_ranks`` ranks on the workload (with a checkpoint round trip), and on a GPU
-    also 1 rank with the whole batch as one minibatch (fewer, larger kernels)."""
+    also 1 rank with the whole batch as one minibatch (fewer, larger kernels), then the same
+    with memory bounded: micro-batches of at most 8192 tokens and gradient checkpointing."""
     workload = SMOKE_WORKLOAD if smoke else GPU_WORKLOAD
     runs = [run_learner(n, smoke, workload, True) for n in sorted({1, n_ranks})]
     if not smoke:
         whole_batch = replace(workload, mini_batch=workload.batch)
-        runs.append(run_learner(1, smoke, whole_batch, False))
+        bounded = replace(whole_batch, max_tokens_per_microbatch=8192, gradient_checkpointing=True)
+        for variant in (whole_batch, bounded):
+            try:
+                runs.append(run_learner(1, smoke, variant, False))
+            except RuntimeError as error:  # keep the figures of the runs before
+                runs.append({"error": f"{asdict(variant)}: {error}"})
     return runs
 
 
