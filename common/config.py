@@ -367,6 +367,11 @@ class LearnerConfig(StrictModel):
     """Deadline of the learner ranks' collectives, and (plus a minute) of the driver's wait for
     each call to the ranks: start-up, a step, a weight publication, a checkpoint. A dead or
     stalled rank fails the call naming it; raise it for steps that take longer."""
+    max_restarts: int = Field(default=3, ge=0)
+    """Times the job restarts the learner after a rank died or stalled: the new ranks restore
+    the latest checkpoint this run saved or resumed from (the model directory when there is
+    none), and the iterations after it are sampled and trained again. One failure more ends the
+    job."""
 
     @property
     def cpus_per_rank(self) -> float:
@@ -401,6 +406,10 @@ class CheckpointConfig(StrictModel):
     every: int = Field(default=0, ge=0)
     """Save every N iterations (0: only at the end)."""
     keep_last: PositiveInt = 3
+    resume: Literal["auto", "never"] = "auto"
+    """auto: ``rlfleet train`` continues from the latest committed checkpoint under ``uri``
+    when there is one (it must be this job's: same name, algorithm and model); never: start
+    from the model directory whatever ``uri`` holds. ``--resume-from`` names one explicitly."""
     s3_endpoint_override: str | None = None
     """For S3-compatible stores, e.g. ``http://127.0.0.1:8333``; else AWS_ENDPOINT_URL or AWS."""
 

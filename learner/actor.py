@@ -409,6 +409,19 @@ class LearnerActor:
 
         return resolve_resume(uri, expect=self.identity, config=config)
 
+    def newest_committed(self, uris: list[str], config: CheckpointConfig) -> str | None:
+        """The newest of the checkpoints ``uris`` (oldest first) with a manifest, None if none
+        has one: where a restarted learner resumes (the newest may be a save that its ranks died
+        committing)."""
+        from rlfleet.learner.checkpoint import CheckpointError, resolve_checkpoint
+
+        for uri in reversed(uris):
+            try:
+                return resolve_checkpoint(uri, config=config).uri
+            except CheckpointError:
+                continue
+        return None
+
     def load_checkpoint(self, uri: str, config: CheckpointConfig) -> dict[str, Any]:
         """Restores the trainer (this rank's shards) and ledger from the checkpoint ``uri``
         (as ``resolve_checkpoint`` answered); returns the saved job state."""

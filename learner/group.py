@@ -146,11 +146,20 @@ class LearnerGroup:
     def wait_for_checkpoint(self) -> str | None:
         return self.run("wait_for_checkpoint")
 
+    def resolve_checkpoint(self, uri: str, config: Any) -> str:
+        """The committed checkpoint ``uri`` names (the latest under a root), once rank 0 found
+        it to be this job's."""
+        return self.ask_rank0("resolve_checkpoint", uri, config)
+
     def load_checkpoint(self, uri: str, config: Any) -> dict[str, Any]:
         """Every rank loads the checkpoint rank 0 resolves ``uri`` to (the latest under a
         root), so that all of them load the same one; the saved job state."""
-        resolved = self.ask_rank0("resolve_checkpoint", uri, config)
-        return self.run("load_checkpoint", resolved, config)
+        return self.run("load_checkpoint", self.resolve_checkpoint(uri, config), config)
+
+    def newest_committed(self, uris: list[str], config: Any) -> str | None:
+        """The newest of ``uris`` (oldest first) that is a committed checkpoint; None if none
+        is (a save the ranks did not finish committing is not)."""
+        return self.ask_rank0("newest_committed", uris, config)
 
     def consumed_rollout_ids(self) -> list[int]:
         return self.ask_rank0("consumed_rollout_ids")
@@ -165,10 +174,15 @@ class LearnerGroup:
         ref = getattr(self.ranks[0], method).remote(*args)
         return self.wait(PendingCall(method, [ref]))
 
-    def kill(self) -> None:
-        """Stops every rank and frees their placement group."""
+    def kill_ranks(self) -> None:
+        """Stops every rank; their placement group stays, for the ranks that replace them (and
+        for generators that share their GPUs)."""
         for rank in self.ranks:
             ray.kill(rank, no_restart=True)
+
+    def kill(self) -> None:
+        """Stops every rank and frees their placement group."""
+        self.kill_ranks()
         if self.placement is not None:
             remove_placement_group(self.placement)
 

@@ -6,19 +6,30 @@ they sample it while the learner trains; score the rollouts on the reward actors
 step (PPO or critic-free, learner/actor.py) on the learner's ranks (learner/group.py), the
 generators asleep meanwhile when they share its GPUs (``placement: colocated``); publish the new
 weights once and have every generator confirm the version it holds, unless ``max_policy_lag``
-lets them lag; save a checkpoint when due; otherwise send the next batch now; record the
-iteration's metrics and its stats.jsonl line.
+lets them lag; append the iteration's stats.jsonl line; save a checkpoint when due; otherwise
+send the next batch now; record the iteration's metrics. The line goes out before the checkpoint,
+so a checkpoint never holds an iteration that stats.jsonl lacks (a resume drops the lines after
+its iteration).
 
 Start-up: the learner's ranks, the generators and the reward actors are all started at once and
 waited for together, each wait bounded by ``learner.timeout_s`` (plus a margin).
 
 Each rollout id is consumed exactly once: an actor that dies mid-batch has only its shard sent
 again (``pool.ActorPool``) and the learner refuses an id it has already trained on.
+
+A learner rank that dies or stalls (``ActorWaitError`` from a call to the ranks) restarts the
+whole learner, at most ``learner.max_restarts`` times: new ranks in the same placement group
+restore the newest committed checkpoint of this run (the model directory without one), the loop
+goes back to that checkpoint's iteration and prompt cursor (so the same rollout ids are sampled
+again, each trained on once by the restored learner), stats.jsonl drops the lines after it, and
+every generator loads the restored policy.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -38,7 +49,9 @@ from rlfleet.learner.driver.metrics import JobMetrics
 from rlfleet.learner.driver.pool import ActorPool, PendingShards, id_range, split_batch
 from rlfleet.learner.driver.roles import ActorFactories
 from rlfleet.learner.driver.sync import WeightSync, needs_sync
-from rlfleet.learner.group import wait_all
+from rlfleet.learner.group import ActorWaitError, LearnerGroup, wait_all
+
+logger = logging.getLogger(__name__)
 
 DispatchHook = Callable[[str, int, list[Any]], None]
 """``hook(kind, iteration, actors)``: called right after a batch's shards went out (for tests)."""
@@ -116,9 +129,15 @@ def checkpoint_due(config: CheckpointConfig, iteration: int, iterations: int) ->
 @dataclass
 class JobResult:
     stats: list[dict[str, Any]]
+    """This run's lines of stats.jsonl (those after a checkpoint it resumed from)."""
     consumed_rollout_ids: list[int]
     generator_restarts: int
     reward_restarts: int
+    learner_restarts: int = 0
+
+
+class LearnerRestartsExhausted(RuntimeError):
+    """The learner failed once more than ``learner.max_restarts`` allows."""
 
 
 class PPOJob:
@@ -138,9 +157,17 @@ class PPOJob:
             rows = checked_rows(config)
         self.config = config
         self.on_dispatch = on_dispatch
-        self.start_actors(factories or ActorFactories.from_config(config))
+        self.factories = factories or ActorFactories.from_config(config)
+        self.start_actors()
         self.prompts = PromptBatches.from_config(config, rows)
+        self.initial_cursor = self.prompts.state()
         self.iteration = 0
+        self.learner_restarts = 0
+        self.checkpoints: list[str] = []
+        """This run's newest checkpoints, oldest first: the one it resumed from or its last
+        save, and the save after it (which may not be committed yet)."""
+        self.stats_lines: list[dict[str, Any]] = []
+        """This run's lines of stats.jsonl."""
         self.stats_path = Path(config.output_dir) / "stats.jsonl"
         self.stats_path.parent.mkdir(parents=True, exist_ok=True)
         self.metrics = JobMetrics.from_config(config.name, 0, config.metrics)
@@ -154,10 +181,10 @@ class PPOJob:
         self.metrics.set_actors_alive("reward", len(self.rewards.actors))
         self.publish_metrics_targets()
 
-    def start_actors(self, factories: ActorFactories) -> None:
+    def start_actors(self) -> None:
         """Starts the generators, the reward actors and the learner's ranks, none waited for:
         they load while the driver tokenizes the prompts (``wait_until_ready`` waits)."""
-        config = self.config
+        config, factories = self.config, self.factories
         self.generators = ActorPool(
             "generator",
             factories.generator,
@@ -168,11 +195,16 @@ class PPOJob:
             "reward", factories.reward, config.reward.num_actors, on_restart=self._on_reward_restart
         )
         try:
-            self.learner = factories.learner()
+            self.learner = self.start_learner()
         except BaseException:
             self._kill_pools()
             raise
-        self.sync = WeightSync.from_config(self.learner, config)
+
+    def start_learner(self) -> LearnerGroup:
+        """The learner's ranks (not waited for) and the weight sync from them."""
+        learner = self.factories.learner()
+        self.sync = WeightSync.from_config(learner, self.config)
+        return learner
 
     def wait_until_ready(self) -> None:
         """Waits for the learner's ranks, the generators and the reward actors together (they
@@ -191,35 +223,47 @@ class PPOJob:
 
     def train(self) -> JobResult:
         """Trains the iterations left (all of them, or those after a resumed checkpoint),
-        appending one line per iteration to stats.jsonl."""
+        appending one line per iteration to stats.jsonl; restarts a failed learner (see the
+        module's docstring)."""
         from tqdm import tqdm
 
         if self.iteration == 0:
             self.stats_path.write_text("")
-        self.sync_weights_if_needed()
-        stats_lines = []
         bar = tqdm(
             total=self.config.iterations,
             initial=self.iteration,
             desc=self.config.algorithm,
             unit="it",
         )
-        in_flight = self.dispatch_next_batch() if self.iteration < self.config.iterations else None
-        with bar, self.stats_path.open("a") as out:
-            while in_flight is not None:
-                stats, in_flight = self.train_iteration(in_flight)
-                out.write(json.dumps(stats) + "\n")
-                out.flush()
-                stats_lines.append(stats)
-                bar.update(1)
-                bar.set_postfix(reward=f"{stats['reward_mean']:.3f}", kl=reference_kl(stats))
-        self.learner.wait_for_checkpoint()
+        failure: ActorWaitError | None = None
+        with bar:
+            while True:
+                try:
+                    if failure is not None:
+                        self.restart_learner(failure)
+                        bar.n = self.iteration
+                        bar.refresh()
+                    self.train_remaining(bar)
+                    break
+                except ActorWaitError as error:
+                    failure = error
         return JobResult(
-            stats=stats_lines,
+            stats=self.stats_lines,
             consumed_rollout_ids=self.learner.consumed_rollout_ids(),
             generator_restarts=self.generators.restarts,
             reward_restarts=self.rewards.restarts,
+            learner_restarts=self.learner_restarts,
         )
+
+    def train_remaining(self, bar: Any) -> None:
+        """The iterations from ``self.iteration`` on, until the last checkpoint is committed."""
+        self.sync_weights_if_needed()
+        in_flight = self.dispatch_next_batch() if self.iteration < self.config.iterations else None
+        while in_flight is not None:
+            stats, in_flight = self.train_iteration(in_flight)
+            bar.update(1)
+            bar.set_postfix(reward=f"{stats['reward_mean']:.3f}", kl=reference_kl(stats))
+        self.learner.wait_for_checkpoint()
 
     def train_iteration(self, in_flight: InFlight) -> tuple[dict[str, Any], InFlight | None]:
         """Trains on the batch in flight; returns the iteration's stats line and the next batch
@@ -240,14 +284,17 @@ class PPOJob:
         with timer.stage("sync"):
             self.sync_weights_if_needed()
 
-        if checkpoint_due(self.config.checkpoint, self.iteration, self.config.iterations):
+        stats = {**self.stats_line(scored, learner_stats), **timer.stats()}
+        due = checkpoint_due(self.config.checkpoint, self.iteration, self.config.iterations)
+        self.append_stats_line(stats, durable=due)
+        if due:
             untrained = next_in_flight.cursor_before if next_in_flight else self.prompts.state()
             self.save_checkpoint(untrained)
         if not one_step_off and more_to_come:
             next_in_flight = self.dispatch_next_batch()
 
         self.record_metrics(scored, timer.seconds, next_in_flight)
-        return {**self.stats_line(scored, learner_stats), **timer.stats()}, next_in_flight
+        return stats, next_in_flight
 
     # -- one iteration's parts -----------------------------------------------------------------
 
@@ -308,8 +355,31 @@ class PPOJob:
         policy)."""
         state = {"iteration": self.iteration, **cursor}
         started = time.perf_counter()
-        self.learner.save_checkpoint(self.config.checkpoint, state)
+        uri = self.learner.save_checkpoint(self.config.checkpoint, state)
         self.metrics.record_checkpoint(time.perf_counter() - started)
+        self.checkpoints = [*self.checkpoints[-1:], uri]
+
+    def append_stats_line(self, stats: dict[str, Any], durable: bool) -> None:
+        """Appends the iteration's line to stats.jsonl (on disk, with ``durable``, before the
+        checkpoint that holds the iteration is saved)."""
+        with self.stats_path.open("a") as out:
+            out.write(json.dumps(stats) + "\n")
+            out.flush()
+            if durable:
+                os.fsync(out.fileno())
+        self.stats_lines.append(stats)
+
+    def keep_stats_through(self, iteration: int) -> list[int]:
+        """Drops the lines of stats.jsonl after ``iteration`` (trained again from a checkpoint
+        at it); the iterations of the lines kept."""
+        kept = [
+            line
+            for line in self.stats_path.read_text().splitlines()
+            if json.loads(line)["iteration"] <= iteration
+        ]
+        self.stats_path.write_text("".join(f"{line}\n" for line in kept))
+        self.stats_lines = [line for line in self.stats_lines if line["iteration"] <= iteration]
+        return [json.loads(line)["iteration"] for line in kept]
 
     def record_metrics(
         self, scored: pa.RecordBatch, seconds: dict[str, float], in_flight: InFlight | None
@@ -337,6 +407,7 @@ class PPOJob:
             "response_length_mean": float(np.mean(lengths)),
             "generator_restarts": self.generators.restarts,
             "reward_restarts": self.rewards.restarts,
+            "learner_restarts": self.learner_restarts,
             **{k: v for k, v in learner_stats.items() if k.startswith(LEARNER_STAT_PREFIXES)},
         }
 
@@ -344,17 +415,64 @@ class PPOJob:
 
     def resume(self, uri: str) -> None:
         """Restores learner, prompt cursor and rollout ids from a checkpoint; stats.jsonl keeps
-        the lines up to its iteration. Generators get the restored weights before they sample."""
+        the lines up to its iteration (a warning names any it lacks, e.g. an ``output_dir``
+        that did not survive the restart). Generators get the restored weights before they
+        sample."""
+        uri = self.learner.resolve_checkpoint(uri, self.config.checkpoint)
+        self.restore(uri)
+        if not self.stats_path.exists():
+            self.stats_path.write_text("")
+        kept = self.keep_stats_through(self.iteration)
+        if kept != list(range(1, self.iteration + 1)):
+            logger.warning(
+                "%s holds the lines of iterations %s, not 1..%d of checkpoint %s: the lines of "
+                "the iterations before it are missing",
+                self.stats_path,
+                kept,
+                self.iteration,
+                uri,
+            )
+
+    def restore(self, uri: str | None) -> None:
+        """The learner, iteration and prompt cursor of checkpoint ``uri``; None: the model
+        directory's policy (the learner as started) at iteration 0."""
+        if uri is None:
+            self.iteration = 0
+            self.prompts.load_state(self.initial_cursor)
+            self.checkpoints = []
+            return
         state = self.learner.load_checkpoint(uri, self.config.checkpoint)
         self.iteration = state["iteration"]
         self.prompts.load_state(state)
-        if self.stats_path.exists():
-            kept = [
-                line
-                for line in self.stats_path.read_text().splitlines()
-                if json.loads(line)["iteration"] <= self.iteration
-            ]
-            self.stats_path.write_text("".join(f"{line}\n" for line in kept))
+        self.checkpoints = [uri]
+
+    def restart_learner(self, failure: ActorWaitError) -> None:
+        """Replaces every learner rank after ``failure`` (one rank died or stalled: the others
+        are stuck in its collectives), restores the newest committed checkpoint of this run,
+        drops the stats lines after it and has every generator load the restored policy."""
+        limit = self.config.learner.max_restarts
+        if self.learner_restarts >= limit:
+            raise LearnerRestartsExhausted(
+                f"the learner failed after {self.learner_restarts} restarts "
+                f"(learner.max_restarts {limit}): {failure}"
+            ) from failure
+        self.learner_restarts += 1
+        self.metrics.record_actor_restart("learner")
+        logger.warning(
+            "restarting the learner (%d of %d): %s", self.learner_restarts, limit, failure
+        )
+        self.learner.kill_ranks()
+        self.learner = self.start_learner()
+        wait_all(self.learner.ready_calls(), self.learner.deadline_s, "at restart")
+        newest = (
+            self.learner.newest_committed(self.checkpoints, self.config.checkpoint)
+            if self.checkpoints
+            else None
+        )
+        self.restore(newest)
+        self.keep_stats_through(self.iteration)
+        self.sync.publish(self.generators)
+        self.publish_metrics_targets()
 
     def publish_metrics_targets(self) -> None:
         """Writes the metrics endpoints of the driver and of every actor to the job's Prometheus

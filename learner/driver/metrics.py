@@ -65,7 +65,7 @@ class JobMetrics(MetricSet):
         self._alive = self._per_value(alive, "actor_role", ACTOR_ROLES)
         restarts = Counter(
             "rlfleet_job_actor_restarts_total",
-            "Actor restarts, per actor role.",
+            "Actor restarts, per actor role (a learner restart replaces all its ranks: one).",
             (*ROLE_LABELS, "actor_role"),
             registry=self.registry,
         )

@@ -36,6 +36,7 @@ from rlfleet.common.transport import (
     transport,
 )
 from rlfleet.learner.driver.pool import ActorPool
+from rlfleet.learner.group import ActorWaitError
 
 logger = logging.getLogger(__name__)
 
@@ -332,11 +333,17 @@ class WeightSync:
         return None
 
     def _check_learner(self, learner: Outcome, doing: str) -> None:
+        """A learner that died or did not answer raises ``ActorWaitError`` (the job restarts it,
+        driver/loop.py); one that failed on its own stops the job."""
         if not learner.done:
-            raise RuntimeError(
+            raise ActorWaitError(
                 f"weight sync: the learner did not finish {doing} within "
                 f"weight_sync.timeout_s ({self.config.timeout_s:g} s) and no generator failed"
             )
+        if learner.died:
+            raise ActorWaitError(
+                f"weight sync: a learner rank died {doing}: {_first_line(learner.error)}"
+            ) from learner.error
         if learner.error is not None and not isinstance(learner.error, CollectiveError):
             raise RuntimeError(f"weight sync: the learner failed {doing}") from learner.error
 

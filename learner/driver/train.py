@@ -4,6 +4,15 @@ Every check of the config (and the one read of the dataset) happens before Ray s
 config exits with status 2 and one line naming the key, without starting anything. A job that
 fails once running exits with status 1 and one line (which actor, what to do); its traceback goes
 to ``<output_dir>/error.log`` (and to stderr with ``--verbose``).
+
+Running the same command again continues the job: with ``checkpoint.uri`` set (and
+``checkpoint.resume: auto``, the default) the job resumes from the latest committed checkpoint
+there, without flags, so a re-submitted Ray job or a retried KubeRay RayJob carries on where the
+last attempt's checkpoint left it. That checkpoint must be this job's (same ``name``, algorithm
+and model): another's exits with status 2 and one line saying whose it is, before Ray starts, as
+does a ``--resume-from`` with no checkpoint there. A job whose checkpoint is already at its last
+iteration says it is complete and exits 0. ``checkpoint.resume: never`` starts from the model
+whatever ``checkpoint.uri`` holds.
 """
 
 from __future__ import annotations
@@ -12,17 +21,51 @@ import argparse
 import re
 import sys
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from rlfleet.common.config import JobConfig, load_job_config
+from rlfleet.learner import checkpoint
+from rlfleet.learner.checkpoint import CheckpointError, CheckpointIdentity
 from rlfleet.learner.driver.checks import ConfigError, one_line
 from rlfleet.learner.driver.cluster import init_ray
 from rlfleet.learner.driver.data import checked_rows
 from rlfleet.learner.driver.loop import DispatchHook, JobResult, PPOJob
 from rlfleet.learner.group import first_line
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """The committed checkpoint of this job that a run continues from."""
+
+    uri: str
+    iteration: int
+    """The iterations it holds (its step: one policy version per iteration)."""
+
+    def finished(self, config: JobConfig) -> bool:
+        return self.iteration >= config.iterations
+
+
+def find_resume_point(config: JobConfig, resume_from: str | None) -> ResumePoint | None:
+    """Where the job continues: the checkpoint ``resume_from`` names (a URI, or ``"latest"``
+    under ``checkpoint.uri``); without it the latest committed one under ``checkpoint.uri``
+    unless ``checkpoint.resume`` is ``never``; None: from the model. A ``CheckpointError`` when
+    the checkpoint named is missing or belongs to another job, algorithm or model."""
+    uri = resolve_resume(config, resume_from)
+    if uri is None:
+        if config.checkpoint.uri is None or config.checkpoint.resume == "never":
+            return None
+        if checkpoint.latest_checkpoint(config.checkpoint.uri, config=config.checkpoint) is None:
+            return None
+        uri = config.checkpoint.uri
+    resolved = checkpoint.resolve_resume(
+        uri, expect=CheckpointIdentity.of_job(config), config=config.checkpoint
+    )
+    step_dir = resolved.rstrip("/").rpartition("/")[2]
+    return ResumePoint(resolved, int(step_dir.removeprefix("step-")))
 
 
 def run_job(
@@ -31,16 +74,19 @@ def run_job(
     on_dispatch: DispatchHook | None = None,
     rows: list[dict[str, Any]] | None = None,
 ) -> JobResult:
-    """Starts the actors on the connected Ray cluster and trains; ``resume_from`` is a
-    checkpoint URI, or ``"latest"`` under ``checkpoint.uri``. ``rows`` are the dataset's rows
-    (read and checked here when not given)."""
+    """Starts the actors on the connected Ray cluster and trains from where
+    ``find_resume_point`` says (nothing, when that checkpoint finished the job);
+    ``resume_from`` is a checkpoint URI, or ``"latest"`` under ``checkpoint.uri``. ``rows`` are
+    the dataset's rows (read and checked here when not given)."""
     if rows is None:
         rows = checked_rows(config)
-    resume_uri = resolve_resume(config, resume_from)
+    start = find_resume_point(config, resume_from)
+    if start is not None and start.finished(config):
+        return JobResult(stats=[], consumed_rollout_ids=[], generator_restarts=0, reward_restarts=0)
     job = PPOJob(config, rows, on_dispatch=on_dispatch)
     try:
-        if resume_uri:
-            job.resume(resume_uri)
+        if start is not None:
+            job.resume(start.uri)
         return job.train()
     finally:
         job.shutdown()
@@ -69,7 +115,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resume-from",
         metavar="URI|latest",
-        help="resume from a checkpoint URI, or the latest one under checkpoint.uri",
+        help="resume from a checkpoint URI, or the latest one under checkpoint.uri (which a "
+        "run does by itself unless checkpoint.resume=never)",
     )
     parser.add_argument(
         "--verbose",
@@ -80,20 +127,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """The ``rlfleet train`` command: 0 when the job finished (or had nothing left to do), 1
-    when it failed while running, 2 for an invalid config."""
+    when it failed while running, 2 for an invalid config or a checkpoint it cannot resume."""
     try:
         config = load_job_config(args.config, args.overrides)
         rows = checked_rows(config)
-        resolve_resume(config, args.resume_from)
+        start = find_resume_point(config, args.resume_from)
     except (ValueError, OSError) as exc:
         print(
             f"rlfleet train: invalid job config {args.config}: {config_error_line(exc)}",
             file=sys.stderr,
         )
         return 2
+    except CheckpointError as exc:
+        print(f"rlfleet train: cannot resume: {one_line(exc)}", file=sys.stderr)
+        return 2
+    if start is not None:
+        print(resume_line(config, start))
+        if start.finished(config):
+            return 0
     try:
         init_ray(config)
-        result = run_job(config, args.resume_from, rows=rows)
+        result = run_job(config, start.uri if start else None, rows=rows)
     except Exception as exc:  # noqa: BLE001 - any failure of a running job becomes one line
         log = write_error_log(Path(config.output_dir), exc)
         print(f"rlfleet train: {job_error_line(exc)}; {what_to_do(config, log)}", file=sys.stderr)
@@ -104,19 +158,31 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def summary(config: JobConfig, result: JobResult) -> str:
-    """The closing line: this run's iterations and rollouts (not those of the runs it resumed)."""
-    if not result.stats:
+def resume_line(config: JobConfig, start: ResumePoint) -> str:
+    """What a run that starts from a checkpoint prints first."""
+    if start.finished(config):
         return (
-            f"nothing to do: the checkpoint is at iteration {config.iterations} = iterations; "
-            "raise iterations to train further"
+            f"job {config.name!r} is complete: checkpoint {start.uri} is at iteration "
+            f"{start.iteration} of {config.iterations}; raise iterations to train further"
         )
+    return (
+        f"resuming job {config.name!r} from checkpoint {start.uri} (iteration {start.iteration} "
+        f"of {config.iterations})"
+    )
+
+
+def summary(config: JobConfig, result: JobResult) -> str:
+    """The closing line: this run's iterations and rollouts (not those of the runs it resumed),
+    and its learner restarts."""
+    if not result.stats:
+        return f"nothing to do: the job's {config.iterations} iterations are done"
     first, last = result.stats[0], result.stats[-1]
     rollouts = sum(line["samples"] for line in result.stats)
+    restarts = f", {result.learner_restarts} learner restarts" if result.learner_restarts else ""
     return (
         f"done: {len(result.stats)} iterations ({first['iteration']}..{last['iteration']}), "
-        f"{rollouts} rollouts, reward {first['reward_mean']:.3f} -> {last['reward_mean']:.3f}, "
-        f"stats in {Path(config.output_dir) / 'stats.jsonl'}"
+        f"{rollouts} rollouts, reward {first['reward_mean']:.3f} -> {last['reward_mean']:.3f}"
+        f"{restarts}, stats in {Path(config.output_dir) / 'stats.jsonl'}"
     )
 
 
@@ -161,5 +227,11 @@ def write_error_log(output_dir: Path, exc: BaseException) -> Path:
 
 
 def what_to_do(config: JobConfig, log: Path) -> str:
-    again = "--resume-from latest" if config.checkpoint.uri is not None else "the same command"
-    return f"traceback in {log} (or rerun with --verbose); fix the cause, then run {again}"
+    checkpoints = config.checkpoint
+    if checkpoints.uri is None:
+        again = "run the same command"
+    elif checkpoints.resume == "auto":
+        again = "run the same command (it resumes from the latest checkpoint)"
+    else:
+        again = "run it with --resume-from latest"
+    return f"traceback in {log} (or rerun with --verbose); fix the cause, then {again}"

@@ -82,6 +82,7 @@ def test_a_rank_that_dies_fails_the_call_at_once_naming_it(ray_local) -> None:
 
 def test_a_stalled_rank_fails_the_call_at_the_deadline_naming_it(ray_local) -> None:
     group = group_of(None, None, "stall", timeout_s=1.0)
+    wait_all(group.ready_calls(), 60, "at start-up")  # a loaded machine starts actors slowly
     started = time.monotonic()
     try:
         with pytest.raises(
@@ -127,3 +128,26 @@ def test_bundles_ray_cannot_reserve_fail_naming_them_and_are_given_up(ray_local)
         start_learner_group(lambda spec, strategy: None, placement, 1, timeout_s=1)
     table = ray.util.placement_group_table(placement)
     assert table["state"] == "REMOVED"  # not left waiting for resources
+
+
+def test_ranks_killed_for_a_restart_leave_their_placement_group_to_new_ranks(ray_local) -> None:
+    """Each bundle fits one rank: the new ranks start once the killed ones freed it."""
+    placement = create_placement([{"CPU": 0.25, "GPU": 0.0}] * 2)
+
+    def create(spec: RankSpec, strategy: Any) -> Any:
+        return FakeRank.options(num_cpus=0.25, scheduling_strategy=strategy).remote(
+            spec.rank, spec=spec
+        )
+
+    first = start_learner_group(create, placement, num_ranks=2, timeout_s=30)
+    assert wait_all(first.ready_calls(), 30, "at start-up") == [0, 1]
+    first.kill_ranks()
+    assert ray.util.placement_group_table(placement)["state"] == "CREATED"
+    second = start_learner_group(create, placement, num_ranks=2, timeout_s=30)
+    try:
+        assert wait_all(second.ready_calls(), 30, "at restart") == [0, 1]
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(first.ranks[0].ready.remote(), timeout=30)
+    finally:
+        second.kill()
+    assert ray.util.placement_group_table(placement)["state"] == "REMOVED"

@@ -1,10 +1,12 @@
 """Exact resume: N+M iterations straight give the same weights as N, a SIGKILL, and M more
-through ``rlfleet train --resume-from latest`` (same seed, CPU), with checkpoints on S3."""
+through ``rlfleet train`` run again, without flags (it resumes from the latest checkpoint) or
+with ``--resume-from latest`` (same seed, CPU), with checkpoints on S3."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -43,9 +45,11 @@ def rlfleet_train(config: Path, *extra: str) -> subprocess.Popen:
     )
 
 
-def finish(process: subprocess.Popen, timeout_s: float = 600) -> None:
+def finish(process: subprocess.Popen, timeout_s: float = 600) -> str:
+    """The job's output, once it exited 0."""
     output, _ = process.communicate(timeout=timeout_s)
     assert process.returncode == 0, output[-4000:]
+    return output
 
 
 def committed_steps(uri: str) -> list[int]:
@@ -91,13 +95,23 @@ def short_tmpdir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])
+@pytest.mark.parametrize(
+    ("temperature", "resume_args"),
+    [(0.0, []), (1.0, ["--resume-from", "latest"])],
+    ids=["greedy-same-command", "sampled-resume-from-latest"],
+)
 def test_killed_and_resumed_job_ends_with_the_weights_of_a_straight_run(
-    temperature: float, tiny_model_dir: Path, s3_env: S3Server, tmp_path: Path, short_tmpdir: Path
+    temperature: float,
+    resume_args: list[str],
+    tiny_model_dir: Path,
+    s3_env: S3Server,
+    tmp_path: Path,
+    short_tmpdir: Path,
 ) -> None:
     """Greedy generation isolates the learner's state (weights, optimizer, KL controller, data
     cursor, rollout ids); sampled generation also needs the generators' draws to be a function
-    of the rollout, not of a stream that restarts with the job."""
+    of the rollout, not of a stream that restarts with the job. The resumed run's stats.jsonl
+    holds every iteration once."""
     straight_uri = str(tmp_path / "straight-checkpoints")
     resumed_uri = f"s3://{s3_env.bucket}/resume-test-{temperature}"
     job = {"iterations": ITERATIONS, "generators": {"engine": "hf", "temperature": temperature}}
@@ -113,7 +127,17 @@ def test_killed_and_resumed_job_ends_with_the_weights_of_a_straight_run(
     finish(rlfleet_train(straight_config))
     killed_at = kill_after_checkpoint(rlfleet_train(resumed_config), resumed_uri, step=2)
     assert 2 <= killed_at < ITERATIONS
-    finish(rlfleet_train(resumed_config, "--resume-from", "latest"))
+    output = finish(rlfleet_train(resumed_config, *resume_args))
+    resumed_at = re.search(
+        rf"^resuming job 'rlfleet' from checkpoint {resumed_uri}/step-(\d+) \(iteration (\d+) "
+        rf"of {ITERATIONS}\)$",
+        output,
+        re.MULTILINE,
+    )
+    assert resumed_at, output[-4000:]
+    assert killed_at <= int(resumed_at.group(1)) == int(resumed_at.group(2)) < ITERATIONS
+    lines = [json.loads(line) for line in (tmp_path / "resumed" / "stats.jsonl").open()]
+    assert [line["iteration"] for line in lines] == list(range(1, ITERATIONS + 1))
 
     assert latest_checkpoint(resumed_uri) == f"{resumed_uri}/step-{ITERATIONS:08d}"
     a = pull_checkpoint(straight_uri, tmp_path / "a")

@@ -136,6 +136,10 @@ class FakeLearner:
         path = Path(uri)
         return str(max(path.glob("step-*.json")) if path.is_dir() else path)
 
+    def newest_committed(self, uris: list[str], config: CheckpointConfig) -> str | None:
+        """The newest of ``uris`` that is still there."""
+        return next((uri for uri in reversed(uris) if Path(uri).is_file()), None)
+
     def load_checkpoint(self, uri: str, config: CheckpointConfig) -> dict[str, Any]:
         """``uri``: one checkpoint file (as ``resolve_checkpoint`` answered)."""
         state = json.loads(Path(uri).read_text())

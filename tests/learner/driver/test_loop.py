@@ -110,6 +110,7 @@ def test_each_batch_is_trained_once_with_stats_and_metrics_from_one_timing(
         assert "time/ppo/total" not in line and "env/reward_mean" not in line
         assert set(line) >= times and all(line[k] >= 0 for k in times)
         assert line["generator_restarts"] == line["reward_restarts"] == 0
+        assert line["learner_restarts"] == 0
 
     assert job_metric(job, "rlfleet_job_samples_total") == 24
     assert job_metric(job, "rlfleet_job_prompts_total") == 24
@@ -336,7 +337,10 @@ def test_each_reward_component_gets_its_mean_in_the_stats_line() -> None:
     assert component_means(scored_with_components([None, None])) == {}
 
     job = SimpleNamespace(
-        iteration=1, generators=SimpleNamespace(restarts=0), rewards=SimpleNamespace(restarts=0)
+        iteration=1,
+        learner_restarts=0,
+        generators=SimpleNamespace(restarts=0),
+        rewards=SimpleNamespace(restarts=0),
     )
     line = PPOJob.stats_line(job, scored, {"objective/kl": 0.1})
     assert line["reward/correct_mean"] == 0.5

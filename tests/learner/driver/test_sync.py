@@ -13,7 +13,7 @@ from rlfleet.common.schema import with_columns
 from rlfleet.common.transport import CollectiveError, WeightLoadError
 from rlfleet.learner.driver.pool import ActorPool, split_batch
 from rlfleet.learner.driver.sync import Outcome, WeightSync, learner_outcome, needs_sync
-from rlfleet.learner.group import LearnerGroup
+from rlfleet.learner.group import ActorWaitError, LearnerGroup
 
 
 @pytest.mark.parametrize(
@@ -121,6 +121,19 @@ def test_an_engine_load_error_or_a_learner_failing_on_its_own_stops_the_sync() -
         sync._judge(learner_bug, ok, doing="syncing weights")
     with pytest.raises(RuntimeError, match="learner did not finish joining the weight group"):
         sync._judge(Outcome(), ok, doing="joining the weight group")
+
+
+def test_a_learner_that_died_or_stalled_mid_sync_is_left_to_the_learner_restart() -> None:
+    sync = collective_sync()
+    ok = Outcome(done=True, result=1)
+    died = Outcome(done=True, error=ray.exceptions.RayActorError())
+    with pytest.raises(ActorWaitError, match="a learner rank died syncing weights"):
+        sync._judge(died, ok, doing="syncing weights")
+    with pytest.raises(ActorWaitError, match="learner did not finish syncing weights"):
+        sync._judge(Outcome(), ok, doing="syncing weights")
+    with pytest.raises(RuntimeError) as bug:
+        sync._judge(Outcome(done=True, error=TypeError("x")), ok, doing="syncing weights")
+    assert not isinstance(bug.value, ActorWaitError)  # a learner's own bug is not restarted
 
 
 def test_the_learner_outcome_is_its_first_failing_rank_else_rank_0() -> None:

@@ -201,7 +201,7 @@ def test_a_failing_actor_is_one_line_naming_it_and_what_to_do_and_exit_1(
     assert lines[0] == (
         "rlfleet train: LearnerActor.step: NonFiniteError: PPO step 2, epoch 0, minibatch 1: the "
         f"loss is nan; lower ...; traceback in {out}/error.log (or rerun with --verbose); fix "
-        "the cause, then run --resume-from latest"
+        "the cause, then run the same command (it resumes from the latest checkpoint)"
     )
     assert (len(lines) > 1) == verbose
     assert "Traceback" in (out / "error.log").read_text()
@@ -212,32 +212,16 @@ def job_result(iterations: list[int]) -> JobResult:
     return JobResult(stats, list(range(8 * max(iterations, default=0))), 0, 0)
 
 
-def test_resuming_a_finished_job_has_nothing_to_do_and_exits_0(
-    tiny_model_dir: Path,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture,
-    monkeypatch: pytest.MonkeyPatch,
-    no_cluster: None,
-) -> None:
-    """Used to crash with IndexError on result.stats[-1]."""
-    from rlfleet.learner.cli import main
-
-    monkeypatch.setattr(train, "run_job", lambda *args, **kwargs: job_result([]))
-    job = small_job(tiny_model_dir, tmp_path / "run", checkpoint={"uri": str(tmp_path / "ck")})
-    config = write_config(tmp_path / "job.yaml", job)
-    assert main(["train", "--config", str(config), "--resume-from", "latest"]) == 0
-    assert capsys.readouterr().out.startswith(
-        "nothing to do: the checkpoint is at iteration 2 = iterations"
-    )
-
-
 def test_the_summary_after_a_resume_counts_this_runs_iterations_and_rollouts(
     tmp_path: Path,
 ) -> None:
     """A job resumed at iteration 4 of 6 trained 2 iterations of 8 rollouts (not 48 ever)."""
     job = small_job(tmp_path, tmp_path / "run", iterations=6)
     line = train.summary(job, job_result([5, 6]))
-    assert line.startswith("done: 2 iterations (5..6), 16 rollouts, reward 0.500 -> 0.600")
+    assert line.startswith("done: 2 iterations (5..6), 16 rollouts, reward 0.500 -> 0.600, stats")
+    restarted = job_result([5, 6])
+    restarted.learner_restarts = 2
+    assert ", reward 0.500 -> 0.600, 2 learner restarts, stats in " in train.summary(job, restarted)
 
 
 def test_demo_config_is_valid_and_uses_vllm_and_the_sentiment_reward() -> None:
