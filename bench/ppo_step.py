@@ -206,7 +206,7 @@ def compare(rounds: int, steps: int) -> None:
         return statistics.median(r[key] / t[key] for r, t in pairs)
 
     print(
-        f"median step time ratio rlfleet/TRL: {median_ratio('median_step_s'):.3f} (target <= 0.5)"
+        f"median step time ratio rlfleet/TRL: {median_ratio('median_step_s'):.3f} (target <= 0.3)"
     )
     print(f"median step CPU-time ratio rlfleet/TRL: {median_ratio('median_step_cpu_s'):.3f}")
     print(
