@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -23,9 +22,9 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from ports import free_ports
 from safetensors.torch import load_file, save_file
+from spawned import run_spawned
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -268,22 +267,7 @@ def run_rank(rank: int, world_size: int, port: int, task: str, args: tuple) -> N
 def spawn_ranks(world_size: int, task: str, *args: Any) -> None:
     """``task`` on ``world_size`` spawned gloo ranks, killed if not done in ``TIMEOUT_S``."""
     (port,) = free_ports(1)
-    context = mp.start_processes(
-        run_rank,
-        args=(world_size, port, task, args),
-        nprocs=world_size,
-        join=False,
-        start_method="spawn",
-    )
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not context.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{world_size} ranks did not finish {task} in {TIMEOUT_S} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
+    run_spawned(run_rank, (world_size, port, task, args), world_size, TIMEOUT_S, task)
 
 
 S3_PREFIX = "sharded-checkpoints"

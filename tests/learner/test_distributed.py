@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 from ports import free_ports
+from spawned import run_spawned
 from transformers import AutoModelForCausalLM
 
 from rlfleet.common.config import CriticFreeConfig, PPOConfig
@@ -164,22 +163,8 @@ def spawn_ranks(
     """``worker(rank, world_size, port, model_dir, out, *extra)`` on ``world_size`` spawned
     processes, killed if not done in ``TIMEOUT_S``; returns what rank 0 saved to ``out``."""
     (port,) = free_ports(1)
-    context = mp.start_processes(
-        worker,
-        args=(world_size, port, str(model_dir), str(out), *extra),
-        nprocs=world_size,
-        join=False,
-        start_method="spawn",
-    )
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not context.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{world_size} ranks did not finish in {TIMEOUT_S} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
+    arguments = (world_size, port, str(model_dir), str(out), *extra)
+    run_spawned(worker, arguments, world_size, TIMEOUT_S, "the training steps")
     return torch.load(out, weights_only=False)
 
 

@@ -51,8 +51,9 @@ def test_the_latest_committed_checkpoint_of_the_job_is_where_it_continues(
 
 @pytest.fixture
 def no_ray(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
-    """Fails the test if the job would start Ray; records run_job's arguments instead of
-    training."""
+    """Records the calls that would start Ray and train (``init_ray``, ``run_job`` with its
+    resume point) instead of making them: these tests are about what the driver decides before
+    either (the real resume runs in tests/learner/test_resume.py)."""
     calls: list[tuple] = []
 
     def init_ray(config: JobConfig) -> None:
