@@ -276,6 +276,9 @@ class GeneratorConfig(StrictModel):
     ``torchinductor/``; on GPUs, on CPU it compiles none), so that later jobs on the machine
     load them instead of compiling again; None: torch's default, in the temp dir. An inductor
     cache named by ``TORCHINDUCTOR_CACHE_DIR`` wins."""
+    tensor_parallel_size: PositiveInt = 1
+    """The vLLM engine's tensor-parallel size: each generator's engine runs this many workers
+    (one GPU each on GPUs), and every one of them receives the new weights."""
 
 
 REWARD_SOURCES = ("function", "model", "url")
@@ -422,6 +425,65 @@ class MetricsConfig(StrictModel):
     """Where the job writes its Prometheus file_sd targets (read by deploy/prometheus/*.yml)."""
 
 
+class EvalConfig(StrictModel):
+    """Held-out evaluation: before the first iteration and every ``every`` iterations the
+    generators answer the eval prompts with the current policy, the answers are scored, and
+    ``eval/*`` goes into stats.jsonl, the trackers and Prometheus. Its sampling seeds are its
+    own, so training's random streams (and exact resume) are untouched."""
+
+    dataset: DatasetConfig
+    """The held-out prompts (same fields as the training dataset; ``shuffle`` is ignored: the
+    first ``max_samples`` rows are used, in file order)."""
+    every: PositiveInt = 10
+    """Evaluate after every ``every``-th iteration (and after the last one)."""
+    at_start: bool = True
+    """Also evaluate the initial policy, before the first iteration (recorded as iteration 0)."""
+    max_samples: PositiveInt | None = 64
+    """Prompts evaluated each time (the first ones of the file); None: all of them."""
+    temperature: float = Field(default=0.0, ge=0)
+    """0 is greedy decoding."""
+    n: PositiveInt = 1
+    """Samples per eval prompt (with temperature > 0: mean and pass@n style stats)."""
+    max_new_tokens: PositiveInt | None = None
+    """None: ``generators.max_new_tokens``."""
+    reward: RewardConfig | None = None
+    """A separate eval reward (its own reward actors); None: the job's reward."""
+
+
+class LoraConfig(StrictModel):
+    """Train LoRA adapters (peft) instead of the whole policy: the reference is the base model
+    with the adapters disabled (no second copy), the generators receive merged weights, and
+    checkpoints hold the adapters and export merged weights."""
+
+    r: PositiveInt = 8
+    alpha: PositiveFloat = 16.0
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Module names (or suffixes) to adapt, as peft's ``target_modules``; all-linear: every
+    linear layer but the LM head."""
+
+
+class WandbConfig(StrictModel):
+    project: str
+    mode: Literal["online", "offline", "disabled"] = "offline"
+    """offline writes the run under ``dir`` for a later ``wandb sync``."""
+    entity: str | None = None
+    dir: str | None = None
+    """Where wandb writes its files; None: ``output_dir``."""
+
+
+class LoggingConfig(StrictModel):
+    """What the job records besides stats.jsonl and Prometheus (the live view)."""
+
+    samples_per_iteration: int = Field(default=4, ge=0)
+    """Prompts, responses and rewards of this many rollouts of each iteration go into
+    ``output_dir/samples.jsonl`` (0: none)."""
+    tensorboard: str | None = None
+    """A directory for TensorBoard event files with the stats.jsonl scalars."""
+    wandb: WandbConfig | None = None
+    """A Weights & Biases run with the stats.jsonl scalars (``pip install rlfleet[trackers]``)."""
+
+
 Placement = Literal["colocated", "disaggregated"]
 
 Algorithm = Literal["ppo", "grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"]
@@ -471,6 +533,11 @@ class JobConfig(StrictModel):
     """None: join the cluster of a submitted job, else start a local Ray instance."""
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    eval: EvalConfig | None = None
+    """Held-out evaluation (None: none)."""
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    lora: LoraConfig | None = None
+    """Train LoRA adapters instead of the full policy (None: full fine-tuning)."""
     trust_remote_code: bool = False
     """Let the model directories' own Python code run when they load (off unless set)."""
 
