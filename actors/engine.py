@@ -8,10 +8,12 @@ logprobs are what the learner recomputes for the PPO ratio, so the two are compa
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from dataclasses import asdict, dataclass, replace
+from typing import ClassVar, Literal, Protocol
 
+import pyarrow as pa
 import torch
 
 from rlfleet.common.config import Dtype, GeneratorConfig
@@ -63,6 +65,36 @@ class SamplingSpec:
     @classmethod
     def greedy(cls, max_new_tokens: int) -> SamplingSpec:
         return cls(max_new_tokens=max_new_tokens, temperature=0.0)
+
+    def overridden_by(self, batch: pa.RecordBatch) -> SamplingSpec:
+        """This spec with the temperature and budget ``batch`` asks for, if it asks (see
+        ``SamplingOverride``)."""
+        override = SamplingOverride.of(batch)
+        return self if override is None else replace(self, **asdict(override))
+
+
+@dataclass(frozen=True)
+class SamplingOverride:
+    """Sampling settings a prompt batch carries for its generator, in place of the generator's
+    own (``GeneratorConfig``): held-out evaluation samples with its own temperature and token
+    budget on the same generators. They travel in the batch's Arrow schema metadata, so the
+    batch keeps the rollout schema and any shard of it (``pool.split_batch``) carries them."""
+
+    temperature: float
+    max_new_tokens: int
+
+    METADATA_KEY: ClassVar[bytes] = b"rlfleet.sampling"
+
+    def attach(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        """``batch`` asking its generator to sample with these settings."""
+        metadata = {**(batch.schema.metadata or {}), self.METADATA_KEY: json.dumps(asdict(self))}
+        return batch.replace_schema_metadata(metadata)
+
+    @classmethod
+    def of(cls, batch: pa.RecordBatch) -> SamplingOverride | None:
+        """The settings ``batch`` carries; None: the generator's own."""
+        raw = (batch.schema.metadata or {}).get(cls.METADATA_KEY)
+        return None if raw is None else cls(**json.loads(raw))
 
 
 class Engine(Protocol):

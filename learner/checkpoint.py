@@ -47,6 +47,10 @@ A local URI with several ranks needs a filesystem that all of them see. One rank
 (for an ``s3://`` URI into a local staging directory) in the foreground, since that snapshots the
 weights; hashing, the upload, the manifest and pruning run in a background thread, and ``wait``
 returns once the checkpoint is committed.
+
+With a remote URI each node keeps its ranks' files of the newest checkpoint it saved in
+``checkpoint.local_copy_dir`` (:func:`keep_local_copy`): a learner restarted on that node reads
+every file the copy holds with the manifest's sha256 from there, and downloads only the others.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -72,6 +77,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from rlfleet.common.config import CheckpointConfig
+from rlfleet.common.processes import pid_named, remove_orphans
 from rlfleet.common.storage import Storage, fsync_dir, join_uri, open_storage
 from rlfleet.learner.checkpoint_export import (
     POLICY_DIR,
@@ -97,6 +103,7 @@ from rlfleet.learner.checkpoint_state import (
     optimizer_state,
     save_state,
 )
+from rlfleet.learner.lora import ADAPTER_DIR, has_adapters
 
 FORMAT = "rlfleet-checkpoint/2"
 FORMAT_V1 = "rlfleet-checkpoint/1"
@@ -107,6 +114,10 @@ LR_SCHEDULER = "lr_scheduler"
 TRAINING_STATE = "training_state"
 JOB_STATE = "job_state"
 STEP_NAME = re.compile(r"^step-(\d+)$")
+
+logger = logging.getLogger(__name__)
+STAGING_PREFIX = "writer-"
+"""A learner process's staging directory beside the local copy: ``.staging/writer-<pid>-``."""
 
 REQUIRED_FILES = (
     f"{POLICY_DIR}/config.json",
@@ -147,6 +158,34 @@ def step_dir_name(step: int) -> str:
 
 def _endpoint(config: CheckpointConfig | None) -> str | None:
     return config.s3_endpoint_override if config else None
+
+
+def local_copy_root(root_uri: str, config: CheckpointConfig | None) -> Path | None:
+    """Where this node keeps its copy of the newest checkpoint it saved under the remote
+    ``root_uri`` (``checkpoint.local_copy_dir``, a directory per URI); None for a local URI or
+    without ``local_copy_dir``."""
+    if config is None or config.local_copy_dir is None or not root_uri.startswith("s3://"):
+        return None
+    digest = hashlib.sha256(root_uri.rstrip("/").encode()).hexdigest()[:16]
+    return Path(config.local_copy_dir).expanduser() / digest
+
+
+def keep_local_copy(root: Path, name: str, staging: Path, files: list[str]) -> None:
+    """Moves this rank's stored files of checkpoint ``name`` from ``staging`` to ``root/name``
+    (ranks on one node fill the same copy) and drops the copies of other steps, so the node
+    keeps its newest checkpoint only. A copy that cannot be kept is a warning: the store has
+    the checkpoint."""
+    target = root / name
+    try:
+        for relative in files:
+            destination = target / relative
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(staging / relative, destination)
+        for other in root.glob("step-*"):
+            if other.name != name:
+                shutil.rmtree(other, ignore_errors=True)
+    except OSError as error:
+        logger.warning("no local copy of checkpoint %s in %s: %s", name, root, error)
 
 
 def rank_and_world_size() -> tuple[int, int]:
@@ -224,6 +263,7 @@ def commit_checkpoint(
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "ranks": world_size,
         "value_head": VALUE_HEAD_FILE in files,
+        "lora": f"{ADAPTER_DIR}/adapter_config.json" in files,
         "files": dict(sorted(files.items())),
     }
     if identity is not None:
@@ -252,6 +292,11 @@ def _check_parts(parts: Sequence[RankFiles]) -> tuple[int, int]:
             f"{described}"
         )
     return step, world_size
+
+
+def _matches(path: Path, entry: dict[str, Any]) -> bool:
+    """Whether the file at ``path`` has the size and sha256 of its manifest ``entry``."""
+    return path.stat().st_size == entry["size"] and _sha256(path) == entry["sha256"]
 
 
 def _sha256(path: Path) -> str:
@@ -376,12 +421,29 @@ class CheckpointSaver:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
         self.storage = open_storage(uri, _endpoint(config))
         self.keep_last = keep_last
+        self.local_copy = local_copy_root(self.storage.uri, config)
+        if staging_dir is None and self.local_copy is not None:
+            staging_dir = self._local_staging(self.local_copy)
         self.staging_dir = staging_dir
         self.identity = identity
         self.auto_commit = auto_commit
         self._uploads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
         self._pending: Future[RankFiles] | None = None
         self._stored: RankFiles | None = None
+
+    def _local_staging(self, local_copy: Path) -> Path | None:
+        """This process's staging directory beside the local copy (which is then a rename
+        away), once those of processes that are gone (killed mid-upload) are removed; None,
+        and no local copy, when it cannot be made there (a read-only home, say)."""
+        staging = local_copy / ".staging" / pid_named(STAGING_PREFIX)
+        try:
+            staging.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            logger.warning("no local copy of the checkpoints in %s: %s", local_copy, error)
+            self.local_copy = None
+            return None
+        remove_orphans(staging.parent, STAGING_PREFIX)
+        return staging
 
     def save(self, step: int, trainer: Any, job_state: dict[str, Any]) -> str:
         """Snapshot the trainer and job state as checkpoint ``step``; returns its URI (committed
@@ -464,11 +526,13 @@ class CheckpointSaver:
     ) -> RankFiles:
         try:
             part = store_rank_files(self.storage, step, local_dir, files, rank, world_size)
+            if self.auto_commit:
+                self.commit([part])
+            if staging is not None and self.local_copy is not None:
+                keep_local_copy(self.local_copy, step_dir_name(step), staging, files)
         finally:
             if staging is not None:
                 shutil.rmtree(staging, ignore_errors=True)
-        if self.auto_commit:
-            self.commit([part])
         return part
 
 
@@ -599,11 +663,15 @@ class CheckpointFiles:
     """The files of one committed checkpoint, checked against its manifest: up front that it
     lists every file there is, with its size; each file's sha256 when it is first used. A remote
     checkpoint's files are downloaded one by one as they are used (a rank downloads only what
-    it reads)."""
+    it reads), except those that ``local_copy`` (this node's copy of the checkpoint, see
+    ``keep_local_copy``) holds with the manifest's sha256."""
 
-    def __init__(self, storage: Storage, manifest: dict[str, Any]) -> None:
+    def __init__(
+        self, storage: Storage, manifest: dict[str, Any], local_copy: Path | None = None
+    ) -> None:
         self.storage = storage
         self.manifest = manifest
+        self.local_copy = local_copy
         self._verified: set[str] = set()
         self._scratch = None if storage.is_local else tempfile.TemporaryDirectory()
         self.directory = Path(self._scratch.name if self._scratch else storage.root)
@@ -639,20 +707,41 @@ class CheckpointFiles:
             raise CheckpointError(f"{self.storage.uri}: the manifest does not list {relative}")
         path = self.directory / relative
         if relative not in self._verified:
-            if self._scratch is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                pafs.copy_files(
-                    self.storage.child(relative).root,
-                    str(path),
-                    source_filesystem=self.storage.filesystem,
-                    destination_filesystem=pafs.LocalFileSystem(),
-                )
-            if path.stat().st_size != entry["size"] or _sha256(path) != entry["sha256"]:
+            if self._scratch is not None and not self._copied_locally(relative, path):
+                self._download(relative, path)
+            if not _matches(path, entry):
                 raise CheckpointError(
                     f"{self.storage.uri}: {relative} does not match the manifest (corrupt)"
                 )
             self._verified.add(relative)
         return path
+
+    def _copied_locally(self, relative: str, path: Path) -> bool:
+        """Copies ``relative`` from this node's copy of the checkpoint to ``path`` when the
+        copy holds it with the manifest's size and sha256; False (a download is needed) if
+        not."""
+        if self.local_copy is None or not (self.local_copy / relative).is_file():
+            return False
+        if not _matches(self.local_copy / relative, self.manifest["files"][relative]):
+            logger.warning(
+                "%s in the local copy %s does not match the manifest of %s; downloading it",
+                relative,
+                self.local_copy,
+                self.storage.uri,
+            )
+            return False
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.local_copy / relative, path)
+        return True
+
+    def _download(self, relative: str, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(
+            self.storage.child(relative).root,
+            str(path),
+            source_filesystem=self.storage.filesystem,
+            destination_filesystem=pafs.LocalFileSystem(),
+        )
 
     def load_state(self, name: str) -> Any:
         """A state that :func:`save_state` wrote as ``<name>.json`` (+ ``.safetensors``)."""
@@ -702,8 +791,11 @@ def load_checkpoint(
     manifest = parse_manifest(storage.read_bytes(MANIFEST), storage.uri)
     if expect is not None:
         expect.check(manifest.get("identity"), storage.uri)
-    with CheckpointFiles(storage, manifest) as files:
+    base, _, name = storage.uri.rpartition("/")
+    copy_root = local_copy_root(base, config)
+    with CheckpointFiles(storage, manifest, copy_root / name if copy_root else None) as files:
         _check_value_head(manifest.get("value_head", True), trainer, storage.uri)
+        _check_lora(manifest.get("lora", False), trainer, storage.uri)
         if manifest["format"] == FORMAT_V1:
             _load_v1_tensors(files, trainer)
         else:
@@ -718,6 +810,17 @@ def _check_value_head(saved: bool, trainer: Any, where: str) -> None:
         saved_text, current = ("has a", "has none") if saved else ("has no", "has one")
         raise CheckpointError(
             f"{where}: the checkpoint {saved_text} value head but the trainer's model {current}"
+        )
+
+
+def _check_lora(saved: bool, trainer: Any, where: str) -> None:
+    """A LoRA checkpoint resumes only a LoRA job, a full fine-tune only a full fine-tune."""
+    if saved != has_adapters(trainer.model):
+        kinds = ("LoRA adapters", "the whole model")
+        held, trained = kinds if saved else kinds[::-1]
+        raise CheckpointError(
+            f"{where}: the checkpoint holds {held} but this job trains {trained}; point "
+            "checkpoint.uri elsewhere or set lora as the checkpoint's job did"
         )
 
 

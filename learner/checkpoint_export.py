@@ -1,4 +1,5 @@
-"""A checkpoint's exports: the policy as a Hugging Face directory and the value head's weights.
+"""A checkpoint's exports: the policy as a Hugging Face directory and the value head's weights;
+for a LoRA policy the merged model in ``policy/`` and the adapter in peft's format (``adapter/``).
 
 They are for people and tools (``AutoModelForCausalLM.from_pretrained``, serving); a resume
 reads the exact state from the per-rank files instead (learner/checkpoint_shards.py). A plain
@@ -20,6 +21,13 @@ from safetensors.torch import save_file
 from rlfleet.learner.checkpoint_shards import is_sharded
 from rlfleet.learner.checkpoint_state import tied_names
 from rlfleet.learner.distributed import full_state
+from rlfleet.learner.lora import (
+    ADAPTER_DIR,
+    adapter_tensors,
+    has_adapters,
+    merged_state,
+    save_adapter,
+)
 from rlfleet.learner.value_head import V_HEAD_PREFIX
 
 POLICY_DIR = "policy"
@@ -51,7 +59,7 @@ def write_exports(
     if directory is None:
         return []
     policy_dir = directory / POLICY_DIR
-    policy_of(trainer).save_pretrained(policy_dir)
+    _save_policy(policy_of(trainer), policy_dir)
     _save_tokenizer(trainer, policy_dir)
     if has_value_head(trainer):
         state = trainer.model.v_head.state_dict()
@@ -60,9 +68,24 @@ def write_exports(
     return _exported_files(directory)
 
 
+def _save_policy(model: torch.nn.Module, directory: Path) -> None:
+    """``model`` as a Hugging Face directory; a LoRA model merged (loadable without peft), its
+    adapter beside it in peft's format."""
+    if not has_adapters(model):
+        model.save_pretrained(directory)
+        return
+    model.save_pretrained(directory, state_dict=dict(merged_state(model)))
+    save_adapter(model, directory.parent / ADAPTER_DIR, model.config.name_or_path or None)
+
+
 def _write_gathered(directory: Path | None, trainer: Any, max_file_bytes: int) -> list[str]:
+    """The sharded model gathered one tensor at a time by every rank, written by rank 0 (given
+    ``directory``): a LoRA policy merged, and its adapter gathered for ``adapter/``."""
     skip = tied_names(trainer.model)
-    gathered = ((n, t) for n, t in full_state(trainer.model) if n not in skip)
+    lora = has_adapters(trainer.model)
+    state = merged_state(trainer.model) if lora else full_state(trainer.model)
+    gathered = ((n, t) for n, t in state if n not in skip)
+    adapter = adapter_tensors(policy_of(trainer)) if lora else None
     if directory is None:
         for _ in gathered:  # the gather is collective: take part, keep nothing
             pass
@@ -83,6 +106,8 @@ def _write_gathered(directory: Path | None, trainer: Any, max_file_bytes: int) -
     _save_tokenizer(trainer, policy.directory)
     if value_head:
         save_file(value_head, str(directory / VALUE_HEAD_FILE), metadata=SAFETENSORS_METADATA)
+    if adapter is not None:
+        save_adapter(model, directory / ADAPTER_DIR, model.config.name_or_path or None, adapter)
     return _exported_files(directory)
 
 
@@ -93,7 +118,12 @@ def _save_tokenizer(trainer: Any, directory: Path) -> None:
 
 
 def _exported_files(directory: Path) -> list[str]:
-    policy_files = [p for p in (directory / POLICY_DIR).rglob("*") if p.is_file()]
+    policy_files = [
+        path
+        for folder in (POLICY_DIR, ADAPTER_DIR)
+        for path in (directory / folder).rglob("*")
+        if path.is_file()
+    ]
     value_head = [directory / VALUE_HEAD_FILE] if (directory / VALUE_HEAD_FILE).is_file() else []
     return sorted(path.relative_to(directory).as_posix() for path in policy_files + value_head)
 

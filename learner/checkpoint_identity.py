@@ -64,18 +64,24 @@ class CheckpointIdentity:
     """The model directory the job started from, as configured (for messages)."""
     fingerprint: str
     """:func:`model_fingerprint` of that directory."""
+    lora: bool = False
+    """Whether the job trains LoRA adapters (its checkpoints hold them, not the whole model)."""
 
     @classmethod
     def of_job(cls, config: JobConfig) -> CheckpointIdentity:
         """The identity of the job ``config`` describes (reads its model directory)."""
-        return cls(config.name, config.algorithm, config.model, model_fingerprint(config.model))
+        fingerprint = model_fingerprint(config.model)
+        return cls(
+            config.name, config.algorithm, config.model, fingerprint, config.lora is not None
+        )
 
-    def to_json(self) -> dict[str, str]:
+    def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     def check(self, recorded: Any, where: str) -> None:
         """Raise a ``CheckpointError`` naming what differs when the checkpoint at ``where``
-        (whose manifest holds ``recorded``) belongs to another model, algorithm or job."""
+        (whose manifest holds ``recorded``) belongs to another model, algorithm, job, or LoRA
+        where the job trains the whole model (or the other way round)."""
         if not isinstance(recorded, dict):
             raise CheckpointError(
                 f"checkpoint {where} records no job and model fingerprint (saved without an "
@@ -94,6 +100,14 @@ class CheckpointIdentity:
                 f"checkpoint {where} was written by a {saved['algorithm']} job, this job runs "
                 f"{self.algorithm}; point checkpoint.uri elsewhere or set algorithm: "
                 f"{saved['algorithm']}"
+            )
+        if bool(recorded.get("lora", False)) != self.lora:
+            held, trained = ("the whole model", "LoRA adapters")
+            if not self.lora:
+                held, trained = trained, held
+            raise CheckpointError(
+                f"checkpoint {where} holds {held}, this job trains {trained}; point "
+                "checkpoint.uri elsewhere or set lora as that job did"
             )
         if saved["job"] != self.job:
             raise CheckpointError(

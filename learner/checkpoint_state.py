@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rlfleet.learner.checkpoint_shards import CheckpointError, ShardReader
+from rlfleet.learner.lora import has_adapters
 
 _TAGS = ("__tensor__", "__ndarray__", "__tuple__", "__items__")
 
@@ -106,8 +107,17 @@ def load_state(directory: Path, name: str) -> Any:
 
 
 def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict with each tensor once: a tied weight (GPT-2's ``lm_head.weight``
-    is ``transformer.wte.weight``) only under the name it has first."""
+    """The model's tensors a checkpoint holds: its state dict with each tensor once (a tied
+    weight, GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``, only under the name it has
+    first). A model with LoRA adapters: only its trained tensors (the adapters, a value head);
+    its frozen base weights are the model directory's."""
+    tensors = _distinct_tensors(model)
+    if has_adapters(model):
+        return {name: tensor for name, tensor in tensors.items() if tensor.requires_grad}
+    return tensors
+
+
+def _distinct_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     seen: set[int] = set()
     tensors = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
@@ -118,8 +128,8 @@ def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def tied_names(model: torch.nn.Module) -> set[str]:
-    """State dict names that :func:`model_tensors` leaves out because they repeat a tensor."""
-    return set(model.state_dict(keep_vars=True)) - set(model_tensors(model))
+    """State dict names that repeat a tensor of an earlier name (tied weights)."""
+    return set(model.state_dict(keep_vars=True)) - set(_distinct_tensors(model))
 
 
 def optimizer_groups(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:

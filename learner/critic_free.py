@@ -64,7 +64,7 @@ from rlfleet.learner.forward import (
     split_backward,
 )
 from rlfleet.learner.guards import CRITIC_FREE_ADVICE, check_finite_loss, finite_grad_norm
-from rlfleet.learner.reference import create_reference_model
+from rlfleet.learner.reference import frozen_reference, reference_forward
 from rlfleet.learner.shuffle import Shuffler
 from rlfleet.learner.stats import StepTimer
 from rlfleet.learner.step_inputs import checked_step_inputs
@@ -113,7 +113,10 @@ class CriticFreeTrainer:
         self.tokenizer = tokenizer
         self.ref_model = self._reference(model, ref_model)
         self.layout = layout
-        self.policy, self.reference = layout.forwards(model, self.ref_model)
+        self.policy, reference = layout.forwards(model, self.ref_model)
+        self.reference = (
+            reference_forward(self.policy, reference) if config.uses_reference else None
+        )
         self.optimizer = optimizer or torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad],
             lr=config.learning_rate,
@@ -134,7 +137,7 @@ class CriticFreeTrainer:
                 warnings.warn("beta and kl_coef are 0: ref_model is not used", stacklevel=3)
             return None
         if ref_model is None:
-            return create_reference_model(model)
+            return frozen_reference(model)
         return ref_model.requires_grad_(False).eval()
 
     @property

@@ -13,7 +13,9 @@ root, a :class:`~rlfleet.learner.forward.ResponseForward` around the model, whic
 embeddings, the (tied) LM head and the final norm. Parameters are kept in float32 (the master
 weights, and so the optimizer state); ``dtype`` bfloat16 casts them for the forward and backward
 and reduces gradients in float32 (``MixedPrecisionPolicy``). The reference model is sharded the
-same way, stored in ``dtype`` (it is never trained).
+same way, stored in ``dtype`` (it is never trained). A LoRA model's adapters share their block's
+unit with its frozen base weights (FSDP2 reduces only the gradients there are); its reference is
+the policy's own root with the adapters disabled (learner/lora.py).
 
 FSDP2's collectives need every rank to run the same forwards and backwards in the same order:
 :func:`rank_micro_batches` pads a rank's micro-batches with dummy ones (outputs dropped, loss
@@ -116,7 +118,13 @@ def full_state(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     Collective when the model is sharded: every rank iterates it to the end (rank 0 may be the
     only one to keep the tensors). Only one gathered tensor exists at a time, never the model."""
     for name, tensor in model.state_dict().items():
-        yield name, tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        yield name, gathered(tensor)
+
+
+def gathered(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` whole: a sharded one (a DTensor) gathered from every rank (a collective), any
+    other as it is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 # ----------------------------------------------------------------------------------------------

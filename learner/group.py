@@ -43,9 +43,25 @@ class RankSpec:
     """Ranks of the group on this rank's node: they share its cores."""
 
 
+LEARNER_RANK = "learner rank"
+"""How ``wait_all``'s callers name a learner rank: ``learner rank <i>``."""
+
+
 class ActorWaitError(RuntimeError):
     """An actor waited on (a learner rank, or an actor started with the ranks) died or missed
-    its deadline."""
+    its deadline; ``actors`` names the ones that did."""
+
+    def __init__(self, message: str, actors: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.actors = tuple(actors)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (str(self), self.actors)
+
+    @property
+    def learner_failed(self) -> bool:
+        """Whether a learner rank is among the actors that failed (a restart can help)."""
+        return any(name.startswith(LEARNER_RANK) for name in self.actors)
 
 
 def wait_all(calls: Sequence[tuple[str, Any]], timeout_s: float, doing: str) -> list[Any]:
@@ -62,13 +78,17 @@ def wait_all(calls: Sequence[tuple[str, Any]], timeout_s: float, doing: str) -> 
             waiting, num_returns=1, timeout=max(0.0, deadline - time.monotonic())
         )
         if not done:
-            late = ", ".join(names[ref] for ref in waiting)
-            raise ActorWaitError(f"{late}: no answer {doing} within {timeout_s:g} s")
+            late = [names[ref] for ref in waiting]
+            raise ActorWaitError(
+                f"{', '.join(late)}: no answer {doing} within {timeout_s:g} s", late
+            )
         [ref] = done
         try:
             results[ref] = ray.get(ref)
         except ray.exceptions.RayActorError as exc:
-            raise ActorWaitError(f"{names[ref]} died {doing}: {first_line(exc)}") from exc
+            raise ActorWaitError(
+                f"{names[ref]} died {doing}: {first_line(exc)}", [names[ref]]
+            ) from exc
     return [results[ref] for _, ref in calls]
 
 
@@ -116,7 +136,7 @@ class LearnerGroup:
 
     def wait(self, pending: PendingCall) -> Any:
         """Rank 0's result of ``pending`` once every rank has answered (see ``wait_all``)."""
-        calls = [(f"learner rank {i}", ref) for i, ref in enumerate(pending.refs)]
+        calls = [(f"{LEARNER_RANK} {i}", ref) for i, ref in enumerate(pending.refs)]
         return wait_all(calls, self.deadline_s, f"in {pending.method}")[0]
 
     def run(self, method: str, *args: Any) -> Any:
@@ -126,7 +146,7 @@ class LearnerGroup:
     def ready_calls(self) -> list[tuple[str, Any]]:
         """``(name, ref)`` of each rank's ``ready()``, for a start-up wait shared with other
         actors (``wait_all``)."""
-        return [(f"learner rank {i}", rank.ready.remote()) for i, rank in enumerate(self.ranks)]
+        return [(f"{LEARNER_RANK} {i}", rank.ready.remote()) for i, rank in enumerate(self.ranks)]
 
     def ready(self) -> int:
         return self.run("ready")

@@ -1,9 +1,18 @@
-"""The frozen reference model the KL penalty measures the policy against."""
+"""The frozen reference model the KL penalty measures the policy against.
+
+A full fine-tune keeps a frozen copy of the policy (:func:`create_reference_model`). A LoRA policy
+keeps none: its reference is the policy itself with the adapters disabled (learner/lora.py), the
+base weights being frozen anyway (:func:`frozen_reference`, :func:`reference_forward`).
+"""
 
 from __future__ import annotations
 
 import copy
 
+from torch import nn
+
+from rlfleet.learner.forward import ResponseForward
+from rlfleet.learner.lora import BaseModelForward, has_adapters
 from rlfleet.learner.value_head import AutoModelForCausalLMWithValueHead
 
 LAYER_PATTERNS = (
@@ -43,3 +52,26 @@ def create_reference_model(
                 break
             parameter.requires_grad_(False)
     return reference.eval()
+
+
+def frozen_reference(model: nn.Module, num_shared_layers: int | None = None) -> nn.Module | None:
+    """The reference model a trainer keeps beside ``model``: a frozen copy, or None for a model
+    with LoRA adapters, whose reference needs no weights of its own (:func:`reference_forward`)."""
+    if not has_adapters(model):
+        return create_reference_model(model, num_shared_layers)
+    if num_shared_layers is not None:
+        raise ValueError(
+            "num_shared_layers: a LoRA model's reference already shares every base weight; "
+            "leave num_shared_layers unset"
+        )
+    return None
+
+
+def reference_forward(
+    policy: ResponseForward, reference: ResponseForward | None
+) -> ResponseForward | None:
+    """The forward that reference logprobs come from: ``reference`` (a copy's), else for a LoRA
+    policy the policy's own forward with its adapters disabled."""
+    if reference is None and has_adapters(policy.model):
+        return BaseModelForward(policy)
+    return reference

@@ -57,7 +57,7 @@ from rlfleet.learner.forward import (
     split_backward,
 )
 from rlfleet.learner.guards import NonFiniteError, check_finite_loss, finite_grad_norm
-from rlfleet.learner.reference import create_reference_model
+from rlfleet.learner.reference import create_reference_model, frozen_reference, reference_forward
 from rlfleet.learner.shuffle import Shuffler
 from rlfleet.learner.stats import StepTimer, as_python, step_stats
 from rlfleet.learner.step_inputs import checked_step_inputs
@@ -119,7 +119,7 @@ class PPOTrainer(TRLCompatMixin):
         self.model = model
         self.tokenizer = tokenizer
         if ref_model is None:
-            self.ref_model = create_reference_model(model, num_shared_layers)
+            self.ref_model = frozen_reference(model, num_shared_layers)
         elif isinstance(ref_model, (AutoModelForCausalLMWithValueHead, PreTrainedModel)):
             if num_shared_layers is not None:
                 warnings.warn("num_shared_layers is ignored when ref_model is given", stacklevel=2)
@@ -130,7 +130,8 @@ class PPOTrainer(TRLCompatMixin):
                 f"LM or None, got {type(ref_model).__name__}"
             )
         self.layout = layout
-        self.policy, self.reference = layout.forwards(model, self.ref_model)
+        self.policy, reference = layout.forwards(model, self.ref_model)
+        self.reference = reference_forward(self.policy, reference)
         self.optimizer = optimizer or torch.optim.Adam(
             [p for p in model.parameters() if p.requires_grad], lr=config.learning_rate, fused=True
         )
@@ -187,6 +188,10 @@ class PPOTrainer(TRLCompatMixin):
         """
         if self.layout.sharded:
             raise RuntimeError("generate needs whole models; a trainer given parallel has shards")
+        if generate_ref_response and self.ref_model is None:
+            raise ValueError(
+                "generate_ref_response: a LoRA policy has no reference copy to sample with"
+            )
         models = [self.model] + ([self.ref_model] if generate_ref_response else [])
         outputs = generation.generate(
             models,

@@ -142,9 +142,11 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
         return next(self.parameters()).device
 
     def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
-        """The wrapped model's state dict (its own names) plus ``v_head.*``."""
+        """The wrapped model's state dict (its own names) plus ``v_head.*`` (as parameters too
+        with ``keep_vars=True``)."""
         state = self.pretrained_model.state_dict(*args, **kwargs)
-        for name, tensor in self.v_head.state_dict().items():
+        keep_vars = kwargs.get("keep_vars", False)
+        for name, tensor in self.v_head.state_dict(keep_vars=keep_vars).items():
             state[f"{V_HEAD_PREFIX}{name}"] = tensor
         return state
 

@@ -44,6 +44,7 @@ __all__ = [
     "Bucket",
     "CollectiveError",
     "CollectiveHandle",
+    "CollectiveReceiver",
     "GroupSpec",
     "Publisher",
     "Receiver",

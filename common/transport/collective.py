@@ -6,13 +6,17 @@ is separate from any default ``torch.distributed`` group (the learner ranks' FSD
 ``ProcessGroupGloo`` or ``ProcessGroupNCCL`` built directly on a ``TCPStore`` that the job
 driver serves (``GroupSpec`` says where), so re-forming it never touches the default group.
 
-A sync is a stream of buckets. Each bucket is two broadcasts: a small ``int64`` head
-``[header bytes, data bytes, version, last]`` and then one ``uint8`` payload holding a JSON
-header (each tensor's name, dtype, shape and offset; metadata first) followed by the tensors,
-cast to the engine's dtype and packed up to ``bucket_mb``. A tensor larger than that travels
-alone. A tensor sharing storage with one sent before (a tied ``lm_head.weight``) is not sent:
-the engine's model ties it as the learner's does. The stream ends with a head whose ``last``
-flag is set, carrying the version.
+A sync is a stream of buckets: a small ``int64`` head ``[header bytes, payload bytes, version,
+last]``, then one ``uint8`` payload broadcast per bucket holding a JSON header (each tensor's
+name, dtype, shape and offset; metadata first), the tensors, cast to the engine's dtype and
+packed up to ``bucket_mb`` (a tensor larger than that travels alone), and at its end the next
+bucket's head (the trailer; ``last`` set after the last bucket, carrying the version). A tensor
+sharing storage with one sent before (a tied ``lm_head.weight``) is not sent: the engine's model
+ties it as the learner's does.
+
+The trailer lets a receiver post the next bucket's broadcast as soon as one arrived, so that the
+next bucket travels (in the process group's own thread) while the engine loads this one: the
+sender packs one bucket ahead to know the next head.
 
 Never hangs: every operation waits at most until the sync's deadline (``timeout_s`` after it
 started; forming the group has its own). A peer that died makes the others' operations fail
@@ -40,7 +44,11 @@ import torch
 from rlfleet.common.transport.packing import ALIGNMENT, Bucket
 
 HEAD_FIELDS = 4
-"""The head of a bucket: header bytes, data bytes, policy version, last-bucket flag."""
+"""The head of a bucket: header bytes, payload bytes, policy version, last flag (no bucket
+follows: the stream ended)."""
+
+TRAILER_BYTES = HEAD_FIELDS * 8
+"""Each payload ends with the next bucket's head."""
 
 BUCKETS_IN_FLIGHT = 2
 """Buckets the sender may have on the wire while it packs the next one."""
@@ -330,23 +338,44 @@ class Buffers:
         return buffer[:nbytes]
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """Where a bucket's parts lie in its payload."""
+
+    header: bytes
+    data_start: int
+    trailer_start: int
+
+    @classmethod
+    def of(cls, plan: _BucketPlan) -> _Layout:
+        header = _encode_header(plan.entries)
+        data_start = _aligned(len(header))
+        return cls(header, data_start, _aligned(data_start + plan.nbytes))
+
+    @property
+    def nbytes(self) -> int:
+        return self.trailer_start + TRAILER_BYTES
+
+
+def _head_values(plan: _BucketPlan | None, version: int) -> list[int]:
+    """The head announcing ``plan`` (None: the end of the stream)."""
+    if plan is None:
+        return [0, 0, version, 1]
+    layout = _Layout.of(plan)
+    return [len(layout.header), layout.nbytes, version, 0]
+
+
 def _payload(
-    plan: _BucketPlan, device: torch.device, buffers: Buffers, slot: int
-) -> tuple[torch.Tensor, int]:
-    """The bucket's payload (header, then the tensors) and the header's length."""
-    header = _encode_header(plan.entries)
-    data_start = _aligned(len(header))
-    payload = buffers.take(slot, data_start + plan.nbytes, device)
-    _copy_into(payload, 0, torch.frombuffer(bytearray(header), dtype=torch.uint8))
+    plan: _BucketPlan, next_head: list[int], device: torch.device, buffers: Buffers, slot: int
+) -> torch.Tensor:
+    """The bucket's payload: header, tensors, then the next bucket's head."""
+    layout = _Layout.of(plan)
+    payload = buffers.take(slot, layout.nbytes, device)
+    _copy_into(payload, 0, torch.frombuffer(bytearray(layout.header), dtype=torch.uint8))
     for entry, tensor in zip(plan.entries, plan.tensors, strict=True):
-        _copy_into(payload, data_start + entry.offset, tensor)
-    return payload, len(header)
-
-
-def _head(header_bytes: int, payload_bytes: int, version: int, last: bool, device) -> torch.Tensor:
-    return torch.tensor(
-        [header_bytes, payload_bytes, version, int(last)], dtype=torch.int64, device=device
-    )
+        _copy_into(payload, layout.data_start + entry.offset, tensor)
+    _copy_into(payload, layout.trailer_start, torch.tensor(next_head, dtype=torch.int64))
+    return payload
 
 
 def send_weights(
@@ -357,26 +386,31 @@ def send_weights(
     dtype: torch.dtype | None,
     buffers: Buffers,
 ) -> int:
-    """Rank 0: broadcasts every tensor bucket by bucket, then the end of the stream; returns
-    the bytes broadcast. The deadline is the group's timeout from now.
+    """Rank 0: broadcasts the first head, then every bucket (each ending with the next one's
+    head); returns the bytes broadcast. The deadline is the group's timeout from now.
 
-    The next bucket is gathered and packed while the last ``BUCKETS_IN_FLIGHT`` are on the
-    wire (their tensors stay referenced until their broadcast completed); bucket ``k`` is
-    packed into slot ``k % (BUCKETS_IN_FLIGHT + 1)`` of ``buffers``, whose last broadcast has
-    completed by then."""
+    Each bucket is packed (and the one after it gathered, for its head) while the last
+    ``BUCKETS_IN_FLIGHT`` are on the wire (their tensors stay referenced until their broadcast
+    completed); bucket ``k`` is packed into slot ``k % (BUCKETS_IN_FLIGHT + 1)`` of
+    ``buffers``, whose last broadcast has completed by then."""
     deadline = time.monotonic() + group.spec.timeout_s
+    plans = plan_buckets(named_tensors, bucket_bytes, dtype)
+    plan = next(plans, None)
+    head = torch.tensor(_head_values(plan, version), dtype=torch.int64, device=group.device)
     in_flight: deque[tuple[Any, torch.Tensor]] = deque()
-    sent = 0
-    for index, plan in enumerate(plan_buckets(named_tensors, bucket_bytes, dtype)):
+    in_flight.append((group.start_broadcast(head, deadline), head))
+    sent = head.numel() * head.element_size()
+    for index in count():
+        if plan is None:
+            break
+        following = next(plans, None)
         slot = index % (BUCKETS_IN_FLIGHT + 1)
-        payload, header_bytes = _payload(plan, group.device, buffers, slot)
-        head = _head(header_bytes, payload.numel(), version, False, group.device)
-        for tensor in (head, payload):
-            in_flight.append((group.start_broadcast(tensor, deadline), tensor))
-        while len(in_flight) > 2 * BUCKETS_IN_FLIGHT:
+        payload = _payload(plan, _head_values(following, version), group.device, buffers, slot)
+        in_flight.append((group.start_broadcast(payload, deadline), payload))
+        while len(in_flight) > BUCKETS_IN_FLIGHT:
             group.wait(in_flight.popleft()[0], deadline)
         sent += payload.numel()
-    group.broadcast(_head(0, 0, version, True, group.device), deadline)
+        plan = following
     while in_flight:
         group.wait(in_flight.popleft()[0], deadline)
     return sent
@@ -400,23 +434,36 @@ def _bucket(payload: torch.Tensor, header_bytes: int) -> Bucket:
     ]
 
 
+def _read_head(head: torch.Tensor) -> tuple[int, int, int, bool]:
+    header_bytes, payload_bytes, version, last = (int(x) for x in head.cpu().tolist())
+    return header_bytes, payload_bytes, version, bool(last)
+
+
 def receive_weights(
     group: WeightGroup, on_end: Callable[[int], None], buffers: Buffers
 ) -> Iterator[Bucket]:
     """A member other than rank 0: yields each bucket as it arrives (views of its slot of
-    ``buffers``, valid until the next sync); when the stream ends, calls ``on_end`` with the
-    version it carried."""
+    ``buffers``, valid until the next sync), the next bucket already on its way while the
+    caller loads one (two buckets' memory at once); when the stream ends, calls ``on_end`` with
+    the version it carried."""
     deadline = time.monotonic() + group.spec.timeout_s
-    for slot in count():
-        head = torch.empty(HEAD_FIELDS, dtype=torch.int64, device=group.device)
-        group.broadcast(head, deadline)
-        header_bytes, payload_bytes, version, last = (int(x) for x in head.cpu().tolist())
-        if last:
+    head = torch.empty(HEAD_FIELDS, dtype=torch.int64, device=group.device)
+    group.broadcast(head, deadline)
+    header_bytes, payload_bytes, version, last = _read_head(head)
+    payload = None if last else buffers.take(0, payload_bytes, group.device)
+    work = None if payload is None else group.start_broadcast(payload, deadline)
+    for slot in count(1):
+        if payload is None:
             on_end(version)
             return
-        payload = buffers.take(slot, payload_bytes, group.device)
-        group.broadcast(payload, deadline)
-        yield _bucket(payload, header_bytes)
+        group.wait(work, deadline)
+        bucket = _bucket(payload, header_bytes)
+        header_bytes, payload_bytes, version, last = _read_head(
+            payload[-TRAILER_BYTES:].view(torch.int64)
+        )
+        payload = None if last else buffers.take(slot, payload_bytes, group.device)
+        work = None if payload is None else group.start_broadcast(payload, deadline)
+        yield bucket
 
 
 # -- the transport's two ends ----------------------------------------------------------------

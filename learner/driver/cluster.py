@@ -1,13 +1,28 @@
-"""Ray set-up for a job: join a cluster, or start a local instance big enough for its actors."""
+"""Ray set-up for a job: join a cluster, or start a local instance big enough for its actors.
+
+A local instance whose driver was killed (SIGKILL, OOM) leaves two Ray processes behind, the
+dashboard agent and the runtime-env agent: orphans that hold their ports (random ones, so no
+later start clashes with them) and memory until they notice that their raylet is gone, 65 s
+after the kill on the 2-core test machine. The rest of the instance (GCS, raylet, workers,
+actors) is gone within 6 s. A job that starts its own instance stops such orphans first
+(``stop_orphaned_ray_agents``).
+"""
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import signal
+import tempfile
+from pathlib import Path
 
 import ray
 
 from rlfleet.common.config import JobConfig
+from rlfleet.common.processes import process_alive
+
+logger = logging.getLogger(__name__)
 
 
 def required_cpus(config: JobConfig) -> float:
@@ -33,6 +48,7 @@ def init_ray(config: JobConfig) -> None:
         ray.init(address="auto")
     else:
         num_cpus = max(os.cpu_count() or 1, math.ceil(required_cpus(config)))
+        stop_orphaned_ray_agents(Path(tempfile.gettempdir()) / "ray")
         use_loopback_only()
         ray.init(
             address="local",
@@ -59,3 +75,39 @@ def use_loopback_only() -> None:
 
     os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+RAYLET_PID_VARIABLE = b"RAY_RAYLET_PID="
+"""Set in the environment of every process a raylet starts (its agents, its workers)."""
+
+
+def stop_orphaned_ray_agents(ray_temp_dir: Path) -> list[int]:
+    """Stops (SIGKILL) this user's processes started by a raylet that is gone, when they write
+    their logs under ``ray_temp_dir`` (the Ray temp dir a local instance of this job uses):
+    what a killed driver's local instance left (see the module's docstring). Returns their
+    pids. Nothing on a system without ``/proc``."""
+    stopped = []
+    for process in Path("/proc").glob("[0-9]*"):
+        try:
+            if not raylet_gone(process) or not logs_under(process, ray_temp_dir):
+                continue
+            os.kill(int(process.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            continue  # gone meanwhile, or another user's
+        stopped.append(int(process.name))
+    if stopped:
+        logger.warning("stopped Ray processes %s left by a killed job's Ray instance", stopped)
+    return stopped
+
+
+def raylet_gone(process: Path) -> bool:
+    """Whether ``/proc/<pid>`` is a process that a raylet started and that raylet is gone."""
+    environ = (process / "environ").read_bytes().split(b"\0")
+    raylet = next((v for v in environ if v.startswith(RAYLET_PID_VARIABLE)), None)
+    return raylet is not None and not process_alive(int(raylet[len(RAYLET_PID_VARIABLE) :]))
+
+
+def logs_under(process: Path, directory: Path) -> bool:
+    """Whether ``/proc/<pid>`` has a file under ``directory`` open."""
+    prefix = f"{directory.resolve()}/"
+    return any(os.readlink(fd).startswith(prefix) for fd in (process / "fd").iterdir())

@@ -42,6 +42,8 @@ def read_prompt_rows(
     """Rows of a JSONL or Parquet file; every row must have a non-empty string ``prompt_field``,
     or with ``messages_field`` a conversation there (``rlfleet.common.chat.checked_messages``)."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"dataset.path: {path} is a directory; name a .jsonl or .parquet file")
     if not path.is_file():
         raise ConfigError(f"dataset.path: no such file: {path}")
     if path.suffix == ".parquet":

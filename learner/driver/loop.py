@@ -6,13 +6,16 @@ they sample it while the learner trains; score the rollouts on the reward actors
 step (PPO or critic-free, learner/actor.py) on the learner's ranks (learner/group.py), the
 generators asleep meanwhile when they share its GPUs (``placement: colocated``); publish the new
 weights once and have every generator confirm the version it holds, unless ``max_policy_lag``
-lets them lag; append the iteration's stats.jsonl line; save a checkpoint when due; otherwise
-send the next batch now; record the iteration's metrics. The line goes out before the checkpoint,
-so a checkpoint never holds an iteration that stats.jsonl lacks (a resume drops the lines after
-its iteration).
+lets them lag; evaluate the policy they hold on the held-out prompts when due (evaluation.py,
+before the first iteration too); report the iteration (its stats.jsonl line, samples.jsonl
+lines and tracker scalars: reporting.py); save a checkpoint when due; otherwise send the next
+batch now; record the iteration's metrics. The lines go out before the checkpoint, so a
+checkpoint never holds an iteration that stats.jsonl lacks (a resume drops the lines after its
+iteration).
 
 Start-up: the learner's ranks, the generators and the reward actors are all started at once and
-waited for together, each wait bounded by ``learner.timeout_s`` (plus a margin).
+waited for together, each wait bounded by ``learner.timeout_s`` (plus a margin). A learner rank
+that dies or is late then, or while a resume loads its checkpoint, restarts the learner as below.
 
 Each rollout id is consumed exactly once: an actor that dies mid-batch has only its shard sent
 again (``pool.ActorPool``) and the learner refuses an id it has already trained on.
@@ -27,9 +30,7 @@ every generator loads the restored policy.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -37,17 +38,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import ray
 
 from rlfleet.common.config import CheckpointConfig, JobConfig
-from rlfleet.common.metrics import file_sd_path, write_file_sd
+from rlfleet.common.metrics import (
+    file_sd_owners,
+    file_sd_path,
+    remove_orphaned_file_sd,
+    remove_own_file_sd,
+    write_file_sd,
+)
+from rlfleet.common.processes import owner_tag
 from rlfleet.common.schema import concat_batches
 from rlfleet.learner.driver.data import PromptBatches, checked_rows
+from rlfleet.learner.driver.evaluation import Evaluation, eval_postfix
 from rlfleet.learner.driver.metrics import JobMetrics
 from rlfleet.learner.driver.pool import ActorPool, PendingShards, id_range, split_batch
+from rlfleet.learner.driver.reporting import JobReport
 from rlfleet.learner.driver.roles import ActorFactories
+from rlfleet.learner.driver.rollout_stats import reward_stats
 from rlfleet.learner.driver.sync import WeightSync, needs_sync
 from rlfleet.learner.group import ActorWaitError, LearnerGroup, wait_all
 
@@ -110,15 +120,6 @@ def prompt_count(batch: pa.RecordBatch) -> int:
     return len(set(batch.column("group_id").to_pylist()))
 
 
-def component_means(batch: pa.RecordBatch) -> dict[str, float]:
-    """``reward/<name>_mean`` for each named reward component scored in ``batch``."""
-    scores: dict[str, list[float]] = {}
-    for row in batch.column("score_components").to_pylist():
-        for name, score in row or ():
-            scores.setdefault(name, []).append(score)
-    return {f"reward/{name}_mean": float(np.mean(values)) for name, values in scores.items()}
-
-
 def checkpoint_due(config: CheckpointConfig, iteration: int, iterations: int) -> bool:
     """Every ``checkpoint.every`` iterations and after the last one, when ``checkpoint.uri`` is
     set."""
@@ -158,6 +159,7 @@ class PPOJob:
         self.config = config
         self.on_dispatch = on_dispatch
         self.factories = factories or ActorFactories.from_config(config)
+        self.report = JobReport.open(config)
         self.start_actors()
         self.prompts = PromptBatches.from_config(config, rows)
         self.initial_cursor = self.prompts.state()
@@ -166,10 +168,6 @@ class PPOJob:
         self.checkpoints: list[str] = []
         """This run's newest checkpoints, oldest first: the one it resumed from or its last
         save, and the save after it (which may not be committed yet)."""
-        self.stats_lines: list[dict[str, Any]] = []
-        """This run's lines of stats.jsonl."""
-        self.stats_path = Path(config.output_dir) / "stats.jsonl"
-        self.stats_path.parent.mkdir(parents=True, exist_ok=True)
         self.metrics = JobMetrics.from_config(config.name, 0, config.metrics)
         try:
             self.wait_until_ready()
@@ -182,9 +180,12 @@ class PPOJob:
         self.publish_metrics_targets()
 
     def start_actors(self) -> None:
-        """Starts the generators, the reward actors and the learner's ranks, none waited for:
-        they load while the driver tokenizes the prompts (``wait_until_ready`` waits)."""
+        """Starts the generators, the reward actors (and eval's own, with ``eval.reward``) and
+        the learner's ranks, none waited for: they load while the driver tokenizes the prompts
+        (``wait_until_ready`` waits). The eval prompts are read and checked first
+        (``evaluation.Evaluation``): a bad one stops the job before any actor starts."""
         config, factories = self.config, self.factories
+        self.evaluation = Evaluation.from_config(config)
         self.generators = ActorPool(
             "generator",
             factories.generator,
@@ -194,11 +195,28 @@ class PPOJob:
         self.rewards = ActorPool(
             "reward", factories.reward, config.reward.num_actors, on_restart=self._on_reward_restart
         )
+        self.eval_rewards: ActorPool | None = None
         try:
+            self.eval_rewards = self.start_eval_rewards()
             self.learner = self.start_learner()
         except BaseException:
             self._kill_pools()
             raise
+
+    def start_eval_rewards(self) -> ActorPool | None:
+        """Eval's own reward actors (``eval.reward``), after the job's in the metrics' actor
+        indices; None: eval scores with the job's."""
+        eval_reward = self.config.eval.reward if self.config.eval else None
+        if eval_reward is None:
+            return None
+        if self.factories.eval_reward is None:
+            raise ValueError("eval.reward is set but the actor factories start no eval reward")
+        return ActorPool(
+            "eval reward",
+            self.factories.eval_reward,
+            eval_reward.num_actors,
+            on_restart=self._on_reward_restart,
+        )
 
     def start_learner(self) -> LearnerGroup:
         """The learner's ranks (not waited for) and the weight sync from them."""
@@ -208,16 +226,21 @@ class PPOJob:
 
     def wait_until_ready(self) -> None:
         """Waits for the learner's ranks, the generators and the reward actors together (they
-        start at once), at most the learner's deadline; names any that died or is late."""
-        calls = [
-            *self.learner.ready_calls(),
-            *[
-                (f"{pool.kind} {i}", actor.ready.remote())
-                for pool in self._pools()
-                for i, actor in enumerate(pool.actors)
-            ],
+        start at once), at most the learner's deadline; names any that died or is late. A
+        learner rank that dies or is late restarts the learner (``replace_learner``); the
+        generators and reward actors are then waited for."""
+        pools = [
+            (f"{pool.kind} {i}", actor.ready.remote())
+            for pool in self._pools()
+            for i, actor in enumerate(pool.actors)
         ]
-        wait_all(calls, self.learner.deadline_s, "at start-up")
+        try:
+            wait_all([*self.learner.ready_calls(), *pools], self.learner.deadline_s, "at start-up")
+        except ActorWaitError as failure:
+            if not failure.learner_failed:
+                raise
+            self.with_learner_restarts(lambda: None, failure)
+            wait_all(pools, self.learner.deadline_s, "at start-up")
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -228,7 +251,7 @@ class PPOJob:
         from tqdm import tqdm
 
         if self.iteration == 0:
-            self.stats_path.write_text("")
+            self.report.start_fresh()
         bar = tqdm(
             total=self.config.iterations,
             initial=self.iteration,
@@ -237,6 +260,8 @@ class PPOJob:
         )
         failure: ActorWaitError | None = None
         with bar:
+            if self.iteration == 0:
+                self.record_initial_eval(bar)
             while True:
                 try:
                     if failure is not None:
@@ -248,7 +273,7 @@ class PPOJob:
                 except ActorWaitError as error:
                     failure = error
         return JobResult(
-            stats=self.stats_lines,
+            stats=self.report.stats_lines,
             consumed_rollout_ids=self.learner.consumed_rollout_ids(),
             generator_restarts=self.generators.restarts,
             reward_restarts=self.rewards.restarts,
@@ -262,8 +287,29 @@ class PPOJob:
         while in_flight is not None:
             stats, in_flight = self.train_iteration(in_flight)
             bar.update(1)
-            bar.set_postfix(reward=f"{stats['reward_mean']:.3f}", kl=reference_kl(stats))
+            bar.set_postfix(
+                reward=f"{stats['reward_mean']:.3f}",
+                kl=reference_kl(stats),
+                **eval_postfix(self.report.stats_lines),
+            )
         self.learner.wait_for_checkpoint()
+
+    def record_initial_eval(self, bar: Any) -> None:
+        """The initial policy's eval (``eval.at_start``) as stats.jsonl's line of iteration 0
+        (see evaluation.py)."""
+        stats = self.evaluate()
+        if stats:
+            self.report.record({"iteration": 0, "policy_version": 0, **stats})
+            bar.set_postfix(**eval_postfix(self.report.stats_lines))
+
+    def evaluate(self) -> dict[str, Any]:
+        """The ``eval/*`` stats of the policy the generators hold, when an eval is due after
+        this iteration (evaluation.py); else none."""
+        if self.evaluation is None or not self.evaluation.due(self.iteration):
+            return {}
+        stats = self.evaluation.run(self.generators, self.eval_rewards or self.rewards)
+        self.metrics.record_eval(self.iteration, stats)
+        return stats
 
     def train_iteration(self, in_flight: InFlight) -> tuple[dict[str, Any], InFlight | None]:
         """Trains on the batch in flight; returns the iteration's stats line and the next batch
@@ -284,9 +330,9 @@ class PPOJob:
         with timer.stage("sync"):
             self.sync_weights_if_needed()
 
-        stats = {**self.stats_line(scored, learner_stats), **timer.stats()}
+        stats = {**self.stats_line(scored, learner_stats), **timer.stats(), **self.evaluate()}
         due = checkpoint_due(self.config.checkpoint, self.iteration, self.config.iterations)
-        self.append_stats_line(stats, durable=due)
+        self.report.record(stats, scored, durable=due)
         if due:
             untrained = next_in_flight.cursor_before if next_in_flight else self.prompts.state()
             self.save_checkpoint(untrained)
@@ -359,28 +405,6 @@ class PPOJob:
         self.metrics.record_checkpoint(time.perf_counter() - started)
         self.checkpoints = [*self.checkpoints[-1:], uri]
 
-    def append_stats_line(self, stats: dict[str, Any], durable: bool) -> None:
-        """Appends the iteration's line to stats.jsonl (on disk, with ``durable``, before the
-        checkpoint that holds the iteration is saved)."""
-        with self.stats_path.open("a") as out:
-            out.write(json.dumps(stats) + "\n")
-            out.flush()
-            if durable:
-                os.fsync(out.fileno())
-        self.stats_lines.append(stats)
-
-    def keep_stats_through(self, iteration: int) -> list[int]:
-        """Drops the lines of stats.jsonl after ``iteration`` (trained again from a checkpoint
-        at it); the iterations of the lines kept."""
-        kept = [
-            line
-            for line in self.stats_path.read_text().splitlines()
-            if json.loads(line)["iteration"] <= iteration
-        ]
-        self.stats_path.write_text("".join(f"{line}\n" for line in kept))
-        self.stats_lines = [line for line in self.stats_lines if line["iteration"] <= iteration]
-        return [json.loads(line)["iteration"] for line in kept]
-
     def record_metrics(
         self, scored: pa.RecordBatch, seconds: dict[str, float], in_flight: InFlight | None
     ) -> None:
@@ -390,8 +414,6 @@ class PPOJob:
         self.metrics.set_inflight_rollouts(in_flight.batch.num_rows if in_flight else 0)
 
     def stats_line(self, scored: pa.RecordBatch, learner_stats: dict[str, float]) -> dict[str, Any]:
-        scores = np.asarray(scored.column("score").to_pylist(), dtype=np.float64)
-        lengths = [len(ids) for ids in scored.column("response_ids").to_pylist()]
         versions = scored.column("policy_version").to_pylist()
         ids = scored.column("rollout_id").to_pylist()
         return {
@@ -401,10 +423,7 @@ class PPOJob:
             "prompts": prompt_count(scored),
             "rollout_ids": [min(ids), max(ids)],
             "sampled_with_versions": sorted(set(versions)),
-            "reward_mean": float(scores.mean()),
-            "reward_std": float(scores.std()),
-            **component_means(scored),
-            "response_length_mean": float(np.mean(lengths)),
+            **reward_stats(scored),
             "generator_restarts": self.generators.restarts,
             "reward_restarts": self.rewards.restarts,
             "learner_restarts": self.learner_restarts,
@@ -417,17 +436,18 @@ class PPOJob:
         """Restores learner, prompt cursor and rollout ids from a checkpoint; stats.jsonl keeps
         the lines up to its iteration (a warning names any it lacks, e.g. an ``output_dir``
         that did not survive the restart). Generators get the restored weights before they
-        sample."""
-        uri = self.learner.resolve_checkpoint(uri, self.config.checkpoint)
-        self.restore(uri)
-        if not self.stats_path.exists():
-            self.stats_path.write_text("")
-        kept = self.keep_stats_through(self.iteration)
-        if kept != list(range(1, self.iteration + 1)):
+        sample. A learner rank that dies meanwhile restarts the learner (``max_restarts``),
+        which loads the same checkpoint."""
+        config = self.config.checkpoint
+        uri = self.with_learner_restarts(lambda: self.learner.resolve_checkpoint(uri, config))
+        self.with_learner_restarts(lambda: self.restore(uri))
+        self.publish_metrics_targets()
+        kept = self.report.keep_through(self.iteration)
+        if [i for i in kept if i > 0] != list(range(1, self.iteration + 1)):
             logger.warning(
                 "%s holds the lines of iterations %s, not 1..%d of checkpoint %s: the lines of "
                 "the iterations before it are missing",
-                self.stats_path,
+                self.report.stats_path,
                 kept,
                 self.iteration,
                 uri,
@@ -450,6 +470,36 @@ class PPOJob:
         """Replaces every learner rank after ``failure`` (one rank died or stalled: the others
         are stuck in its collectives), restores the newest committed checkpoint of this run,
         drops the stats lines after it and has every generator load the restored policy."""
+        self.replace_learner(failure)
+        newest = (
+            self.learner.newest_committed(self.checkpoints, self.config.checkpoint)
+            if self.checkpoints
+            else None
+        )
+        self.restore(newest)
+        self.report.keep_through(self.iteration)
+        self.sync.publish(self.generators)
+        self.publish_metrics_targets()
+
+    def with_learner_restarts(
+        self, action: Callable[[], Any], failure: ActorWaitError | None = None
+    ) -> Any:
+        """``action()``'s result, the learner replaced (``replace_learner``) after ``failure``
+        and each time a learner rank dies or stalls in ``action`` or in its replacement's
+        start: for start-up and resume, before this run trained anything."""
+        while True:
+            try:
+                if failure is not None:
+                    self.replace_learner(failure)
+                return action()
+            except ActorWaitError as error:
+                if not error.learner_failed:
+                    raise
+                failure = error
+
+    def replace_learner(self, failure: ActorWaitError) -> None:
+        """New learner ranks, from the model directory, in place of those of ``failure``,
+        counted against ``learner.max_restarts``."""
         limit = self.config.learner.max_restarts
         if self.learner_restarts >= limit:
             raise LearnerRestartsExhausted(
@@ -464,44 +514,50 @@ class PPOJob:
         self.learner.kill_ranks()
         self.learner = self.start_learner()
         wait_all(self.learner.ready_calls(), self.learner.deadline_s, "at restart")
-        newest = (
-            self.learner.newest_committed(self.checkpoints, self.config.checkpoint)
-            if self.checkpoints
-            else None
-        )
-        self.restore(newest)
-        self.keep_stats_through(self.iteration)
-        self.sync.publish(self.generators)
-        self.publish_metrics_targets()
 
     def publish_metrics_targets(self) -> None:
         """Writes the metrics endpoints of the driver and of every actor to the job's Prometheus
-        file_sd file (see common/metrics.py); again after a restart. Nothing when disabled."""
+        file_sd file (see common/metrics.py), labelled with this driver's host and pid; again
+        after a restart. The files of killed drivers of this host go first. Nothing when
+        disabled."""
         if not self.config.metrics.enabled:
             return
+        remove_orphaned_file_sd(self.file_sd_path.parent)
+        others = file_sd_owners(self.file_sd_path) - {owner_tag()}
+        if others:
+            logger.warning(
+                "%s was written by another driver of a job named %r (%s): both jobs now report "
+                "under that name; give one of them another name",
+                self.file_sd_path,
+                self.config.name,
+                ", ".join(sorted(others)),
+            )
         targets = [self.metrics.target, self.learner.metrics_target()]
         actors = [actor for pool in self._pools() for actor in pool.actors]
         for ref in [actor.metrics_target.remote() for actor in actors]:
             try:
-                targets.append(ray.get(ref))
-            except ray.exceptions.RayActorError:
+                targets.append(ray.get(ref, timeout=self.learner.deadline_s))
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                 continue  # a dead actor is listed again once its pool has restarted it
-        write_file_sd(self.file_sd_path, [target for target in targets if target is not None])
+        targets = [target for target in targets if target is not None]
+        write_file_sd(self.file_sd_path, targets, owner=owner_tag())
 
     @property
     def file_sd_path(self) -> Path:
         return file_sd_path(self.config.name, self.config.metrics.file_sd_dir)
 
     def shutdown(self) -> None:
-        """Stops every actor; Prometheus is first told to forget the job's endpoints."""
+        """Stops every actor; Prometheus is first told to forget the job's endpoints (unless
+        another job of the same name wrote the discovery file since)."""
         if self.config.metrics.enabled:
-            self.file_sd_path.unlink(missing_ok=True)
+            remove_own_file_sd(self.file_sd_path, owner_tag())
         self.learner.kill()
         self._kill_pools()
         self.metrics.close()
+        self.report.close()
 
     def _pools(self) -> list[ActorPool]:
-        return [self.generators, self.rewards]
+        return [self.generators, self.rewards, *([self.eval_rewards] if self.eval_rewards else [])]
 
     def _kill_pools(self) -> None:
         for pool in self._pools():

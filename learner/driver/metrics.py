@@ -24,6 +24,20 @@ ACTOR_ROLES = ("generator", "reward", "learner")
 STAGES = ("generate", "score", "train", "sync")
 """The parts of an iteration that the job times (the ``time/<stage>_s`` keys of stats.jsonl)."""
 
+EVAL_GAUGES = {
+    "eval/reward_mean": "Mean reward of the latest held-out evaluation.",
+    "eval/reward_std": "Standard deviation of the rewards of the latest held-out evaluation.",
+    "eval/reward_max_mean": "Mean over eval prompts of their best sample's reward (eval.n > 1).",
+    "eval/response_length_mean": "Mean response length (tokens) of the latest evaluation.",
+    "eval/samples": "Samples of the latest held-out evaluation.",
+    "eval/policy_version": "Policy version the latest held-out evaluation sampled with.",
+    "eval/iteration": "Iteration after which the latest held-out evaluation ran (0: at start).",
+}
+"""The eval stats (stats.jsonl's ``eval/*`` keys) each served as gauge
+``rlfleet_job_eval_<name>``; NaN before the first evaluation."""
+
+EVAL_COMPONENT_PREFIX = "eval/reward/"
+
 
 def check_role(role: str) -> None:
     if role not in ACTOR_ROLES:
@@ -73,6 +87,18 @@ class JobMetrics(MetricSet):
         self._checkpoint = self._histogram(
             "rlfleet_job_checkpoint_seconds", "Seconds to save a checkpoint."
         )
+        self._eval = {
+            key: self._gauge(f"rlfleet_job_{key.replace('/', '_')}", documentation)
+            for key, documentation in EVAL_GAUGES.items()
+        }
+        for gauge in self._eval.values():
+            gauge.set(float("nan"))
+        self._eval_components = Gauge(
+            "rlfleet_job_eval_reward_component_mean",
+            "Mean of each reward component in the latest held-out evaluation.",
+            (*ROLE_LABELS, "component"),
+            registry=self.registry,
+        )
 
     def record_iteration(
         self, samples: int, tokens: int, stage_seconds: Mapping[str, float]
@@ -111,6 +137,18 @@ class JobMetrics(MetricSet):
     def record_checkpoint(self, seconds: float) -> None:
         check_non_negative("seconds", seconds)
         self._checkpoint.observe(seconds)
+
+    def record_eval(self, iteration: int, stats: Mapping[str, float]) -> None:
+        """The held-out evaluation after ``iteration``: its ``eval/*`` stats (those of
+        ``EVAL_GAUGES`` and each ``eval/reward/<component>_mean``; others are left out)."""
+        check_non_negative("iteration", iteration)
+        self._eval["eval/iteration"].set(iteration)
+        for key, value in stats.items():
+            if key in self._eval:
+                self._eval[key].set(value)
+            elif key.startswith(EVAL_COMPONENT_PREFIX) and key.endswith("_mean"):
+                component = key.removeprefix(EVAL_COMPONENT_PREFIX).removesuffix("_mean")
+                self._eval_components.labels(**self.labels, component=component).set(value)
 
 
 METRIC_SETS: tuple[type[MetricSet], ...] = (

@@ -17,7 +17,13 @@ from typing import Any
 
 import ray
 
-from rlfleet.common.config import CriticFreeConfig, GeneratorConfig, JobConfig, PPOConfig
+from rlfleet.common.config import (
+    CriticFreeConfig,
+    GeneratorConfig,
+    JobConfig,
+    PPOConfig,
+    RewardConfig,
+)
 from rlfleet.common.transport import resolved_weight_sync
 from rlfleet.learner.group import (
     LearnerGroup,
@@ -30,34 +36,49 @@ from rlfleet.learner.group import (
 @dataclass(frozen=True)
 class ActorFactories:
     """``learner()`` starts the learner's ranks (a ``LearnerGroup``, not waited for: see
-    ``LearnerGroup.ready_calls``); ``generator(index)`` and ``reward(index)`` each start one
-    Ray actor."""
+    ``LearnerGroup.ready_calls``); ``generator(index)``, ``reward(index)`` and
+    ``eval_reward(index)`` each start one Ray actor (``eval_reward``: None unless held-out
+    evaluation has its own reward, ``eval.reward``)."""
 
     learner: Callable[[], LearnerGroup]
     generator: Callable[[int], Any]
     reward: Callable[[int], Any]
+    eval_reward: Callable[[int], Any] | None = None
 
     @classmethod
     def from_config(cls, config: JobConfig) -> ActorFactories:
         """The real actors (learner/actor.py, actors/generator.py, reward/actor.py) with the
         resources and placement the config asks for."""
-        from rlfleet.reward.actor import RewardActor
-
         layout = Layout(config)
-        reward_cls = ray.remote(RewardActor).options(
-            num_cpus=config.reward.num_cpus, num_gpus=config.reward.num_gpus
-        )
+        eval_reward = config.eval.reward if config.eval else None
         return cls(
             learner=layout.start_learner,
             generator=layout.start_generator,
-            reward=lambda i: reward_cls.remote(
-                i,
-                config.reward,
-                config.name,
-                config.metrics,
-                trust_remote_code=config.trust_remote_code,
+            reward=reward_factory(config, config.reward),
+            eval_reward=(
+                reward_factory(config, eval_reward, first_index=config.reward.num_actors)
+                if eval_reward
+                else None
             ),
         )
+
+
+def reward_factory(
+    config: JobConfig, reward: RewardConfig, first_index: int = 0
+) -> Callable[[int], Any]:
+    """Starts reward actor ``index`` of ``reward`` (the job's, or eval's own) as actor
+    ``first_index + index``: eval's reward actors come after the job's, so that each actor's
+    metrics series is its own."""
+    from rlfleet.reward.actor import RewardActor
+
+    reward_cls = ray.remote(RewardActor).options(num_cpus=reward.num_cpus, num_gpus=reward.num_gpus)
+    return lambda index: reward_cls.remote(
+        first_index + index,
+        reward,
+        config.name,
+        config.metrics,
+        trust_remote_code=config.trust_remote_code,
+    )
 
 
 def learner_bundles(config: JobConfig) -> list[dict[str, float]]:
@@ -129,6 +150,7 @@ class Layout:
                 rank=spec,
                 colocated=config.placement == "colocated",
                 weights_dtype=config.generator_dtype,
+                lora=config.lora,
             )
 
         return start_learner_group(

@@ -12,7 +12,9 @@ now holds. How the weights travel is the transport's business (common/transport/
   and so does this driver: a generator that died or did not answer by then is named, restarted
   (the pool's restart, so the job counts it) and the group is formed again with the new one;
   then the whole sync runs again. Generators that only failed because a peer did are not
-  restarted. An engine that cannot load the weights stops the job.
+  restarted; one that failed on its own (its engine's workers died) is. An engine that cannot
+  load the weights stops the job. A tensor-parallel generator's engine workers are ranks of the
+  group of their own (``ranks_per_generator``: generator ``i``'s first is ``1 + i * size``).
 """
 
 from __future__ import annotations
@@ -163,14 +165,20 @@ class WeightSync:
     """The learner's latest published weights, and the generators that must hold them."""
 
     def __init__(
-        self, learner: Any, config: WeightSyncConfig | None = None, backend: str = "gloo"
+        self,
+        learner: Any,
+        config: WeightSyncConfig | None = None,
+        backend: str = "gloo",
+        ranks_per_generator: int = 1,
     ) -> None:
         """``learner``: the learner's ranks (a ``learner.group.LearnerGroup``); ``config``: the
         job's resolved ``weight_sync`` (None: the object store); ``backend``: the collective's
-        (``common.transport.group_backend``)."""
+        (``common.transport.group_backend``); ``ranks_per_generator``: the weight group ranks
+        each generator takes (its engine's tensor-parallel workers)."""
         self.learner = learner
         self.config = config or WeightSyncConfig(transport="object_store")
         self.backend = backend
+        self.ranks_per_generator = ranks_per_generator
         self.concurrent = transport(self.config.transport).concurrent
         self.handle: WeightsHandle | None = None
         self.failures: list[SyncFailure] = []
@@ -183,7 +191,8 @@ class WeightSync:
     @classmethod
     def from_config(cls, learner: Any, config: JobConfig) -> WeightSync:
         backend = group_backend(config.learner.num_gpus, config.generators.num_gpus)
-        return cls(learner, resolved_weight_sync(config), backend)
+        ranks = config.generators.tensor_parallel_size
+        return cls(learner, resolved_weight_sync(config), backend, ranks)
 
     @property
     def version(self) -> int:
@@ -282,14 +291,15 @@ class WeightSync:
         return self._judge(*outcomes, doing="finishing earlier calls")
 
     def _form_group(self, generators: list[Any]) -> SyncFailure | None:
-        """A new group of the learner (rank 0) and ``generators`` (rank 1 + index), on a new
-        port."""
+        """A new group of the learner (rank 0) and ``generators`` (generator ``i`` from rank
+        ``1 + i * ranks_per_generator``), on a new port."""
         self._group = None
         self._groups_formed += 1
+        size = self.ranks_per_generator
         spec, store = serve_weight_group(
-            self._groups_formed, 1 + len(generators), self.backend, self.config.timeout_s
+            self._groups_formed, 1 + size * len(generators), self.backend, self.config.timeout_s
         )
-        joins = [g.join_weight_group.remote(spec, 1 + i) for i, g in enumerate(generators)]
+        joins = [g.join_weight_group.remote(spec, 1 + i * size) for i, g in enumerate(generators)]
         outcomes = self._run_all("join_weight_group", (spec,), joins)
         failure = self._judge(*outcomes, doing="joining the weight group")
         if failure is None:
@@ -297,10 +307,10 @@ class WeightSync:
         return failure
 
     def _judge(self, learner: Outcome, *generators: Outcome, doing: str) -> SyncFailure | None:
-        """None when every member succeeded. Generators that died or did not answer in time
-        are to blame; one that failed while every other member succeeded is too. An engine
-        that could not load the weights, and a learner that failed on its own (not through the
-        group), stop the job."""
+        """None when every member succeeded. Generators that died, did not answer in time or
+        failed on their own (not through the group: e.g. their engine's workers died) are to
+        blame; one that failed while every other member succeeded is too. An engine that could
+        not load the weights, and a learner that failed on its own, stop the job."""
         for outcome in generators:
             if isinstance(outcome.error, WeightLoadError):
                 raise RuntimeError(f"weight sync: {outcome.error}") from outcome.error
@@ -330,6 +340,8 @@ class WeightSync:
         if not outcome.done:
             limit = f"weight_sync.timeout_s ({self.config.timeout_s:g} s)"
             return f"did not answer within {limit} while {doing}"
+        if outcome.error is not None and not isinstance(outcome.error, CollectiveError):
+            return f"failed {doing}: {_first_line(outcome.error)}"
         return None
 
     def _check_learner(self, learner: Outcome, doing: str) -> None:

@@ -13,14 +13,21 @@ and model): another's exits with status 2 and one line saying whose it is, befor
 does a ``--resume-from`` with no checkpoint there. A job whose checkpoint is already at its last
 iteration says it is complete and exits 0. ``checkpoint.resume: never`` starts from the model
 whatever ``checkpoint.uri`` holds.
+
+SIGTERM (a scheduler stopping the job) and Ctrl-C stop a running job cleanly: its actors are
+stopped, its Prometheus discovery file is removed, one line says how to continue, and the exit
+status is 128 + the signal's number (143, 130).
 """
 
 from __future__ import annotations
 
 import argparse
 import re
+import signal
 import sys
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +40,7 @@ from rlfleet.learner.checkpoint import CheckpointError, CheckpointIdentity
 from rlfleet.learner.driver.checks import ConfigError, one_line
 from rlfleet.learner.driver.cluster import init_ray
 from rlfleet.learner.driver.data import checked_rows
+from rlfleet.learner.driver.evaluation import Evaluation
 from rlfleet.learner.driver.loop import DispatchHook, JobResult, PPOJob
 from rlfleet.learner.group import first_line
 
@@ -131,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load_job_config(args.config, args.overrides)
         rows = checked_rows(config)
+        Evaluation.from_config(config)  # the eval prompts are checked before Ray starts too
         start = find_resume_point(config, args.resume_from)
     except (ValueError, OSError) as exc:
         print(
@@ -147,7 +156,11 @@ def run(args: argparse.Namespace) -> int:
             return 0
     try:
         init_ray(config)
-        result = run_job(config, start.uri if start else None, rows=rows)
+        with stopped_by_signals():
+            result = run_job(config, start.uri if start else None, rows=rows)
+    except JobStopped as stop:
+        print(f"rlfleet train: stopped by {stop.name}; {again_hint(config)}", file=sys.stderr)
+        return 128 + stop.signum
     except Exception as exc:  # noqa: BLE001 - any failure of a running job becomes one line
         log = write_error_log(Path(config.output_dir), exc)
         print(f"rlfleet train: {job_error_line(exc)}; {what_to_do(config, log)}", file=sys.stderr)
@@ -174,13 +187,14 @@ def resume_line(config: JobConfig, start: ResumePoint) -> str:
 def summary(config: JobConfig, result: JobResult) -> str:
     """The closing line: this run's iterations and rollouts (not those of the runs it resumed),
     and its learner restarts."""
-    if not result.stats:
+    trained = [line for line in result.stats if line["iteration"] > 0]  # line 0: eval at start
+    if not trained:
         return f"nothing to do: the job's {config.iterations} iterations are done"
-    first, last = result.stats[0], result.stats[-1]
-    rollouts = sum(line["samples"] for line in result.stats)
+    first, last = trained[0], trained[-1]
+    rollouts = sum(line["samples"] for line in trained)
     restarts = f", {result.learner_restarts} learner restarts" if result.learner_restarts else ""
     return (
-        f"done: {len(result.stats)} iterations ({first['iteration']}..{last['iteration']}), "
+        f"done: {len(trained)} iterations ({first['iteration']}..{last['iteration']}), "
         f"{rollouts} rollouts, reward {first['reward_mean']:.3f} -> {last['reward_mean']:.3f}"
         f"{restarts}, stats in {Path(config.output_dir) / 'stats.jsonl'}"
     )
@@ -227,11 +241,49 @@ def write_error_log(output_dir: Path, exc: BaseException) -> Path:
 
 
 def what_to_do(config: JobConfig, log: Path) -> str:
+    return f"traceback in {log} (or rerun with --verbose); fix the cause, then {again_hint(config)}"
+
+
+def again_hint(config: JobConfig) -> str:
+    """How to continue the job: the same command, which resumes when it can."""
     checkpoints = config.checkpoint
     if checkpoints.uri is None:
-        again = "run the same command"
-    elif checkpoints.resume == "auto":
-        again = "run the same command (it resumes from the latest checkpoint)"
-    else:
-        again = "run it with --resume-from latest"
-    return f"traceback in {log} (or rerun with --verbose); fix the cause, then {again}"
+        return "run the same command"
+    if checkpoints.resume == "auto":
+        return "run the same command (it resumes from the latest checkpoint)"
+    return "run it with --resume-from latest"
+
+
+class JobStopped(BaseException):
+    """SIGTERM or SIGINT arrived while the job ran. Not an ``Exception``: no handler of the
+    job's errors swallows it, so every ``finally`` on the way out runs (actors stopped,
+    discovery file removed)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextmanager
+def stopped_by_signals() -> Iterator[None]:
+    """Inside the block, the first SIGTERM or SIGINT raises ``JobStopped`` (once: a second
+    one acts as it did before, e.g. Ctrl-C twice interrupts the clean-up). Ray's own SIGTERM
+    handler (``sys.exit(15)``, installed by ``ray.init``) is replaced while the block runs."""
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+
+    def stop(signum: int, frame: Any) -> None:
+        for other, handler in previous.items():
+            signal.signal(other, handler)
+        raise JobStopped(signum)
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, stop)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

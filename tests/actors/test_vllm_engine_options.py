@@ -13,24 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from fake_llm import RecordingLLM
 
 from rlfleet.actors.vllm_engine import use_compile_cache
 from rlfleet.common.config import GeneratorConfig
-
-
-class RecordingLLM:
-    """Stands in for ``vllm.LLM``: records its arguments and the sleep / wake-up calls."""
-
-    def __init__(self, **kwargs) -> None:
-        self.kwargs = kwargs
-        self.calls: list[str] = []
-        self.llm_engine = type("E", (), {"model_config": type("C", (), {"max_model_len": 128})})
-
-    def sleep(self, level: int) -> None:
-        self.calls.append(f"sleep({level})")
-
-    def wake_up(self) -> None:
-        self.calls.append("wake_up")
 
 
 @pytest.fixture
@@ -61,6 +47,7 @@ def start_engine(tiny_model_dir, monkeypatch: pytest.MonkeyPatch):
 def test_the_engine_runs_in_the_generators_dtype(start_engine, dtype, expected) -> None:
     engine = start_engine(GeneratorConfig(dtype=dtype), sleep_mode=False)
     assert engine._llm.kwargs["dtype"] is expected
+    assert engine._llm.rpcs == ["rlfleet_rank_tokens_eagerly"]  # on CPU, in every worker
 
 
 def test_with_sleep_mode_the_engine_sleeps_once_at_level_1_and_wakes_once(start_engine) -> None:

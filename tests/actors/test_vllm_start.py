@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from fake_llm import RecordingLLM
 from generator_reference import PROMPTS
 
 from rlfleet.actors.engine import SamplingSpec
@@ -81,15 +82,15 @@ def test_job_seeds_0_1_2_sample_differently_with_vllm(engine_and_tmp) -> None:
     assert samples(1) == by_seed[1]
 
 
-class FakeLLM:
+class FakeLLM(RecordingLLM):
     """Records what ``vllm.LLM`` was given and drops a file where vLLM leaves its file store."""
 
     created: list[dict] = []
 
     def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
         FakeLLM.created.append(kwargs)
         Path(tempfile.gettempdir(), "vllm_dist_fake").write_text("")
-        self.llm_engine = type("E", (), {"model_config": type("C", (), {"max_model_len": 128})})
 
 
 @pytest.mark.parametrize("trust", [False, True])

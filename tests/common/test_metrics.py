@@ -4,7 +4,9 @@ file_sd file lists each process's endpoint with its labels."""
 from __future__ import annotations
 
 import json
+import socket
 import stat
+import subprocess
 import urllib.request
 
 import pytest
@@ -14,12 +16,17 @@ from prometheus_client.parser import text_string_to_metric_families
 from rlfleet.common.config import MetricsConfig
 from rlfleet.common.metrics import (
     DEFAULT_FILE_SD_DIR,
+    OWNER_LABEL,
     MetricSet,
     MetricsTarget,
     check_non_negative,
+    file_sd_owners,
     file_sd_path,
+    remove_orphaned_file_sd,
+    remove_own_file_sd,
     write_file_sd,
 )
+from rlfleet.common.processes import owner_tag
 
 
 class ExampleMetrics(MetricSet):
@@ -139,3 +146,42 @@ def test_file_sd_rejects_a_process_listed_twice_and_keeps_the_old_file(tmp_path)
     with pytest.raises(ValueError, match="share"):
         write_file_sd(path, duplicate)
     assert json.loads(path.read_text())[0]["targets"] == ["h:1"]
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def test_the_files_of_drivers_that_are_gone_are_removed_and_no_others(tmp_path) -> None:
+    """A killed driver could not remove its file: the next job on the host does. Files of a
+    live driver, of another host, without an owner or unreadable stay."""
+    here = socket.gethostname()
+    target = [MetricsTarget("h", 1, "demo", "job", 0)]
+    killed = write_file_sd(tmp_path / "killed.json", target, owner=f"{here}:{dead_pid()}")
+    live = write_file_sd(tmp_path / "live.json", target, owner=owner_tag())
+    remote = write_file_sd(tmp_path / "remote.json", target, owner=f"other-host:{dead_pid()}")
+    unowned = write_file_sd(tmp_path / "unowned.json", target)
+    (tmp_path / "broken.json").write_text("[{")
+
+    assert json.loads(live.read_text())[0]["labels"][OWNER_LABEL] == owner_tag()
+    assert remove_orphaned_file_sd(tmp_path) == [killed]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "broken.json",
+        "live.json",
+        remote.name,
+        unowned.name,
+    ]
+
+
+def test_a_job_removes_its_file_but_not_one_another_job_of_its_name_wrote_since(tmp_path) -> None:
+    target = [MetricsTarget("h", 1, "demo", "job", 0)]
+    path = write_file_sd(tmp_path / "demo.json", target, owner="host:1")
+    remove_own_file_sd(path, "host:1")
+    assert not path.exists()
+
+    write_file_sd(path, target, owner="host:2")  # a second job named demo, started meanwhile
+    remove_own_file_sd(path, "host:1")
+    assert file_sd_owners(path) == {"host:2"}

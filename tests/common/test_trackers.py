@@ -125,3 +125,37 @@ def test_open_trackers_opens_the_named_ones(tmp_path: Path, wandb_offline: None)
 def test_open_trackers_refuses_an_unknown_tracker(tmp_path: Path):
     with pytest.raises(ValueError, match="mlflow"):
         open_trackers(tmp_path, log_with="mlflow")
+
+
+def test_a_rewound_jsonl_tracker_drops_the_lines_from_that_step(tmp_path: Path):
+    tracker = JsonlTracker(tmp_path / "stats.jsonl")
+    for step in (1, 2, 3):
+        tracker.log({"x": float(step)}, step=step)
+    tracker.rewind(2)
+    tracker.log({"x": 20.0}, step=2)
+    lines = [json.loads(line) for line in tracker.path.read_text().splitlines()]
+    assert [(line["step"], line["x"]) for line in lines] == [(1, 1.0), (2, 20.0)]
+
+
+def test_tensorboard_shows_the_steps_logged_again_after_a_rewind(tmp_path: Path):
+    """One writer (a learner restarted in the same job) and a new one (a resumed job)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tracker = TensorBoardTracker(tmp_path, config={"batch_size": 4})
+    for step in (1, 2, 3):
+        tracker.log({"x": step}, step=step)
+    tracker.rewind(2)
+    tracker.log({"x": 20}, step=2)
+    tracker.close()
+    resumed = TensorBoardTracker(tmp_path)
+    resumed.rewind(3)
+    resumed.log({"x": 30}, step=3)
+    resumed.close()
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [(event.step, event.value) for event in events.Scalars("x")] == [
+        (1, 1.0),
+        (2, 20.0),
+        (3, 30.0),
+    ]
+    assert "config/text_summary" in events.Tags()["tensors"]

@@ -357,7 +357,7 @@ def test_endpoint_comes_from_the_checkpoint_config(
     trained: PPOTrainer, s3_env: S3Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("AWS_ENDPOINT_URL")
-    config = CheckpointConfig(s3_endpoint_override=s3_env.endpoint)
+    config = CheckpointConfig(s3_endpoint_override=s3_env.endpoint, local_copy_dir=None)
     uri = f"s3://{s3_env.bucket}/configured"
     save_checkpoint(uri, 5, trained, {}, keep_last=1, config=config)
     assert latest_checkpoint(uri, config=config) == f"{uri}/step-00000005"

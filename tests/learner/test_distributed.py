@@ -233,16 +233,17 @@ def test_the_cases_train(plain: dict[str, Any], tiny_model_dir: Path) -> None:
     assert plain["ppo_micro"]["stats"][0]["rollout/tis_capped_fraction"] >= 0.0
 
 
-def test_a_parallel_of_one_rank_in_no_group_trains_in_this_process(tiny_model_dir: Path) -> None:
+def test_a_parallel_of_one_rank_in_no_group_trains_in_this_process(
+    tiny_model_dir: Path, plain: dict[str, Any]
+) -> None:
     """``DataParallel.current`` without a process group is one rank, nothing sharded: the plain
-    trainer, bit for bit."""
+    trainer (trained in this process too), bit for bit."""
     parallel = DataParallel.current(torch.device("cpu"))
     assert (parallel.rank, parallel.world_size, parallel.in_group) == (0, 1, False)
-    plain_result = train(make_trainer("ppo", tiny_model_dir), "ppo")
     trainer = make_trainer("ppo", tiny_model_dir, parallel=parallel)
     assert not any(type(p).__name__ == "DTensor" for p in trainer.model.parameters())
     torch.testing.assert_close(
-        train(trainer, "ppo")["weights"], plain_result["weights"], rtol=0, atol=0
+        train(trainer, "ppo")["weights"], plain["ppo"]["weights"], rtol=0, atol=0
     )
 
 

@@ -118,9 +118,9 @@ def test_killed_and_resumed_job_ends_with_the_weights_of_a_straight_run(
     straight = small_job(
         tiny_model_dir, tmp_path / "straight", checkpoint={"uri": straight_uri}, **job
     )
-    resumed = small_job(
-        tiny_model_dir, tmp_path / "resumed", checkpoint={"uri": resumed_uri, "every": 1}, **job
-    )
+    # The learner keeps its newest checkpoint in local_copy_dir and the resumed one reads it there.
+    checkpoint = {"uri": resumed_uri, "every": 1, "local_copy_dir": str(tmp_path / "copies")}
+    resumed = small_job(tiny_model_dir, tmp_path / "resumed", checkpoint=checkpoint, **job)
     straight_config = write_config(tmp_path / "straight.yaml", straight)
     resumed_config = write_config(tmp_path / "resumed.yaml", resumed)
 
@@ -140,6 +140,8 @@ def test_killed_and_resumed_job_ends_with_the_weights_of_a_straight_run(
     assert [line["iteration"] for line in lines] == list(range(1, ITERATIONS + 1))
 
     assert latest_checkpoint(resumed_uri) == f"{resumed_uri}/step-{ITERATIONS:08d}"
+    copies = [path.name for path in (tmp_path / "copies").glob("*/step-*")]
+    assert copies == [f"step-{ITERATIONS:08d}"]  # the newest only
     a = pull_checkpoint(straight_uri, tmp_path / "a")
     b = pull_checkpoint(resumed_uri, tmp_path / "b")
     tensors_a, tensors_b = saved_tensors(a), saved_tensors(b)

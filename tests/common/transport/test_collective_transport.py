@@ -147,6 +147,34 @@ def test_floating_point_tensors_travel_in_the_engine_dtype():
     assert got["h.0.steps"].dtype == torch.int64
 
 
+def test_the_next_bucket_arrives_while_the_receiver_still_loads_the_one_before():
+    """Each payload ends with the next bucket's head, so a receiver posts the next broadcast
+    before it hands a bucket over: the learner's whole sync (here the first bucket, then 32 MiB,
+    far more than a socket buffers) completes while the receiver still holds the first."""
+    weights = {"small.weight": torch.ones(4), "large.weight": torch.ones(8 * 2**20)}
+    members = Members(1, timeout_s=10.0, bucket_mb=1.0)
+    [receiver] = members.receivers
+    published = threading.Event()
+
+    def publish():
+        handle = members.publisher.publish(iter(weights.items()), 1)
+        published.set()
+        return handle
+
+    def receive():
+        buckets = receiver.receive(CollectiveHandle(members.spec.group_id))
+        first = next(buckets)
+        sent_while_loading = published.wait(timeout=8.0)
+        rest = [bucket for bucket in buckets]
+        return first, rest, sent_while_loading
+
+    published_handle, (first, rest, sent_while_loading) = in_parallel([publish, receive])
+    assert [name for name, _ in first] == ["small.weight"]
+    assert [[name for name, _ in bucket] for bucket in rest] == [["large.weight"]]
+    assert sent_while_loading
+    assert published_handle.version == receiver.version == 1
+
+
 def test_a_stalled_receiver_makes_every_member_fail_within_the_deadline():
     timeout_s = 2.0
     members = Members(2, timeout_s=timeout_s)

@@ -12,17 +12,16 @@ from rlfleet.learner.driver.loop import PPOJob
 
 
 def rank_greedy(rank: Any, prompt_ids: list[list[int]], max_new_tokens: int, dtype: str) -> Any:
-    """A ref to greedy continuations and their logprobs under a learner rank's policy, its full
-    weights (gathered from every rank: each must run this at once) in a plain model of
+    """A ref to greedy continuations and their logprobs under a learner rank's policy as it
+    publishes it (full weights gathered from every rank: each must run this at once; merged for
+    LoRA) in a plain model of
     ``dtype``, decoded on rank 0 with full-sequence forwards (the other ranks answer None)."""
 
     def decode(actor: Any, prompt_ids: list[list[int]], max_new_tokens: int, dtype: str) -> Any:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from rlfleet.learner.distributed import full_state
-
-        state = {name: tensor.detach().cpu().clone() for name, tensor in full_state(actor.policy)}
+        state = {name: tensor.detach().cpu().clone() for name, tensor in actor.published_state()}
         if actor.rank != 0:
             return None
         model = AutoModelForCausalLM.from_config(actor.policy.config)

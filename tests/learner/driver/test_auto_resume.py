@@ -113,6 +113,11 @@ def test_opting_out_starts_from_the_model(
             r"was written by a ppo job, this job runs grpo; point checkpoint\.uri elsewhere or "
             r"set algorithm: ppo$",
         ),
+        (
+            {"lora": {"r": 4}},
+            r"holds the whole model, this job trains LoRA adapters; point checkpoint\.uri "
+            r"elsewhere or set lora as that job did$",
+        ),
     ],
 )
 def test_another_jobs_checkpoint_is_refused_with_one_line_and_exit_2_before_ray_starts(

@@ -1,20 +1,22 @@
-"""Ray set-up: the CPUs a local instance needs for the job's actors, and a local instance that
-listens on loopback only."""
+"""Ray set-up: the CPUs a local instance needs for the job's actors, a local instance that
+listens on loopback only, and the Ray agents a killed job left behind."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 from job_configs import small_job
 
-from rlfleet.learner.driver.cluster import required_cpus
+from rlfleet.learner.driver.cluster import required_cpus, stop_orphaned_ray_agents
 
 
 def test_required_cpus_add_up_every_actor(tmp_path: Path) -> None:
@@ -77,3 +79,39 @@ def test_a_local_ray_instance_listens_on_loopback_only(tmp_path: Path) -> None:
     assert node_ip == "127.0.0.1"
     assert gcs.startswith("127.0.0.1:")
     assert listening and set(listening) <= {"127.0.0.1", "::ffff:127.0.0.1"}
+
+
+SLEEPER = "import sys, time; log = open(sys.argv[1], 'a'); time.sleep(120)"
+
+
+def start_sleeper(log: Path, raylet_pid: int) -> subprocess.Popen:
+    """A process that looks like a Ray agent: started by raylet ``raylet_pid`` (its environment
+    says so), writing its log at ``log``."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "RAY_RAYLET_PID": str(raylet_pid)}
+    process = subprocess.Popen([sys.executable, "-c", SLEEPER, str(log)], env=env)
+    deadline = time.monotonic() + 30
+    while not any(
+        os.readlink(fd).endswith(log.name) for fd in Path(f"/proc/{process.pid}/fd").iterdir()
+    ):
+        assert time.monotonic() < deadline, "the sleeper did not open its log"
+        time.sleep(0.05)
+    return process
+
+
+def test_the_agents_a_killed_jobs_ray_left_are_stopped_and_no_others(tmp_path: Path) -> None:
+    """Only a process whose raylet is gone and whose logs are in the job's Ray temp dir."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    ray_dir = tmp_path / "ray"
+    orphan = start_sleeper(ray_dir / "session_1" / "logs" / "dashboard_agent.log", gone.pid)
+    live_raylet = start_sleeper(ray_dir / "session_2" / "logs" / "agent.log", os.getpid())
+    elsewhere = start_sleeper(tmp_path / "other" / "logs" / "agent.log", gone.pid)
+    try:
+        assert stop_orphaned_ray_agents(ray_dir) == [orphan.pid]
+        assert orphan.wait(timeout=10) == -signal.SIGKILL
+        assert live_raylet.poll() is None and elsewhere.poll() is None
+    finally:
+        for process in (orphan, live_raylet, elsewhere):
+            process.kill()
+            process.wait()

@@ -3,11 +3,13 @@ learner actors: groups of samples across two generators, exact weight sync, and 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from job_configs import small_job
+from job_configs import read_stats, small_job
+from tensorboard_files import tensorboard_scalars
 
 
 @pytest.fixture(autouse=True)
@@ -50,6 +52,7 @@ def test_a_grpo_job_trains_on_groups_syncs_exact_weights_and_resumes(
         critic_free={"learning_rate": 1e-2},
         iterations=3,
         checkpoint=checkpoint,
+        logging={"samples_per_iteration": 4, "tensorboard": str(tmp_path / "tensorboard")},
     )
     job = PPOJob(config)
     probe = [job.prompts.renderer.encode(row["prompt"]) for row in job.prompts.dataset.rows[:2]]
@@ -100,3 +103,18 @@ def test_a_grpo_job_trains_on_groups_syncs_exact_weights_and_resumes(
     assert resumed.stats[0]["prompts"] == 2
     assert resumed.consumed_rollout_ids == list(range(32))
     assert [info.step for info in list_checkpoints(checkpoint["uri"])] == [2, 3, 4]
+
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").open()]
+    assert [(s["iteration"], s["rollout_id"]) for s in samples] == [
+        (i + 1, 8 * i + k) for i in range(4) for k in range(4)
+    ]
+    first_groups = [row for i, batch in enumerate(scored) for row in groups_of(batch)[8 * i]]
+    for sample, row in zip(samples[:12], first_groups, strict=True):
+        assert sample["prompt"] == row["prompt"] and sample["response"] == row["response"]
+        assert sample["reward"] == row["score"]
+    lines = read_stats(tmp_path / "run")
+    reward_means = tensorboard_scalars(tmp_path / "tensorboard")["reward_mean"]
+    assert [step for step, _ in reward_means] == [1, 2, 3, 4]
+    assert [mean for _, mean in reward_means] == pytest.approx(
+        [line["reward_mean"] for line in lines]
+    )

@@ -23,10 +23,10 @@ from rlfleet.learner.driver.loop import (
     PPOJob,
     StageTimer,
     checkpoint_due,
-    component_means,
     reference_kl,
 )
 from rlfleet.learner.driver.metrics import STAGES
+from rlfleet.learner.driver.rollout_stats import component_means
 
 ROWS = read_prompt_rows(PROMPTS, "prompt")
 

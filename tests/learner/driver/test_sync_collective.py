@@ -6,10 +6,12 @@ within the deadline, is named, restarted and rejoins; an engine that cannot load
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
 import pytest
+import ray
 from probes import generator_greedy, generator_version, learner_greedy
 from weight_learner import (
     WeightLearner,
@@ -31,19 +33,32 @@ PROBE = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14], list(range(20, 60))]
 
 
 def start(
-    model_dir: Path, engine: str, timeout_s: float, dtype: str = "float32", bucket_mb: float = 0.25
+    model_dir: Path,
+    engine: str,
+    timeout_s: float,
+    dtype: str = "float32",
+    bucket_mb: float = 0.25,
+    generators: int = 2,
+    tensor_parallel_size: int = 1,
+    env: dict[str, str] | None = None,
 ) -> tuple[object, WeightSync, ActorPool]:
-    """A learner (one rank) and 2 generators with the collective transport, the sync's pool
-    restarting dead generators as the job's does."""
+    """A learner (one rank) and ``generators`` generators with the collective transport, the
+    sync's pool restarting dead generators as the job's does; ``env``: the generators'."""
     weight_sync = WeightSyncConfig(transport="collective", bucket_mb=bucket_mb, timeout_s=timeout_s)
     learner = WeightLearner.remote(str(model_dir), weight_sync, dtype)
     config = GeneratorConfig(
-        engine=engine, num_cpus=0.5, max_new_tokens=8, kv_cache_gib=0.125, dtype=dtype
+        engine=engine,
+        num_cpus=0.5,
+        max_new_tokens=8,
+        kv_cache_gib=0.125,
+        dtype=dtype,
+        tensor_parallel_size=tensor_parallel_size,
     )
-    sync = WeightSync(LearnerGroup([learner], timeout_s), weight_sync, backend="gloo")
+    sync = WeightSync(LearnerGroup([learner], timeout_s), weight_sync, "gloo", tensor_parallel_size)
+    options = {**generator_options(config), "runtime_env": {"env_vars": env or {}}}
 
     def create(index: int):
-        return RemoteGenerator.options(**generator_options(config)).remote(
+        return RemoteGenerator.options(**options).remote(
             index,
             str(model_dir),
             config,
@@ -52,7 +67,7 @@ def start(
             weight_transport=weight_sync,
         )
 
-    pool = ActorPool("generator", create, 2, on_restart=sync.load_into_restarted)
+    pool = ActorPool("generator", create, generators, on_restart=sync.load_into_restarted)
     pool.wait_ready()
     return learner, sync, pool
 
@@ -156,6 +171,74 @@ def test_a_generator_that_dies_during_a_broadcast_is_named_restarted_and_rejoins
         ray_local.get(learner.step.remote())
         sync.publish(pool)
         assert [generator_version(g) for g in pool.actors] == [3, 3]
+    finally:
+        stop(ray_local, learner, pool)
+
+
+def arm_engine_worker_death(generator, worker: int, after_buckets: int) -> None:
+    """Worker ``worker`` of the generator's tensor-parallel vLLM engine (a process of its own)
+    exits once it has received ``after_buckets`` buckets of its next sync. The function goes to
+    the workers pickled, so the generator needs ``VLLM_ALLOW_INSECURE_SERIALIZATION=1``."""
+
+    def arm_worker(vllm_worker, worker: int, after_buckets: int) -> None:
+        import os
+
+        if vllm_worker.rank != worker:
+            return
+        receiver = vllm_worker.rlfleet_receiver
+        receive = receiver.receive
+
+        def dying_receive(handle):
+            for count, bucket in enumerate(receive(handle)):
+                if count == after_buckets:
+                    os._exit(1)
+                yield bucket
+
+        receiver.receive = dying_receive
+
+    def arm(actor, worker: int, after_buckets: int) -> None:
+        actor._engine._llm.collective_rpc(arm_worker, args=(worker, after_buckets))
+
+    ray.get(generator.__ray_call__.remote(arm, worker, after_buckets))
+
+
+def test_a_tensor_parallel_generator_receives_on_every_worker_and_a_dead_worker_is_named(
+    ray_local, tiny_model_dir
+):
+    """A generator whose vLLM engine runs 2 tensor-parallel workers (processes of their own,
+    ranks 1 and 2 of the group): each receives every bucket and loads its shard; the engine's
+    greedy output is the learner's. A worker that dies in the middle of a broadcast fails the
+    sync at once, naming the generator, which is restarted and rejoins."""
+    timeout_s = 30.0
+    learner, sync, pool = start(
+        tiny_model_dir,
+        "vllm",
+        timeout_s,
+        generators=1,
+        tensor_parallel_size=2,
+        env={"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"},
+    )
+    try:
+        ray_local.get(learner.step.remote())
+        sync.publish(pool)
+        assert_generators_hold(ray_local, learner, pool, 1, 1e-4)
+        assert sync.failures == []
+        arm_engine_worker_death(pool.actors[0], worker=1, after_buckets=1)
+        ray_local.get(learner.step.remote())
+
+        sync.publish(pool)
+
+        [failure] = sync.failures
+        [(index, why)] = failure.blamed.items()
+        assert index == 0
+        assert re.fullmatch(
+            r"failed syncing weights: .*a worker of the 2-worker vLLM engine died or did not "
+            r"answer rlfleet_receive_weights within 40 s: .*",
+            why,
+        )
+        assert failure.seconds < timeout_s  # a death is seen at once, not at the deadline
+        assert pool.restarts == 1
+        assert_generators_hold(ray_local, learner, pool, 2, 1e-4)
     finally:
         stop(ray_local, learner, pool)
 
