@@ -18,12 +18,12 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "AutoModelForCausalLMWithValueHead": "rlfleet.learner.value_head",
+    "AutoModelForCausalLMWithValueHead": "rlfleet.trainers.value_head",
     "CriticFreeConfig": "rlfleet.common.config",
-    "CriticFreeTrainer": "rlfleet.learner.critic_free",
+    "CriticFreeTrainer": "rlfleet.trainers.critic_free",
     "PPOConfig": "rlfleet.common.config",
-    "PPOTrainer": "rlfleet.learner.trainer",
-    "create_reference_model": "rlfleet.learner.trainer",
+    "PPOTrainer": "rlfleet.trainers.ppo",
+    "create_reference_model": "rlfleet.trainers.ppo",
     "set_seed": "rlfleet.core",
 }
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import TopKLogitsWarper, TopPLogitsWarper
 
-from rlfleet.learner.trl_compat import WHERE_THE_MATH_IS
+from rlfleet.trainers.trl_compat import WHERE_THE_MATH_IS
 
 __all__ = ["LengthSampler", "respond_to_batch", "set_seed", "top_k_top_p_filtering"]
 

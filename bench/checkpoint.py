@@ -36,11 +36,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel  # noqa: E402
 
+from rlfleet.checkpoint.commit import CheckpointSaver, save_checkpoint  # noqa: E402
 from rlfleet.common.config import PPOConfig  # noqa: E402
-from rlfleet.common.tiny_model import build_tiny_model  # noqa: E402
-from rlfleet.learner.checkpoint import CheckpointSaver, save_checkpoint  # noqa: E402
-from rlfleet.learner.trainer import PPOTrainer  # noqa: E402
-from rlfleet.learner.value_head import AutoModelForCausalLMWithValueHead  # noqa: E402
+from rlfleet.tasks.tiny_model import build_tiny_model  # noqa: E402
+from rlfleet.trainers.ppo import PPOTrainer  # noqa: E402
+from rlfleet.trainers.value_head import AutoModelForCausalLMWithValueHead  # noqa: E402
 
 BATCH = 4
 JOB_STATE = {"dataset": {"epoch": 0, "position": 0}, "policy_version": 1}

@@ -38,7 +38,7 @@ import ray  # noqa: E402
 from rlfleet.actors.generator import GeneratorActor, RemoteGenerator, generator_options  # noqa: E402
 from rlfleet.common.config import GeneratorConfig  # noqa: E402
 from rlfleet.common.schema import prompt_batch  # noqa: E402
-from rlfleet.common.tiny_model import build_tiny_model  # noqa: E402
+from rlfleet.tasks.tiny_model import build_tiny_model  # noqa: E402
 
 
 def make_prompts(model_dir: Path, n: int) -> pa.RecordBatch:

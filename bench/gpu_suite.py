@@ -186,7 +186,7 @@ def learner_rank(
     a time (``full_state``) and, if asked, a checkpoint round trip; rank 0 puts the figures in
     ``results``."""
     from rlfleet import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
-    from rlfleet.learner.distributed import DataParallel, init_process_group
+    from rlfleet.trainers.distributed import DataParallel, init_process_group
 
     device = rank_device(rank, smoke)
     init_process_group(rank, world_size, "127.0.0.1", port, device, timeout_s=600)
@@ -266,8 +266,8 @@ def checkpoint_round_trip(
     Exact resume means a difference of 0."""
     import tempfile
 
-    from rlfleet.learner.checkpoint import load_checkpoint, save_checkpoint
-    from rlfleet.learner.distributed import full_state
+    from rlfleet.checkpoint.commit import load_checkpoint, save_checkpoint
+    from rlfleet.trainers.distributed import full_state
 
     directory = Path(tempfile.gettempdir()) / f"rlfleet-suite-{port}"
     synchronize(trainer.current_device)
@@ -289,7 +289,7 @@ def checkpoint_round_trip(
 
 def time_full_state(model: torch.nn.Module, device: torch.device) -> tuple[float, int]:
     """Seconds to gather every full tensor of ``model`` once (collective), and their bytes."""
-    from rlfleet.learner.distributed import full_state
+    from rlfleet.trainers.distributed import full_state
 
     synchronize(device)
     started = time.perf_counter()

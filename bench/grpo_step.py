@@ -82,7 +82,7 @@ def step_prompts(index: int) -> list[str]:
 
 def build_model_dir() -> Path:
     """The random-weight 4 x 256 GPT-2 with the demo's tokenizer (rlfleet's interpreter only)."""
-    from rlfleet.common.tiny_model import build_tiny_model
+    from rlfleet.tasks.tiny_model import build_tiny_model
 
     if not (MODEL_DIR / "model.safetensors").exists():
         build_tiny_model(
@@ -106,7 +106,7 @@ class RlfleetGRPO:
 
         from rlfleet.actors.vllm_engine import VLLMEngine
         from rlfleet.common.config import CriticFreeConfig, GeneratorConfig
-        from rlfleet.learner.critic_free import CriticFreeTrainer
+        from rlfleet.trainers.critic_free import CriticFreeTrainer
 
         generator_config = GeneratorConfig(max_new_tokens=MAX_NEW_TOKENS, kv_cache_gib=0.25)
         self.engine = VLLMEngine(model_dir, generator_config, seed=SEED)

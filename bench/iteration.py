@@ -30,8 +30,8 @@ def bench(config_path: str, generators: list[int], iterations: int, overrides: l
     import ray
 
     from rlfleet.common.config import load_job_config
-    from rlfleet.learner.driver.cluster import init_ray, required_cpus
-    from rlfleet.learner.driver.train import run_job
+    from rlfleet.job.cluster import init_ray, required_cpus
+    from rlfleet.job.train import run_job
 
     configs = {
         n: load_job_config(

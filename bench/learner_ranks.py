@@ -109,8 +109,8 @@ def build_trainer(case: Case, rank: int, port: int):
     )
 
     from rlfleet.common.config import PPOConfig
-    from rlfleet.learner.distributed import DataParallel, init_process_group
-    from rlfleet.learner.trainer import PPOTrainer
+    from rlfleet.trainers.distributed import DataParallel, init_process_group
+    from rlfleet.trainers.ppo import PPOTrainer
 
     device = torch.device("cpu")
     layout: dict[str, Any] = {}
@@ -132,7 +132,7 @@ def rank_main(rank: int, case: Case, port: int, steps: int, results: Any) -> Non
     torch.set_num_threads(case.threads)
     import transformers  # noqa: F401  (the libraries' share of the RSS, before any model)
 
-    import rlfleet.learner.trainer  # noqa: F401
+    import rlfleet.trainers.ppo  # noqa: F401
 
     rss_after_imports = resident_mib()
     trainer = build_trainer(case, rank, port)

@@ -53,9 +53,9 @@ def measure(shape: str, case: str) -> dict[str, Any]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from rlfleet.common.config import LoraConfig, PPOConfig
-    from rlfleet.learner.lora import add_adapters
-    from rlfleet.learner.trainer import PPOTrainer
-    from rlfleet.learner.value_head import AutoModelForCausalLMWithValueHead
+    from rlfleet.trainers.lora import add_adapters
+    from rlfleet.trainers.ppo import PPOTrainer
+    from rlfleet.trainers.value_head import AutoModelForCausalLMWithValueHead
 
     imported_mib = peak_rss_mib()
     torch.manual_seed(0)

@@ -68,8 +68,8 @@ def build_workload(work: Path, iterations: int) -> tuple[Path, Path]:
     """The model directory and a JSONL of ``iterations`` batches of 10-token prompts."""
     from transformers import AutoTokenizer
 
-    from rlfleet.common.corpus import review_sentences
-    from rlfleet.common.tiny_model import build_tiny_model
+    from rlfleet.tasks.corpus import review_sentences
+    from rlfleet.tasks.tiny_model import build_tiny_model
 
     model_dir = build_tiny_model(
         work / "model", n_layer=N_LAYER, n_embd=N_EMBD, n_head=N_HEAD, seed=SEED
@@ -121,8 +121,8 @@ def run_rlfleet(args: argparse.Namespace, started: float) -> dict[str, Any]:
     (the last one ends when ``run_job`` returns)."""
     import ray
 
-    from rlfleet.learner.driver.cluster import init_ray
-    from rlfleet.learner.driver.train import run_job
+    from rlfleet.job.cluster import init_ray
+    from rlfleet.job.train import run_job
 
     dispatches: list[float] = []
 

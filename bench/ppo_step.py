@@ -56,7 +56,7 @@ def build_policy_and_reference(impl: str):
     if impl == "trl":
         from trl import AutoModelForCausalLMWithValueHead
     else:
-        from rlfleet.learner.value_head import AutoModelForCausalLMWithValueHead
+        from rlfleet.trainers.value_head import AutoModelForCausalLMWithValueHead
 
     torch.manual_seed(SEED)
     config = GPT2Config(vocab_size=VOCAB_SIZE, n_positions=128, n_embd=256, n_layer=4, n_head=4)
@@ -109,7 +109,7 @@ def build_trainer(impl: str):
         warnings.filterwarnings("ignore")
     else:
         from rlfleet.common.config import PPOConfig
-        from rlfleet.learner.trainer import PPOTrainer
+        from rlfleet.trainers.ppo import PPOTrainer
     return PPOTrainer(PPOConfig(**kwargs), policy, reference, build_tokenizer())
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv-trl116: TRL 1.16.0 (GRPOTrainer, RLOOTrainer) with the transformers, accelerate and
 # datasets it resolves to, the reference implementation that
-# tests/learner/critic_free_reference/make_trl_reference.py runs against.
+# tests/algorithms/critic_free_reference/make_trl_reference.py runs against.
 # torch==2.13.0 goes in first (the local CPU build); any other torch pin pulls a CUDA build (see
 # shared/ENVIRONMENT.md), so the script fails if a CUDA wheel or another torch shows up. Idempotent.
 set -euo pipefail

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates .venv-trl: TRL v0.11.4 with transformers 4.45.2, the reference implementation that
-# tests/learner/trl_reference/make_reference.py and `bench/ppo_step.py --impl trl` run against.
+# tests/trainers/trl_reference/make_reference.py and `bench/ppo_step.py --impl trl` run against.
 # torch==2.13.0 goes in first (the local CPU build); any other torch pin pulls a CUDA build (see
 # shared/ENVIRONMENT.md), so the script fails if a CUDA wheel or another torch shows up. Idempotent.
 set -euo pipefail

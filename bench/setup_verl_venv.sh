@@ -2,7 +2,7 @@
 # Creates .venv-verl: veRL 0.9.1 installed with --no-deps, plus only what
 # `verl.trainer.ppo.core_algos` needs to import (its package __init__ pulls in ray, tensordict,
 # transformers and omegaconf), the reference implementation that
-# tests/learner/critic_free_reference/make_verl_reference.py runs against. veRL's full dependency
+# tests/algorithms/critic_free_reference/make_verl_reference.py runs against. veRL's full dependency
 # set (vllm, flash-attn, a CUDA torch...) is neither needed nor installable here.
 # torch==2.13.0 goes in first (the local CPU build); the script fails if a CUDA wheel or another
 # torch shows up. tensordict goes in with --no-deps too: its only torch requirement is unpinned,

@@ -1,6 +1,6 @@
 """Weight sync, object store vs collective (gloo on CPU), to 1 and 3 generators, side by side.
 
-One sync is what the job does after a step (``learner/driver/sync.py``'s ``WeightSync.publish``):
+One sync is what the job does after a step (``job/sync.py``'s ``WeightSync.publish``):
 the learner publishes its policy and every generator loads it in place and answers the version it
 holds. The object store: pack, one ``ray.put``, then every generator reads the one copy. The
 collective: the learner broadcasts bucket by bucket (``bucket_mb``) over a gloo group while every
@@ -33,11 +33,11 @@ import torch  # noqa: E402
 
 from rlfleet.actors.generator import RemoteGenerator, generator_options  # noqa: E402
 from rlfleet.common.config import GeneratorConfig, MetricsConfig, WeightSyncConfig  # noqa: E402
-from rlfleet.common.tiny_model import build_tiny_model  # noqa: E402
 from rlfleet.common.transport import make_publisher  # noqa: E402
-from rlfleet.learner.driver.pool import ActorPool  # noqa: E402
-from rlfleet.learner.driver.sync import WeightSync  # noqa: E402
-from rlfleet.learner.group import LearnerGroup  # noqa: E402
+from rlfleet.job.pool import ActorPool  # noqa: E402
+from rlfleet.job.sync import WeightSync  # noqa: E402
+from rlfleet.learner.rank_group import LearnerGroup  # noqa: E402
+from rlfleet.tasks.tiny_model import build_tiny_model  # noqa: E402
 
 COUNTS = (1, 3)
 TRANSPORTS = ("object_store", "collective")

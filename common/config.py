@@ -25,7 +25,7 @@ class PPOConfig(BaseModel):
     """Every field and default of TRL v0.11.4's ``PPOConfig``, validated.
 
     ``log_with``, ``tracker_kwargs``, ``tracker_project_name``, ``project_kwargs`` and ``exp_name``
-    steer ``PPOTrainer.log_stats`` (learner/trl_compat.py). Fields that only steered TRL's hub
+    steer ``PPOTrainer.log_stats`` (trainers/trl_compat.py). Fields that only steered TRL's hub
     uploads or accelerate are kept so that existing scripts run unchanged; they have no effect.
     """
 
@@ -79,7 +79,7 @@ class PPOConfig(BaseModel):
     dataset_num_proc: PositiveInt | None = None
     nonfinite: Literal["error", "skip"] = "error"
     """rlfleet's own: a non-finite loss or gradient fails the step naming it (``error``), or
-    its optimizer step is skipped and counted (``skip``); see learner/guards.py."""
+    its optimizer step is skipped and counted (``skip``); see trainers/guards.py."""
     tis_cap: PositiveFloat | None = None
     """rlfleet's own, not a TRL field: truncated importance sampling between the learner's
     old-policy logprobs and the generator's (``step``'s ``behaviour_logprobs``): each token's
@@ -143,7 +143,7 @@ REWARD_KL_COEF_DEFAULTS = {"reinforce_pp": 0.01}
 
 
 class CriticFreeConfig(BaseModel):
-    """The critic-free trainer (learner/critic_free.py): GRPO, RLOO, REINFORCE++ and
+    """The critic-free trainer (trainers/critic_free.py): GRPO, RLOO, REINFORCE++ and
     REINFORCE++-baseline, with TRL 1.16 ``GRPOConfig``'s names and defaults where it has them.
 
     Batch sizes count samples (completions), not prompts: a step takes ``batch_size`` samples,
@@ -155,7 +155,7 @@ class CriticFreeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     algorithm: CriticFreeAlgorithm = "grpo"
-    """The advantage estimator (learner/algorithms/advantages.py)."""
+    """The advantage estimator (algorithms/advantages.py)."""
     learning_rate: PositiveFloat = 1e-6
     batch_size: PositiveInt = 64
     """Samples per ``step``."""
@@ -171,7 +171,7 @@ class CriticFreeConfig(BaseModel):
     """Weight of the per-token KL penalty in the reward, ``r_t = -kl_coef * KL_t`` (REINFORCE++);
     when not given, ``REWARD_KL_COEF_DEFAULTS`` by algorithm, else 0."""
     kl_penalty: Literal["kl", "abs", "mse", "k3"] = "kl"
-    """The estimator of the reward's KL penalty (learner/algorithms/kl.py)."""
+    """The estimator of the reward's KL penalty (algorithms/kl.py)."""
     gamma: float = Field(default=1.0, ge=0, le=1)
     """REINFORCE++'s discount of the per-token rewards."""
     epsilon: PositiveFloat = 0.2
@@ -532,8 +532,8 @@ GROUPED_ALGORITHMS = ("grpo", "rloo", "reinforce_pp_baseline")
 
 class JobConfig(StrictModel):
     """A distributed job. ``algorithm`` picks the learner's trainer: ``ppo`` (the ``ppo``
-    section, learner/trainer.py) or a critic-free one (the ``critic_free`` section,
-    learner/critic_free.py).
+    section, trainers/ppo.py) or a critic-free one (the ``critic_free`` section,
+    trainers/critic_free.py).
 
     Batch sizes count samples (rollouts), never prompts: an iteration trains on
     ``ppo.batch_size`` (or ``critic_free.batch_size``) samples, which are

@@ -2,7 +2,7 @@
 
 Each process owns one metric set (a ``MetricSet`` subclass beside its role:
 ``actors/metrics.py``, ``reward/metrics.py``, ``learner/metrics.py``,
-``learner/driver/metrics.py``) with its own registry. A set serves its registry on an HTTP
+``job/metrics.py``) with its own registry. A set serves its registry on an HTTP
 endpoint (``serve``) and describes it as a ``MetricsTarget``; the driver collects the targets of
 all its actors and writes them, with its own, into one Prometheus ``file_sd`` file
 (``write_file_sd``) that the shipped scrape configs in ``deploy/prometheus/`` read. Every sample

@@ -2,15 +2,15 @@
 Ray.
 
 The job runs the learner as ``learner.num_ranks`` of these in one placement group and one
-``torch.distributed`` group (learner/group.py starts them; nccl on GPUs, gloo on CPU), the models
-sharded across the ranks with FSDP2 by the trainer; one rank is the same path with a group of
+``torch.distributed`` group (learner/rank_group.py starts them; nccl on GPUs, gloo on CPU), the
+models sharded across the ranks with FSDP2 by the trainer; one rank is the same path with a group of
 one. Every rank gets every call with the same arguments (the trainer takes each rank's share of a
 batch, and all ranks take part in its collectives); rank 0 answers for the group, serves the
 learner's metrics and hands the gathered weights to the transport.
 
 The trainer's config picks it: a ``PPOConfig`` gives a PPOTrainer (policy with value head and a
-frozen reference, learner/trainer.py), a ``CriticFreeConfig`` a CriticFreeTrainer (plain causal
-LM, a reference only when a KL needs one, learner/critic_free.py). The actor consumes scored
+frozen reference, trainers/ppo.py), a ``CriticFreeConfig`` a CriticFreeTrainer (plain causal
+LM, a reference only when a KL needs one, trainers/critic_free.py). The actor consumes scored
 rollout batches (``common.schema.ROLLOUT_SCHEMA``), runs one step per batch and publishes each
 new policy version through a weight transport (``common/transport/``) for every generator to
 load. Every rollout id is consumed at most once: a repeated id is refused before any update. The
@@ -36,6 +36,7 @@ import pyarrow as pa
 import ray
 import torch
 
+from rlfleet.checkpoint.commit import CheckpointIdentity, model_fingerprint, policy_of
 from rlfleet.common.config import (
     CheckpointConfig,
     CriticFreeConfig,
@@ -47,17 +48,16 @@ from rlfleet.common.config import (
 )
 from rlfleet.common.metrics import MetricsTarget
 from rlfleet.common.transport import DEFAULT_TRANSPORT, GroupSpec, WeightsHandle, make_publisher
-from rlfleet.learner.checkpoint import CheckpointIdentity, model_fingerprint, policy_of
-from rlfleet.learner.distributed import DataParallel, full_state, init_process_group
-from rlfleet.learner.group import RankSpec
-from rlfleet.learner.guards import CRITIC_FREE_ADVICE, PPO_ADVICE, check_finite_weights
-from rlfleet.learner.lora import add_adapters, merged_state
 from rlfleet.learner.metrics import (
     PPO_STAT_GAUGES,
     LearnerMetrics,
     StatGauges,
     critic_free_stat_gauges,
 )
+from rlfleet.learner.rank_group import RankSpec
+from rlfleet.trainers.distributed import DataParallel, full_state, init_process_group
+from rlfleet.trainers.guards import CRITIC_FREE_ADVICE, PPO_ADVICE, check_finite_weights
+from rlfleet.trainers.lora import add_adapters, merged_state
 
 CRITIC_FREE_STAT_PREFIX = "critic_free/"
 """The critic-free trainer's stats go out under this prefix, but for ``rollout/`` (shared with
@@ -320,7 +320,7 @@ class LearnerActor:
         """One training step on a scored batch; the policy version goes from V to V+1.
 
         Weights that came out of the step with a NaN or an infinity fail it
-        (``learner/guards.py``): they are never published or checkpointed."""
+        (``trainers/guards.py``): they are never published or checkpointed."""
         ids = batch.column("rollout_id").to_pylist()
         self._check_unconsumed(ids)
         self._check_policy_lag(batch)
@@ -370,7 +370,7 @@ class LearnerActor:
         """Publishes the current policy: every rank gathers its full tensors one at a time (a
         collective), rank 0 hands them to the transport and returns the handle that every
         generator loads (``GeneratorActor.load_weights``); the other ranks return None. A LoRA
-        policy is published merged, under the base model's names (learner/lora.py)."""
+        policy is published merged, under the base model's names (trainers/lora.py)."""
         started = time.perf_counter()
         handle = self._publisher.publish(self.published_state(), self.version)
         if handle is not None:
@@ -397,7 +397,7 @@ class LearnerActor:
         every rank its own shards. One rank: for object stores the upload goes on in the
         background (see ``wait_for_checkpoint``); several: committed by rank 0 before it
         returns (the commit is a collective of the ranks)."""
-        from rlfleet.learner.checkpoint import CheckpointSaver, save_checkpoint
+        from rlfleet.checkpoint.commit import CheckpointSaver, save_checkpoint
 
         state = {**job_state, "learner": {"version": self.version, "consumed": self.consumed}}
         if self.world_size > 1:
@@ -423,7 +423,7 @@ class LearnerActor:
     def resolve_checkpoint(self, uri: str, config: CheckpointConfig) -> str:
         """The committed checkpoint ``uri`` names (the latest under a root), refused when it
         belongs to another job, algorithm or model: what every rank then loads."""
-        from rlfleet.learner.checkpoint import resolve_resume
+        from rlfleet.checkpoint.commit import resolve_resume
 
         return resolve_resume(uri, expect=self.identity, config=config)
 
@@ -431,7 +431,7 @@ class LearnerActor:
         """The newest of the checkpoints ``uris`` (oldest first) with a manifest, None if none
         has one: where a restarted learner resumes (the newest may be a save that its ranks died
         committing)."""
-        from rlfleet.learner.checkpoint import CheckpointError, resolve_checkpoint
+        from rlfleet.checkpoint.commit import CheckpointError, resolve_checkpoint
 
         for uri in reversed(uris):
             try:
@@ -443,7 +443,7 @@ class LearnerActor:
     def load_checkpoint(self, uri: str, config: CheckpointConfig) -> dict[str, Any]:
         """Restores the trainer (this rank's shards) and ledger from the checkpoint ``uri``
         (as ``resolve_checkpoint`` answered); returns the saved job state."""
-        from rlfleet.learner.checkpoint import load_checkpoint
+        from rlfleet.checkpoint.commit import load_checkpoint
 
         state = load_checkpoint(uri, self.trainer, config=config, expect=self.identity)
         self.version = state["learner"]["version"]

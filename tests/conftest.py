@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["s3_server", "prometheus_server"]
+pytest_plugins = ["support.s3_server", "support.prometheus_server"]
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -27,7 +27,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-weight tiny GPT-2 with its byte-level BPE tokenizer, built once per session."""
-    from rlfleet.common.tiny_model import build_tiny_model
+    from rlfleet.tasks.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
@@ -36,7 +36,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def arithmetic_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The GRPO example's starting policy (``rlfleet tiny-model DIR --task arithmetic``, seed 0),
     pretrained once per session (about 50 s)."""
-    from rlfleet.common.tiny_model import pretrain_arithmetic_model
+    from rlfleet.tasks.tiny_model import pretrain_arithmetic_model
 
     return pretrain_arithmetic_model(tmp_path_factory.mktemp("arithmetic-model"))
 
@@ -52,8 +52,8 @@ def ray_local(tmp_path_factory: pytest.TempPathFactory):
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Starts the forkserver of tests/spawned.py when a collected module uses it: its imports
-    then run beside the first tests instead of in front of the first multi-rank one."""
-    spawned = sys.modules.get("spawned")
+    """Starts the forkserver of tests/support/spawned.py when a collected module uses it: its
+    imports then run beside the first tests instead of in front of the first multi-rank one."""
+    spawned = sys.modules.get("support.spawned")
     if spawned is not None:
         spawned.start_forkserver()

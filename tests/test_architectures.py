@@ -21,18 +21,18 @@ from actors.generator_reference import (
     load_model,
     reference_greedy,
 )
-from job_configs import small_job
+from support.job_configs import small_job
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlfleet.actors.engine import SamplingSpec
+from rlfleet.checkpoint.commit import POLICY_DIR, policy_of, save_checkpoint, step_dir_name
 from rlfleet.common.config import CriticFreeConfig, GeneratorConfig, PPOConfig
-from rlfleet.common.tiny_model import ARCHITECTURES, build_tiny_model
-from rlfleet.learner.checkpoint import POLICY_DIR, policy_of, save_checkpoint, step_dir_name
-from rlfleet.learner.critic_free import CriticFreeTrainer
-from rlfleet.learner.driver.checks import ConfigError
-from rlfleet.learner.driver.data import checked_rows
-from rlfleet.learner.trainer import PPOTrainer
-from rlfleet.learner.value_head import AutoModelForCausalLMWithValueHead
+from rlfleet.job.checks import ConfigError
+from rlfleet.job.data import checked_rows
+from rlfleet.tasks.tiny_model import ARCHITECTURES, build_tiny_model
+from rlfleet.trainers.critic_free import CriticFreeTrainer
+from rlfleet.trainers.ppo import PPOTrainer
+from rlfleet.trainers.value_head import AutoModelForCausalLMWithValueHead
 
 BATCH = 4
 MAX_NEW_TOKENS = 6

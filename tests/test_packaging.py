@@ -56,5 +56,5 @@ def test_the_wheel_installs_everything_under_rlfleet_only(tmp_path: Path) -> Non
     modules = {name for name in names if name.endswith(".py")}
     for package in package_dirs():
         assert package.replace(".", "/") + "/__init__.py" in modules, package
-    assert "rlfleet/learner/driver/train.py" in modules
+    assert "rlfleet/job/train.py" in modules
     assert "rlfleet/core.py" in modules

@@ -16,7 +16,7 @@ Two kinds of transport (``Transport.concurrent``):
   process group (``join``, with a ``GroupSpec`` the job driver serves); in a sync the learner
   broadcasts while every generator receives, bucket by bucket, each side with a deadline.
 
-The driver's side of both is learner/driver/sync.py.
+The driver's side of both is job/sync.py.
 """
 
 from __future__ import annotations

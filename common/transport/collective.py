@@ -22,7 +22,7 @@ Never hangs: every operation waits at most until the sync's deadline (``timeout_
 started; forming the group has its own). A peer that died makes the others' operations fail
 (gloo: connection closed; nccl: the deadline), a stalled one makes them time out; either way
 the member gives up its group (nccl: ``abort``) and raises ``CollectiveError``, and stays
-usable: the driver re-forms the group (``learner/driver/sync.py``).
+usable: the driver re-forms the group (``job/sync.py``).
 """
 
 from __future__ import annotations

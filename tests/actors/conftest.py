@@ -10,6 +10,6 @@ import pytest
 @pytest.fixture(scope="session")
 def other_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model's architecture and tokenizer with differently seeded weights."""
-    from rlfleet.common.tiny_model import build_tiny_model
+    from rlfleet.tasks.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model-seed-1"), seed=1)

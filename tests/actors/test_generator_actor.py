@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from generator_reference import PROMPTS, assert_same_completions, load_model
 from generator_reference import reference_greedy as reference
-from probes import generator_greedy, generator_version
-from prometheus_server import scrape
+from support.probes import generator_greedy, generator_version
+from support.prometheus_server import scrape
 
 from rlfleet.actors.generator import RemoteGenerator, generator_options
 from rlfleet.common.config import GeneratorConfig

@@ -77,7 +77,7 @@ def test_sync_drops_kv_blocks_cached_with_the_old_weights(tmp_path_factory):
     """A prompt that fills a KV block (128 tokens on CPU) is prefix-cached; after a sync, its
     cached keys and values belong to the old weights and must not be reused."""
     from rlfleet.actors.vllm_engine import VLLMEngine
-    from rlfleet.common.tiny_model import build_tiny_model
+    from rlfleet.tasks.tiny_model import build_tiny_model
 
     old, new = (
         build_tiny_model(

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fake_llm import RecordingLLM
+from support.fake_llm import RecordingLLM
 
 from rlfleet.actors.vllm_engine import use_compile_cache
 from rlfleet.common.config import GeneratorConfig

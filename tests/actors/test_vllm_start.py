@@ -8,8 +8,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from fake_llm import RecordingLLM
 from generator_reference import PROMPTS
+from support.fake_llm import RecordingLLM
 
 from rlfleet.actors.engine import SamplingSpec
 from rlfleet.actors.generator import rollout_seed

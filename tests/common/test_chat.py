@@ -17,7 +17,7 @@ from rlfleet.common.chat import (
     stop_token_ids,
     with_system_prompt,
 )
-from rlfleet.common.tiny_model import build_tiny_model
+from rlfleet.tasks.tiny_model import build_tiny_model
 
 USER = {"role": "user", "content": "the movie was"}
 

@@ -14,10 +14,10 @@ from rlfleet.common.storage import (
     open_storage,
 )
 
-pytest_plugins = ["s3_server"]
+pytest_plugins = ["support.s3_server"]
 
 if TYPE_CHECKING:
-    from s3_server import S3Server
+    from support.s3_server import S3Server
 
 
 def make_tree(root: Path) -> Path:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from wandb_files import finished_run_dir, isolate_wandb, wandb_history, wandb_table
+from support.wandb_files import finished_run_dir, isolate_wandb, wandb_history, wandb_table
 
 from rlfleet.common.trackers import (
     JsonlTracker,

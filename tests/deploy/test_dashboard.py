@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from prometheus_server import (
+from support.prometheus_server import (
     DASHBOARD,
     REPO,
     PrometheusError,
@@ -22,7 +22,7 @@ from prometheus_server import (
 
 from rlfleet.actors.metrics import GeneratorMetrics
 from rlfleet.common.metrics import DEFAULT_FILE_SD_DIR, MetricSet, write_file_sd
-from rlfleet.learner.driver.metrics import ACTOR_ROLES, METRIC_SETS, STAGES, JobMetrics
+from rlfleet.job.metrics import ACTOR_ROLES, METRIC_SETS, STAGES, JobMetrics
 from rlfleet.learner.metrics import PPO_STAT_GAUGES, LearnerMetrics
 from rlfleet.reward.metrics import RewardMetrics
 

@@ -25,9 +25,9 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from ports import free_ports
+from support.ports import free_ports
 
-from rlfleet.learner.submit import auth_token, runtime_env, train_entrypoint
+from rlfleet.job.submit import auth_token, runtime_env, train_entrypoint
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from probes import generator_greedy, learner_greedy, learner_version
+from support.probes import generator_greedy, learner_greedy, learner_version
 
 from rlfleet.common.config import (
     CheckpointConfig,

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from prometheus_server import (
+from support.prometheus_server import (
     PrometheusServer,
     Result,
     dashboard_queries,
@@ -22,7 +22,7 @@ from prometheus_server import (
 
 from rlfleet.common.config import JobConfig
 from rlfleet.common.metrics import file_sd_path
-from rlfleet.learner.driver.metrics import STAGES
+from rlfleet.job.metrics import STAGES
 from rlfleet.learner.metrics import PPO_STAT_GAUGES
 
 pytestmark = pytest.mark.slow
@@ -78,7 +78,7 @@ def test_every_dashboard_query_has_data_and_counters_match_stats_jsonl_across_a_
     rewrites the discovery file, so Prometheus scrapes the new process in its place."""
     import ray
 
-    from rlfleet.learner.driver.loop import PPOJob
+    from rlfleet.job.loop import PPOJob
 
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # vLLM leaves sockets there
     killed = []
@@ -188,7 +188,7 @@ def test_a_job_with_metrics_disabled_serves_nothing_and_writes_no_discovery_file
 ) -> None:
     import ray
 
-    from rlfleet.learner.driver.loop import PPOJob
+    from rlfleet.job.loop import PPOJob
 
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     sd_dir = tmp_path / "sd"

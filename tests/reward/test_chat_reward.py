@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from job_configs import small_job
+from support.job_configs import small_job
 
 from rlfleet.common.config import RewardConfig
 from rlfleet.common.schema import with_columns
-from rlfleet.common.tiny_model import build_tiny_model
-from rlfleet.learner.driver.data import PromptBatches, checked_rows
+from rlfleet.job.data import PromptBatches, checked_rows
 from rlfleet.reward.actor import RewardActor
+from rlfleet.tasks.tiny_model import build_tiny_model
 
 CONVERSATIONS = [
     [{"role": "user", "content": "say yes"}],

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pyarrow as pa
 import pytest
-from prometheus_server import scrape
+from support.prometheus_server import scrape
 
 from rlfleet.common.config import MetricsConfig, RewardConfig
 from rlfleet.common.schema import ROLLOUT_SCHEMA, prompt_batch, with_columns

@@ -1,0 +1,1 @@
+"""Checkpoints: committed by a manifest, sharded per rank, exported as HF directories."""

@@ -1,0 +1,294 @@
+"""Checks of a job config that pydantic cannot make: they run before any actor starts.
+
+They look at files (the model directory and its tokenizer, the reward model), the model's
+context and attention head size, import the reward function and probe-write the checkpoint
+location. The dataset's rows are read (and checked) once, by
+``rlfleet.job.data.read_prompt_rows``; ``check_reward_arguments`` checks their field
+names against the reward function's arguments.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from rlfleet.common.config import CheckpointConfig, JobConfig, RewardConfig
+from rlfleet.trainers.lora import check_lora_job
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "vocab.txt", "spiece.model")
+"""A model directory has a tokenizer when it holds at least one of these."""
+
+
+class ConfigError(ValueError):
+    """A job config that validates but cannot run; the message starts with the key."""
+
+
+def check_config(config: JobConfig) -> None:
+    """Raises ``ConfigError`` for what would otherwise fail after the actors started: a model
+    directory without weights config or tokenizer, GPUs asked of a local Ray instance on a
+    machine without any, a generation budget (or eval's) that fills the context,
+    a model the generators' engine cannot serve, a reward function or model (or eval's) that
+    cannot be loaded, a checkpoint location, ``output_dir`` or ``metrics.file_sd_dir``
+    that cannot be written, a tracker whose package is missing, a LoRA
+    job that cannot run."""
+    check_model_dir("model", config.model)
+    check_local_gpus(config)
+    check_generation_fits_context(config)
+    check_engine_serves_model(config)
+    for key, source in reward_sources(config):
+        check_reward_source(key, source, config.reward.timeout_s)
+    check_eval(config)
+    if config.checkpoint.uri is not None:
+        check_checkpoint_writable(config.checkpoint)
+    check_writable_dir("output_dir", config.output_dir)
+    if config.metrics.enabled:
+        check_writable_dir("metrics.file_sd_dir", config.metrics.file_sd_dir)
+        check_job_name_names_a_file(config)
+    check_trackers_installed(config)
+    try:
+        check_lora_job(config)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+"""The package each ``logging`` tracker needs (the ``trackers`` extra)."""
+
+
+def check_trackers_installed(config: JobConfig) -> None:
+    """A ``ConfigError`` naming the ``logging`` key whose tracker's package is missing."""
+    for key, package in TRACKER_PACKAGES.items():
+        if getattr(config.logging, key) is not None and importlib.util.find_spec(package) is None:
+            raise ConfigError(
+                f"logging.{key}: the {package!r} package is not installed; install it "
+                f"(pip install 'rlfleet[trackers]') or remove logging.{key}"
+            )
+
+
+def check_local_gpus(config: JobConfig, gpus: int | None = None) -> None:
+    """A job on a local Ray instance (no ``ray_address``, no ``RAY_ADDRESS``) can use only this
+    machine's GPUs (``gpus``: their count, else torch's): asking for one without any would wait
+    for the learner's placement group until ``learner.timeout_s``."""
+    if config.ray_address or os.environ.get("RAY_ADDRESS"):
+        return
+    eval_reward = config.eval.reward if config.eval else None
+    wanted = [
+        key
+        for key, amount in (
+            ("learner.num_gpus", config.learner.num_gpus),
+            ("generators.num_gpus", config.generators.num_gpus),
+            ("reward.num_gpus", config.reward.num_gpus),
+            ("eval.reward.num_gpus", eval_reward.num_gpus if eval_reward else 0),
+        )
+        if amount > 0
+    ]
+    if not wanted:
+        return
+    if gpus is None:
+        import torch
+
+        gpus = torch.cuda.device_count()
+    if gpus == 0:
+        raise ConfigError(
+            f"{wanted[0]}: this machine has no GPU and the job starts a local Ray instance; set "
+            f"{' and '.join(wanted)} to 0, or join a cluster with GPUs (ray_address)"
+        )
+
+
+def reward_sources(config: JobConfig) -> list[tuple[str, Any]]:
+    """``(config key, source)`` for the job's reward and for each of its components; a source
+    has ``function``, ``model`` and ``kwargs``."""
+    return reward_config_sources("reward", config.reward)
+
+
+def reward_config_sources(key: str, reward: RewardConfig) -> list[tuple[str, Any]]:
+    """``reward_sources`` of the reward section at ``key``."""
+    components = reward.components or []
+    if not components:
+        return [(key, reward)]
+    return [(f"{key}.components[{i}] ({c.name})", c) for i, c in enumerate(components)]
+
+
+def check_reward_source(key: str, source: Any, timeout_s: float = 30.0) -> None:
+    """The reward function imports, the reward model directory is one, the scorer at the reward
+    URL accepts connections (within ``timeout_s``)."""
+    if source.url:
+        check_url_accepts_connections(f"{key}.url", source.url, timeout_s)
+    if source.function:
+        from rlfleet.reward.functions import load_function
+
+        try:
+            load_function(source.function)
+        except ValueError as exc:
+            raise ConfigError(f"{key}.function: {exc}") from exc
+    if source.model:
+        check_model_dir(f"{key}.model", source.model)
+
+
+def check_url_accepts_connections(key: str, url: str, timeout_s: float) -> None:
+    """A TCP connection to the host and port of ``url`` opens (nothing is sent), retried until
+    ``timeout_s``: a scorer that is down or a mistyped URL fails now, not at the first score
+    after every actor started. Not checked when a proxy serves the URL (the job's requests go
+    through it)."""
+    import socket
+    import time
+    import urllib.parse
+    import urllib.request
+
+    from rlfleet.reward.scorers import redacted_url
+
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if urllib.request.getproxies().get(parts.scheme) and not urllib.request.proxy_bypass(host):
+        return
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=min(5.0, timeout_s)):
+                return
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                raise ConfigError(
+                    f"{key}: cannot connect to {redacted_url(url)} within {timeout_s:g} s "
+                    f"(reward.timeout_s): {exc}; start the scorer or fix the URL"
+                ) from exc
+            time.sleep(min(1.0, timeout_s))
+
+
+def is_model_dir(path: str) -> bool:
+    return (Path(path) / "config.json").is_file()
+
+
+def check_model_dir(key: str, path: str) -> None:
+    """A Hugging Face model directory: config.json and the files of a tokenizer."""
+    if not is_model_dir(path):
+        raise ConfigError(f"{key}: {path} is not a model directory (no config.json)")
+    if not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(
+            f"{key}: {path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save one "
+            f"there with tokenizer.save_pretrained({path!r})"
+        )
+
+
+def context_length(model_dir: str) -> int:
+    """The model's context in tokens, from its config.json (unbounded when it names none)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return int(config.get("n_positions") or config.get("max_position_embeddings") or 1 << 30)
+
+
+def check_generation_fits_context(config: JobConfig) -> None:
+    """``generators.max_new_tokens`` must leave room for at least a one-token prompt."""
+    check_budget_fits_context("generators.max_new_tokens", config.generators.max_new_tokens, config)
+
+
+def check_budget_fits_context(key: str, max_new_tokens: int, config: JobConfig) -> None:
+    """A token budget (at ``key``) must leave room for at least a one-token prompt."""
+    context = context_length(config.model)
+    if max_new_tokens >= context:
+        raise ConfigError(
+            f"{key}: {max_new_tokens} leaves no room for a prompt in the model's context of "
+            f"{context} tokens; set it to at most {context - 1}"
+        )
+
+
+def check_eval(config: JobConfig) -> None:
+    """Held-out evaluation's own token budget and reward, when the job evaluates (its prompts
+    are checked when they are read: ``evaluation.EvalPrompts.from_config``)."""
+    evaluation = config.eval
+    if evaluation is None:
+        return
+    if evaluation.max_new_tokens is not None:
+        check_budget_fits_context("eval.max_new_tokens", evaluation.max_new_tokens, config)
+    if evaluation.reward is not None:
+        for key, source in reward_config_sources("eval.reward", evaluation.reward):
+            check_reward_source(key, source)
+
+
+def check_engine_serves_model(config: JobConfig) -> None:
+    """vLLM generators on CPU (``num_gpus: 0``) need an attention head size its CPU build
+    serves; the hf engine serves any."""
+    if config.generators.engine != "vllm" or config.generators.num_gpus > 0:
+        return
+    from rlfleet.actors.vllm_engine import cpu_serve_problem
+
+    problem = cpu_serve_problem(config.model)
+    if problem:
+        raise ConfigError(f"generators.engine: {config.model}: {problem}")
+
+
+def check_checkpoint_writable(config: CheckpointConfig) -> None:
+    """Writes and deletes a small file under ``checkpoint.uri`` (local or s3), so that a
+    location the job cannot write fails now rather than after the first training step."""
+    from rlfleet.common.storage import open_storage
+
+    probe = f".rlfleet-write-probe-{uuid.uuid4().hex}"
+    try:
+        storage = open_storage(config.uri, config.s3_endpoint_override)
+        storage.write_bytes(probe, b"rlfleet")
+        storage.delete(probe)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"checkpoint.uri: cannot write to {config.uri} ({one_line(exc)}); make it writable "
+            "or choose another location"
+        ) from exc
+
+
+def check_writable_dir(key: str, path: str) -> None:
+    """The directory ``path`` (config key ``key``), or its nearest existing parent when it is
+    not there yet, must be a directory the job can write: probed with a directory made and
+    removed there (nothing stays), so that a location the job cannot write fails now rather
+    than after the actors started."""
+    existing = Path(path).expanduser().absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{key}: {existing} is a file, not a directory; choose another {key}")
+    probe = existing / f".rlfleet-write-probe-{uuid.uuid4().hex}"
+    try:
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as exc:
+        raise ConfigError(
+            f"{key}: cannot write to {existing} ({one_line(exc)}); make it writable or choose "
+            f"another {key}"
+        ) from exc
+
+
+def check_job_name_names_a_file(config: JobConfig) -> None:
+    """With metrics on, the job's ``name`` names its discovery file
+    (``<metrics.file_sd_dir>/<name>.json``)."""
+    from rlfleet.common.metrics import file_sd_path
+
+    try:
+        file_sd_path(config.name, config.metrics.file_sd_dir)
+    except ValueError as exc:
+        raise ConfigError(f"name: {exc}") from exc
+
+
+def check_reward_arguments(config: JobConfig, field_names: Iterable[str]) -> None:
+    """A reward function gets the dataset's fields (all but the prompt) as keyword arguments
+    beside ``prompts``, ``responses`` and ``reward.kwargs``: a field of the same name as one
+    of those would clash on the first score."""
+    fields = set(field_names) - {config.dataset.prompt_field}
+    for key, source in reward_sources(config):
+        if not source.function:
+            continue
+        clashing = sorted(fields & {"prompts", "responses", *source.kwargs})
+        if clashing:
+            raise ConfigError(
+                f"dataset.path: {config.dataset.path} has fields {clashing} that clash with the "
+                f"reward function's arguments (prompts, responses, {key}.kwargs); rename them in "
+                f"the dataset or in {key}.kwargs"
+            )
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (whitespace runs, newlines included, become one
+    space)."""
+    return " ".join(str(exc).split()) or type(exc).__name__

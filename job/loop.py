@@ -1,0 +1,578 @@
+"""The job's loop: generators sample, reward actors score, the learner trains, weights go back.
+
+One iteration (``PPOJob.train_iteration``, top to bottom): collect the rollouts of the prompt
+batch in flight; in one-step-off mode, send the next batch to the generators at once, so that
+they sample it while the learner trains; score the rollouts on the reward actors; one training
+step (PPO or critic-free, learner/actor.py) on the learner's ranks (learner/rank_group.py), the
+generators asleep meanwhile when they share its GPUs (``placement: colocated``); publish the new
+weights once and have every generator confirm the version it holds, unless ``max_policy_lag``
+lets them lag; evaluate the policy they hold on the held-out prompts when due (evaluation.py,
+before the first iteration too); report the iteration (its stats.jsonl line, samples.jsonl
+lines and tracker scalars: reporting.py); save a checkpoint when due; otherwise send the next
+batch now; record the iteration's metrics. The lines go out before the checkpoint, so a
+checkpoint never holds an iteration that stats.jsonl lacks (a resume drops the lines after its
+iteration).
+
+Start-up: the learner's ranks, the generators and the reward actors are all started at once and
+waited for together, each wait bounded by ``learner.timeout_s`` (plus a margin). A learner rank
+that dies or is late then, or while a resume loads its checkpoint, restarts the learner as below.
+
+Each rollout id is consumed exactly once: an actor that dies mid-batch has only its shard sent
+again (``pool.ActorPool``) and the learner refuses an id it has already trained on.
+
+A learner rank that dies or stalls (``ActorWaitError`` from a call to the ranks) restarts the
+whole learner, at most ``learner.max_restarts`` times: new ranks in the same placement group
+restore the newest committed checkpoint of this run (the model directory without one), the loop
+goes back to that checkpoint's iteration and prompt cursor (so the same rollout ids are sampled
+again, each trained on once by the restored learner), stats.jsonl drops the lines after it, and
+every generator loads the restored policy.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import ray
+
+from rlfleet.common.config import CheckpointConfig, JobConfig
+from rlfleet.common.metrics import (
+    file_sd_owners,
+    file_sd_path,
+    remove_orphaned_file_sd,
+    remove_own_file_sd,
+    write_file_sd,
+)
+from rlfleet.common.processes import owner_tag
+from rlfleet.common.schema import concat_batches
+from rlfleet.job.data import PromptBatches, checked_rows
+from rlfleet.job.evaluation import Evaluation, eval_postfix
+from rlfleet.job.metrics import JobMetrics
+from rlfleet.job.pool import ActorPool, PendingShards, id_range, split_batch
+from rlfleet.job.reporting import JobReport
+from rlfleet.job.roles import ActorFactories
+from rlfleet.job.rollout_stats import reward_stats
+from rlfleet.job.sync import WeightSync, needs_sync
+from rlfleet.learner.rank_group import ActorWaitError, LearnerGroup, wait_all
+
+logger = logging.getLogger(__name__)
+
+DispatchHook = Callable[[str, int, list[Any]], None]
+"""``hook(kind, iteration, actors)``: called right after a batch's shards went out (for tests)."""
+
+LEARNER_STAT_PREFIXES = ("objective/", "ppo/", "critic_free/", "rollout/")
+"""The learner's stats that go into each stats.jsonl line as they are (learner/actor.py names
+them: PPO's TRL keys, the critic-free trainer's under ``critic_free/``)."""
+
+KL_STATS = ("objective/kl", "critic_free/kl", "critic_free/kl_in_reward")
+"""Where a stats line keeps the KL to the reference: PPO's, the critic-free loss's (``beta``),
+the critic-free reward's (``kl_coef``). A critic-free job with neither has no reference."""
+
+
+def reference_kl(stats: dict[str, Any]) -> str:
+    """The progress bar's KL: the first of ``KL_STATS`` in ``stats``, ``-`` without one."""
+    kl = next((stats[key] for key in KL_STATS if key in stats), None)
+    return "-" if kl is None else f"{kl:.3f}"
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """A prompt batch out with the generators."""
+
+    batch: pa.RecordBatch
+    pending: PendingShards
+    cursor_before: dict[str, Any]
+    """The prompt cursor before the batch was taken: a checkpoint saved before the batch is
+    trained on resumes there, so the resumed job samples it again and skips nothing."""
+    dispatch_s: float
+
+
+class StageTimer:
+    """Seconds spent in each stage of one iteration; the one measurement feeds both the stats
+    line (``time/<stage>_s``) and ``JobMetrics.record_iteration``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - started)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+    def stats(self) -> dict[str, float]:
+        return {f"time/{name}_s": seconds for name, seconds in self.seconds.items()}
+
+
+def prompt_count(batch: pa.RecordBatch) -> int:
+    """The prompts a batch's samples came from: its distinct group ids."""
+    return len(set(batch.column("group_id").to_pylist()))
+
+
+def checkpoint_due(config: CheckpointConfig, iteration: int, iterations: int) -> bool:
+    """Every ``checkpoint.every`` iterations and after the last one, when ``checkpoint.uri`` is
+    set."""
+    every = config.every or iterations
+    return config.uri is not None and (iteration % every == 0 or iteration == iterations)
+
+
+@dataclass
+class JobResult:
+    stats: list[dict[str, Any]]
+    """This run's lines of stats.jsonl (those after a checkpoint it resumed from)."""
+    consumed_rollout_ids: list[int]
+    generator_restarts: int
+    reward_restarts: int
+    learner_restarts: int = 0
+
+
+class LearnerRestartsExhausted(RuntimeError):
+    """The learner failed once more than ``learner.max_restarts`` allows."""
+
+
+class PPOJob:
+    """One job's actors and loop state; ``train()`` does the iterations.
+
+    ``rows`` are the dataset's rows (read and checked here when not given); ``factories``
+    start the actors (the real ones from the config when not given)."""
+
+    def __init__(
+        self,
+        config: JobConfig,
+        rows: list[dict[str, Any]] | None = None,
+        on_dispatch: DispatchHook | None = None,
+        factories: ActorFactories | None = None,
+    ) -> None:
+        if rows is None:
+            rows = checked_rows(config)
+        self.config = config
+        self.on_dispatch = on_dispatch
+        self.factories = factories or ActorFactories.from_config(config)
+        self.report = JobReport.open(config)
+        self.start_actors()
+        self.prompts = PromptBatches.from_config(config, rows)
+        self.initial_cursor = self.prompts.state()
+        self.iteration = 0
+        self.learner_restarts = 0
+        self.checkpoints: list[str] = []
+        """This run's newest checkpoints, oldest first: the one it resumed from or its last
+        save, and the save after it (which may not be committed yet)."""
+        self.metrics = JobMetrics.from_config(config.name, 0, config.metrics)
+        try:
+            self.wait_until_ready()
+        except BaseException:
+            self.shutdown()
+            raise
+        self.metrics.set_actors_alive("learner", len(self.learner.ranks))
+        self.metrics.set_actors_alive("generator", len(self.generators.actors))
+        self.metrics.set_actors_alive("reward", len(self.rewards.actors))
+        self.publish_metrics_targets()
+
+    def start_actors(self) -> None:
+        """Starts the generators, the reward actors (and eval's own, with ``eval.reward``) and
+        the learner's ranks, none waited for: they load while the driver tokenizes the prompts
+        (``wait_until_ready`` waits). The eval prompts are read and checked first
+        (``evaluation.Evaluation``): a bad one stops the job before any actor starts."""
+        config, factories = self.config, self.factories
+        self.evaluation = Evaluation.from_config(config)
+        self.generators = ActorPool(
+            "generator",
+            factories.generator,
+            config.generators.num_actors,
+            on_restart=self._on_generator_restart,
+        )
+        self.rewards = ActorPool(
+            "reward", factories.reward, config.reward.num_actors, on_restart=self._on_reward_restart
+        )
+        self.eval_rewards: ActorPool | None = None
+        try:
+            self.eval_rewards = self.start_eval_rewards()
+            self.learner = self.start_learner()
+        except BaseException:
+            self._kill_pools()
+            raise
+
+    def start_eval_rewards(self) -> ActorPool | None:
+        """Eval's own reward actors (``eval.reward``), after the job's in the metrics' actor
+        indices; None: eval scores with the job's."""
+        eval_reward = self.config.eval.reward if self.config.eval else None
+        if eval_reward is None:
+            return None
+        if self.factories.eval_reward is None:
+            raise ValueError("eval.reward is set but the actor factories start no eval reward")
+        return ActorPool(
+            "eval reward",
+            self.factories.eval_reward,
+            eval_reward.num_actors,
+            on_restart=self._on_reward_restart,
+        )
+
+    def start_learner(self) -> LearnerGroup:
+        """The learner's ranks (not waited for) and the weight sync from them."""
+        learner = self.factories.learner()
+        self.sync = WeightSync.from_config(learner, self.config)
+        return learner
+
+    def wait_until_ready(self) -> None:
+        """Waits for the learner's ranks, the generators and the reward actors together (they
+        start at once), at most the learner's deadline; names any that died or is late. A
+        learner rank that dies or is late restarts the learner (``replace_learner``); the
+        generators and reward actors are then waited for."""
+        pools = [
+            (f"{pool.kind} {i}", actor.ready.remote())
+            for pool in self._pools()
+            for i, actor in enumerate(pool.actors)
+        ]
+        try:
+            wait_all([*self.learner.ready_calls(), *pools], self.learner.deadline_s, "at start-up")
+        except ActorWaitError as failure:
+            if not failure.learner_failed:
+                raise
+            self.with_learner_restarts(lambda: None, failure)
+            wait_all(pools, self.learner.deadline_s, "at start-up")
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def train(self) -> JobResult:
+        """Trains the iterations left (all of them, or those after a resumed checkpoint),
+        appending one line per iteration to stats.jsonl; restarts a failed learner (see the
+        module's docstring)."""
+        from tqdm import tqdm
+
+        if self.iteration == 0:
+            self.report.start_fresh()
+        bar = tqdm(
+            total=self.config.iterations,
+            initial=self.iteration,
+            desc=self.config.algorithm,
+            unit="it",
+        )
+        failure: ActorWaitError | None = None
+        with bar:
+            if self.iteration == 0:
+                self.record_initial_eval(bar)
+            while True:
+                try:
+                    if failure is not None:
+                        self.restart_learner(failure)
+                        bar.n = self.iteration
+                        bar.refresh()
+                    self.train_remaining(bar)
+                    break
+                except ActorWaitError as error:
+                    failure = error
+        return JobResult(
+            stats=self.report.stats_lines,
+            consumed_rollout_ids=self.learner.consumed_rollout_ids(),
+            generator_restarts=self.generators.restarts,
+            reward_restarts=self.rewards.restarts,
+            learner_restarts=self.learner_restarts,
+        )
+
+    def train_remaining(self, bar: Any) -> None:
+        """The iterations from ``self.iteration`` on, until the last checkpoint is committed."""
+        self.sync_weights_if_needed()
+        in_flight = self.dispatch_next_batch() if self.iteration < self.config.iterations else None
+        while in_flight is not None:
+            stats, in_flight = self.train_iteration(in_flight)
+            bar.update(1)
+            bar.set_postfix(
+                reward=f"{stats['reward_mean']:.3f}",
+                kl=reference_kl(stats),
+                **eval_postfix(self.report.stats_lines),
+            )
+        self.learner.wait_for_checkpoint()
+
+    def record_initial_eval(self, bar: Any) -> None:
+        """The initial policy's eval (``eval.at_start``) as stats.jsonl's line of iteration 0
+        (see evaluation.py)."""
+        stats = self.evaluate()
+        if stats:
+            self.report.record({"iteration": 0, "policy_version": 0, **stats})
+            bar.set_postfix(**eval_postfix(self.report.stats_lines))
+
+    def evaluate(self) -> dict[str, Any]:
+        """The ``eval/*`` stats of the policy the generators hold, when an eval is due after
+        this iteration (evaluation.py); else none."""
+        if self.evaluation is None or not self.evaluation.due(self.iteration):
+            return {}
+        stats = self.evaluation.run(self.generators, self.eval_rewards or self.rewards)
+        self.metrics.record_eval(self.iteration, stats)
+        return stats
+
+    def train_iteration(self, in_flight: InFlight) -> tuple[dict[str, Any], InFlight | None]:
+        """Trains on the batch in flight; returns the iteration's stats line and the next batch
+        in flight (None after the last iteration)."""
+        more_to_come = self.iteration + 1 < self.config.iterations
+        one_step_off = self.config.one_step_off
+        timer = StageTimer()
+        timer.add("generate", in_flight.dispatch_s)
+        with timer.stage("generate"):
+            rollouts = self.collect_rollouts(in_flight)
+        next_in_flight = self.dispatch_next_batch() if one_step_off and more_to_come else None
+
+        with timer.stage("score"):
+            scored = self.score(rollouts)
+        with timer.stage("train"), self.generators_asleep():
+            learner_stats = self.learner.step(scored)
+        self.iteration += 1
+        with timer.stage("sync"):
+            self.sync_weights_if_needed()
+
+        stats = {**self.stats_line(scored, learner_stats), **timer.stats(), **self.evaluate()}
+        due = checkpoint_due(self.config.checkpoint, self.iteration, self.config.iterations)
+        self.report.record(stats, scored, durable=due)
+        if due:
+            untrained = next_in_flight.cursor_before if next_in_flight else self.prompts.state()
+            self.save_checkpoint(untrained)
+        if not one_step_off and more_to_come:
+            next_in_flight = self.dispatch_next_batch()
+
+        self.record_metrics(scored, timer.seconds, next_in_flight)
+        return stats, next_in_flight
+
+    # -- one iteration's parts -----------------------------------------------------------------
+
+    def dispatch_next_batch(self) -> InFlight:
+        """Takes the next ``prompts_per_iteration`` prompts, ``n_samples_per_prompt`` samples
+        each (the trainer's batch size in samples), and sends one shard to each generator: a
+        shard may split a group, the learner regroups by group id."""
+        started = time.perf_counter()
+        cursor_before = self.prompts.state()
+        batch = self.prompts.next_batch(
+            self.config.prompts_per_iteration, self.config.generators.n_samples_per_prompt
+        )
+        shards = split_batch(batch, len(self.generators.actors))
+        pending = self.generators.dispatch("generate", shards)
+        self._dispatched(self.generators)
+        return InFlight(batch, pending, cursor_before, time.perf_counter() - started)
+
+    def collect_rollouts(self, in_flight: InFlight) -> pa.RecordBatch:
+        """The batch's rollouts; exactly one for each of its rollout ids."""
+        rollouts = concat_batches(self.generators.collect(in_flight.pending))
+        expected = in_flight.batch.column("rollout_id").to_pylist()
+        got = rollouts.column("rollout_id").to_pylist()
+        if sorted(got) != sorted(expected) or len(set(got)) != len(got):
+            raise RuntimeError(
+                f"generators returned rollout ids {id_range(rollouts)} ({len(got)} rows), "
+                f"expected {len(expected)} distinct ids"
+            )
+        return rollouts
+
+    def score(self, rollouts: pa.RecordBatch) -> pa.RecordBatch:
+        pending = self.rewards.dispatch("score", split_batch(rollouts, len(self.rewards.actors)))
+        self._dispatched(self.rewards)
+        return concat_batches(self.rewards.collect(pending))
+
+    @contextmanager
+    def generators_asleep(self) -> Iterator[None]:
+        """Colocated on GPUs, the generators' engines sleep (free their GPU memory) while the
+        learner trains and wake before the weights sync; otherwise nothing happens."""
+        if not self.config.colocated_on_gpus:
+            yield
+            return
+        self.generators.call_all("sleep")
+        try:
+            yield
+        finally:
+            self.generators.call_all("wake_up")
+
+    def sync_weights_if_needed(self) -> None:
+        """Has every generator load the learner's policy when it would otherwise lag more than
+        ``max_policy_lag`` versions (see ``sync.needs_sync``)."""
+        cfg = self.config
+        if needs_sync(self.iteration, self.sync.version, cfg.max_policy_lag, cfg.one_step_off):
+            self.sync.publish(self.generators)
+
+    def save_checkpoint(self, cursor: dict[str, Any]) -> None:
+        """Checkpoint ``step-<iteration>``; the job state holds the prompt ``cursor`` of the
+        first batch not trained on yet, so a resumed job samples it again (with the restored
+        policy)."""
+        state = {"iteration": self.iteration, **cursor}
+        started = time.perf_counter()
+        uri = self.learner.save_checkpoint(self.config.checkpoint, state)
+        self.metrics.record_checkpoint(time.perf_counter() - started)
+        self.checkpoints = [*self.checkpoints[-1:], uri]
+
+    def record_metrics(
+        self, scored: pa.RecordBatch, seconds: dict[str, float], in_flight: InFlight | None
+    ) -> None:
+        tokens = sum(len(ids) for ids in scored.column("response_ids").to_pylist())
+        self.metrics.record_iteration(scored.num_rows, tokens, seconds)
+        self.metrics.record_prompts(prompt_count(scored))
+        self.metrics.set_inflight_rollouts(in_flight.batch.num_rows if in_flight else 0)
+
+    def stats_line(self, scored: pa.RecordBatch, learner_stats: dict[str, float]) -> dict[str, Any]:
+        versions = scored.column("policy_version").to_pylist()
+        ids = scored.column("rollout_id").to_pylist()
+        return {
+            "iteration": self.iteration,
+            "policy_version": self.iteration,
+            "samples": scored.num_rows,
+            "prompts": prompt_count(scored),
+            "rollout_ids": [min(ids), max(ids)],
+            "sampled_with_versions": sorted(set(versions)),
+            **reward_stats(scored),
+            "generator_restarts": self.generators.restarts,
+            "reward_restarts": self.rewards.restarts,
+            "learner_restarts": self.learner_restarts,
+            **{k: v for k, v in learner_stats.items() if k.startswith(LEARNER_STAT_PREFIXES)},
+        }
+
+    # -- start, resume, stop -------------------------------------------------------------------
+
+    def resume(self, uri: str) -> None:
+        """Restores learner, prompt cursor and rollout ids from a checkpoint; stats.jsonl keeps
+        the lines up to its iteration (a warning names any it lacks, e.g. an ``output_dir``
+        that did not survive the restart). Generators get the restored weights before they
+        sample. A learner rank that dies meanwhile restarts the learner (``max_restarts``),
+        which loads the same checkpoint."""
+        config = self.config.checkpoint
+        uri = self.with_learner_restarts(lambda: self.learner.resolve_checkpoint(uri, config))
+        self.with_learner_restarts(lambda: self.restore(uri))
+        self.publish_metrics_targets()
+        kept = self.report.keep_through(self.iteration)
+        if [i for i in kept if i > 0] != list(range(1, self.iteration + 1)):
+            logger.warning(
+                "%s holds the lines of iterations %s, not 1..%d of checkpoint %s: the lines of "
+                "the iterations before it are missing",
+                self.report.stats_path,
+                kept,
+                self.iteration,
+                uri,
+            )
+
+    def restore(self, uri: str | None) -> None:
+        """The learner, iteration and prompt cursor of checkpoint ``uri``; None: the model
+        directory's policy (the learner as started) at iteration 0."""
+        if uri is None:
+            self.iteration = 0
+            self.prompts.load_state(self.initial_cursor)
+            self.checkpoints = []
+            return
+        state = self.learner.load_checkpoint(uri, self.config.checkpoint)
+        self.iteration = state["iteration"]
+        self.prompts.load_state(state)
+        self.checkpoints = [uri]
+
+    def restart_learner(self, failure: ActorWaitError) -> None:
+        """Replaces every learner rank after ``failure`` (one rank died or stalled: the others
+        are stuck in its collectives), restores the newest committed checkpoint of this run,
+        drops the stats lines after it and has every generator load the restored policy."""
+        self.replace_learner(failure)
+        newest = (
+            self.learner.newest_committed(self.checkpoints, self.config.checkpoint)
+            if self.checkpoints
+            else None
+        )
+        self.restore(newest)
+        self.report.keep_through(self.iteration)
+        self.sync.publish(self.generators)
+        self.publish_metrics_targets()
+
+    def with_learner_restarts(
+        self, action: Callable[[], Any], failure: ActorWaitError | None = None
+    ) -> Any:
+        """``action()``'s result, the learner replaced (``replace_learner``) after ``failure``
+        and each time a learner rank dies or stalls in ``action`` or in its replacement's
+        start: for start-up and resume, before this run trained anything."""
+        while True:
+            try:
+                if failure is not None:
+                    self.replace_learner(failure)
+                return action()
+            except ActorWaitError as error:
+                if not error.learner_failed:
+                    raise
+                failure = error
+
+    def replace_learner(self, failure: ActorWaitError) -> None:
+        """New learner ranks, from the model directory, in place of those of ``failure``,
+        counted against ``learner.max_restarts``."""
+        limit = self.config.learner.max_restarts
+        if self.learner_restarts >= limit:
+            raise LearnerRestartsExhausted(
+                f"the learner failed after {self.learner_restarts} restarts "
+                f"(learner.max_restarts {limit}): {failure}"
+            ) from failure
+        self.learner_restarts += 1
+        self.metrics.record_actor_restart("learner")
+        logger.warning(
+            "restarting the learner (%d of %d): %s", self.learner_restarts, limit, failure
+        )
+        self.learner.kill_ranks()
+        self.learner = self.start_learner()
+        wait_all(self.learner.ready_calls(), self.learner.deadline_s, "at restart")
+
+    def publish_metrics_targets(self) -> None:
+        """Writes the metrics endpoints of the driver and of every actor to the job's Prometheus
+        file_sd file (see common/metrics.py), labelled with this driver's host and pid; again
+        after a restart. The files of killed drivers of this host go first. Nothing when
+        disabled."""
+        if not self.config.metrics.enabled:
+            return
+        remove_orphaned_file_sd(self.file_sd_path.parent)
+        others = file_sd_owners(self.file_sd_path) - {owner_tag()}
+        if others:
+            logger.warning(
+                "%s was written by another driver of a job named %r (%s): both jobs now report "
+                "under that name; give one of them another name",
+                self.file_sd_path,
+                self.config.name,
+                ", ".join(sorted(others)),
+            )
+        targets = [self.metrics.target, self.learner.metrics_target()]
+        actors = [actor for pool in self._pools() for actor in pool.actors]
+        for ref in [actor.metrics_target.remote() for actor in actors]:
+            try:
+                targets.append(ray.get(ref, timeout=self.learner.deadline_s))
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                continue  # a dead actor is listed again once its pool has restarted it
+        targets = [target for target in targets if target is not None]
+        write_file_sd(self.file_sd_path, targets, owner=owner_tag())
+
+    @property
+    def file_sd_path(self) -> Path:
+        return file_sd_path(self.config.name, self.config.metrics.file_sd_dir)
+
+    def shutdown(self) -> None:
+        """Stops every actor; Prometheus is first told to forget the job's endpoints (unless
+        another job of the same name wrote the discovery file since)."""
+        if self.config.metrics.enabled:
+            remove_own_file_sd(self.file_sd_path, owner_tag())
+        self.learner.kill()
+        self._kill_pools()
+        self.metrics.close()
+        self.report.close()
+
+    def _pools(self) -> list[ActorPool]:
+        return [self.generators, self.rewards, *([self.eval_rewards] if self.eval_rewards else [])]
+
+    def _kill_pools(self) -> None:
+        for pool in self._pools():
+            for actor in pool.actors:
+                ray.kill(actor, no_restart=True)
+
+    def _dispatched(self, pool: ActorPool) -> None:
+        if self.on_dispatch:
+            self.on_dispatch(pool.kind, self.iteration, pool.actors)
+
+    def _on_generator_restart(self, index: int, actor: Any) -> None:
+        self.metrics.record_actor_restart("generator")
+        self.publish_metrics_targets()
+        self.sync.load_into_restarted(index, actor)
+
+    def _on_reward_restart(self, index: int, actor: Any) -> None:
+        self.metrics.record_actor_restart("reward")
+        self.publish_metrics_targets()

@@ -1,0 +1,188 @@
+"""How the job's actors are started: the learner's ranks, generator i and reward actor i, from the
+job config. The job's tests start fakes of the same interface instead.
+
+Placement (``JobConfig.placement``): the learner's ranks always sit in one placement group, a
+bundle per rank. Colocated on GPUs, generator i also sits in bundle ``i % num_ranks`` and shares
+that rank's GPU (its engine sleeps while the learner trains); otherwise generators and reward
+actors are scheduled wherever their own resources fit.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import ray
+
+from rlfleet.common.config import (
+    CriticFreeConfig,
+    GeneratorConfig,
+    JobConfig,
+    PPOConfig,
+    RewardConfig,
+)
+from rlfleet.common.transport import resolved_weight_sync
+from rlfleet.learner.rank_group import (
+    LearnerGroup,
+    create_placement,
+    in_bundle,
+    start_learner_group,
+)
+
+
+@dataclass(frozen=True)
+class ActorFactories:
+    """``learner()`` starts the learner's ranks (a ``LearnerGroup``, not waited for: see
+    ``LearnerGroup.ready_calls``); ``generator(index)``, ``reward(index)`` and
+    ``eval_reward(index)`` each start one Ray actor (``eval_reward``: None unless held-out
+    evaluation has its own reward, ``eval.reward``)."""
+
+    learner: Callable[[], LearnerGroup]
+    generator: Callable[[int], Any]
+    reward: Callable[[int], Any]
+    eval_reward: Callable[[int], Any] | None = None
+
+    @classmethod
+    def from_config(cls, config: JobConfig) -> ActorFactories:
+        """The real actors (learner/actor.py, actors/generator.py, reward/actor.py) with the
+        resources and placement the config asks for."""
+        layout = Layout(config)
+        eval_reward = config.eval.reward if config.eval else None
+        return cls(
+            learner=layout.start_learner,
+            generator=layout.start_generator,
+            reward=reward_factory(config, config.reward),
+            eval_reward=(
+                reward_factory(config, eval_reward, first_index=config.reward.num_actors)
+                if eval_reward
+                else None
+            ),
+        )
+
+
+def reward_factory(
+    config: JobConfig, reward: RewardConfig, first_index: int = 0
+) -> Callable[[int], Any]:
+    """Starts reward actor ``index`` of ``reward`` (the job's, or eval's own) as actor
+    ``first_index + index``: eval's reward actors come after the job's, so that each actor's
+    metrics series is its own."""
+    from rlfleet.reward.actor import RewardActor
+
+    reward_cls = ray.remote(RewardActor).options(num_cpus=reward.num_cpus, num_gpus=reward.num_gpus)
+    return lambda index: reward_cls.remote(
+        first_index + index,
+        reward,
+        config.name,
+        config.metrics,
+        trust_remote_code=config.trust_remote_code,
+    )
+
+
+def learner_bundles(config: JobConfig) -> list[dict[str, float]]:
+    """One bundle per learner rank: its CPUs and GPU share, plus, colocated on GPUs, those of
+    the generators that share its GPU (generator i goes to bundle ``i % num_ranks``)."""
+    learner, generators = config.learner, config.generators
+    bundles = [
+        {"CPU": learner.cpus_per_rank, "GPU": learner.num_gpus} for _ in range(learner.num_ranks)
+    ]
+    if config.colocated_on_gpus:
+        for index in range(generators.num_actors):
+            bundle = bundles[index % learner.num_ranks]
+            bundle["CPU"] += generators.num_cpus
+            bundle["GPU"] += generators.num_gpus
+    return bundles
+
+
+def rank_env_vars(config: JobConfig) -> dict[str, str]:
+    """The learner ranks' environment. Colocated, torch's OpenMP threads share the cores with
+    other processes: ``OMP_WAIT_POLICY=PASSIVE`` makes an idle thread sleep instead of spinning,
+    without which a step on 2 busy cores took 15-20 s instead of 0.3 s (the demo's PPO step);
+    the driver's own ``OMP_WAIT_POLICY`` wins."""
+    if config.placement != "colocated":
+        return {}
+    return {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+
+
+def generator_config(config: JobConfig) -> GeneratorConfig:
+    """The generators' section with its engine dtype resolved (``generators.dtype``, else the
+    learner's)."""
+    return config.generators.model_copy(update={"dtype": config.generator_dtype})
+
+
+class Layout:
+    """Where the job's learner ranks and generators go: the learner's placement group is made
+    on first use (by the learner or by a generator that shares its GPU)."""
+
+    def __init__(self, config: JobConfig) -> None:
+        self.config = config
+
+    @cached_property
+    def placement(self) -> Any:
+        return create_placement(learner_bundles(self.config))
+
+    def start_learner(self) -> LearnerGroup:
+        """The learner's ranks, started in the placement group (not waited for)."""
+        from rlfleet.learner.actor import LearnerActor
+
+        config = self.config
+        weight_sync = resolved_weight_sync(config)
+        rank_cls = ray.remote(LearnerActor)
+
+        def create(spec: Any, strategy: Any) -> Any:
+            return rank_cls.options(
+                num_cpus=config.learner.cpus_per_rank,
+                num_gpus=config.learner.num_gpus,
+                scheduling_strategy=strategy,
+                runtime_env={"env_vars": rank_env_vars(config)},
+            ).remote(
+                config.model,
+                seeded_trainer_config(config),
+                config.seed,
+                config.max_policy_lag,
+                config.name,
+                config.metrics,
+                weight_sync,
+                trust_remote_code=config.trust_remote_code,
+                learner=config.learner,
+                rank=spec,
+                colocated=config.placement == "colocated",
+                weights_dtype=config.generator_dtype,
+                lora=config.lora,
+            )
+
+        return start_learner_group(
+            create, self.placement, config.learner.num_ranks, config.learner.timeout_s
+        )
+
+    def start_generator(self, index: int) -> Any:
+        """Generator ``index``; colocated on GPUs, in the bundle of the rank whose GPU it
+        shares."""
+        from rlfleet.actors.generator import RemoteGenerator, generator_options
+
+        config = self.config
+        options: dict[str, Any] = generator_options(config.generators)
+        if config.colocated_on_gpus:
+            bundle = index % config.learner.num_ranks
+            options["scheduling_strategy"] = in_bundle(self.placement, bundle)
+        return RemoteGenerator.options(**options).remote(
+            index,
+            config.model,
+            generator_config(config),
+            config.seed,
+            config.name,
+            config.metrics,
+            resolved_weight_sync(config),
+            trust_remote_code=config.trust_remote_code,
+        )
+
+
+def seeded_trainer_config(config: JobConfig) -> PPOConfig | CriticFreeConfig:
+    """The learner trainer's config (``ppo`` or ``critic_free``, as ``algorithm`` says), seeded
+    by the job's seed unless the section gives its own ``seed``."""
+    trainer_config = config.trainer_config
+    if "seed" in trainer_config.model_fields_set:
+        return trainer_config
+    return trainer_config.model_copy(update={"seed": config.seed})

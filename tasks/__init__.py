@@ -1,0 +1,1 @@
+"""The tiny models, corpus and toy tasks that the demos and tests build offline."""

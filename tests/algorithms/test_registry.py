@@ -1,0 +1,52 @@
+"""The registries: names to functions, with errors that say what is known."""
+
+from __future__ import annotations
+
+import pytest
+
+from rlfleet.algorithms.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    gae,
+    grpo,
+    reinforce_pp,
+    reinforce_pp_baseline,
+    rloo,
+)
+from rlfleet.algorithms.kl import KL_PENALTIES
+from rlfleet.algorithms.losses import (
+    LOSS_AGGREGATIONS,
+    POLICY_LOSSES,
+    VALUE_LOSSES,
+    clipped_policy_loss,
+    clipped_value_loss,
+)
+from rlfleet.algorithms.masked import masked_mean
+from rlfleet.algorithms.registry import Registry
+
+
+def test_register_looks_up_by_name_and_refuses_a_second_function_under_one_name():
+    registry: Registry = Registry("widget")
+
+    @registry.register("double")
+    def double(x: int) -> int:
+        return 2 * x
+
+    assert registry["double"] is double and registry["double"](3) == 6
+    with pytest.raises(ValueError, match="widget 'double' is already registered"):
+        registry.register("double")(lambda x: x)
+    with pytest.raises(KeyError, match="unknown widget 'triple'; known: double"):
+        registry["triple"]
+
+
+def test_the_registered_pieces():
+    assert dict(ADVANTAGE_ESTIMATORS) == {
+        "gae": gae,
+        "grpo": grpo,
+        "rloo": rloo,
+        "reinforce_pp": reinforce_pp,
+        "reinforce_pp_baseline": reinforce_pp_baseline,
+    }
+    assert dict(POLICY_LOSSES) == {"clipped": clipped_policy_loss}
+    assert dict(VALUE_LOSSES) == {"clipped": clipped_value_loss}
+    assert dict(LOSS_AGGREGATIONS) == {"token-mean": masked_mean}
+    assert sorted(KL_PENALTIES) == ["abs", "full", "k3", "kl", "mse"]

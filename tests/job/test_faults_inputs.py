@@ -1,0 +1,122 @@
+"""Hostile input to ``rlfleet train``: each case exits 2 with one line naming the key (or file)
+and what is wrong, before Ray starts and without making ``output_dir``."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+from support.job_configs import small_job, write_config
+
+from rlfleet.cli import main
+
+
+def bad_model_without_config(tmp_path: Path, model: Path) -> Path:
+    broken = tmp_path / "model-without-config"
+    shutil.copytree(model, broken)
+    (broken / "config.json").unlink()
+    return broken
+
+
+def closed_port() -> int:
+    """A port of 127.0.0.1 that nothing listens on (bound a moment ago, then closed)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def dataset(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+BROKEN_JSONL = '{"prompt": "a"}\n{oops\n'
+TEXT_FIELD_JSONL = '{"text": "a"}\n'
+
+# Each case: the --set overrides (built from tmp_path and the tiny model) and what the one line
+# must say.
+CASES = {
+    "empty dataset": (
+        lambda tmp, model: [f"dataset.path={dataset(tmp, 'empty.jsonl', '')}"],
+        r"dataset\.path: .*empty\.jsonl has no rows",
+    ),
+    "a broken JSON line": (
+        lambda tmp, model: [f"dataset.path={dataset(tmp, 'broken.jsonl', BROKEN_JSONL)}"],
+        r"dataset\.path: .*broken\.jsonl line 2: ",
+    ),
+    "no row has the prompt field": (
+        lambda tmp, model: [f"dataset.path={dataset(tmp, 'text.jsonl', TEXT_FIELD_JSONL)}"],
+        r"dataset\.prompt_field: row 0 of .*text\.jsonl has no non-empty string 'prompt'",
+    ),
+    "the dataset path is a directory": (
+        lambda tmp, model: [f"dataset.path={tmp}"],
+        r"dataset\.path: .* is a directory; name a \.jsonl or \.parquet file",
+    ),
+    "output_dir is a file": (
+        lambda tmp, model: [f"output_dir={dataset(tmp, 'a-file', 'x')}/run"],
+        r"output_dir: .*a-file is a file, not a directory; choose another output_dir",
+    ),
+    "output_dir cannot be made": (
+        lambda tmp, model: ["output_dir=/proc/rlfleet-run"],
+        r"output_dir: cannot write to /proc \(.*\); make it writable or choose another",
+    ),
+    "the discovery dir is a file": (
+        lambda tmp, model: [f"metrics.file_sd_dir={dataset(tmp, 'sd-file', 'x')}"],
+        r"metrics\.file_sd_dir: .*sd-file is a file, not a directory",
+    ),
+    "the model directory lacks config.json": (
+        lambda tmp, model: [f"model={bad_model_without_config(tmp, model)}"],
+        r"model: .*model-without-config is not a model directory \(no config\.json\)",
+    ),
+    "the model is a file": (
+        lambda tmp, model: [f"model={dataset(tmp, 'weights.bin', 'x')}"],
+        r"model: .*weights\.bin is not a model directory",
+    ),
+    "a list where a number goes": (
+        lambda tmp, model: ["generators.num_actors=[1,2]"],
+        r"generators\.num_actors: Input should be a valid integer \(got \[1, 2\]\)",
+    ),
+    "a reward function that is not callable": (
+        lambda tmp, model: ["reward.function=rlfleet.reward.functions:LEGACY_MODULES"],
+        r"reward\.function: reward function '.*:LEGACY_MODULES' is not callable",
+    ),
+    "a reward URL nobody answers (credentials kept out)": (
+        lambda tmp, model: [
+            "reward.function=null",
+            f"reward.url=http://user:secret@127.0.0.1:{closed_port()}/score?key=secret",
+            "reward.timeout_s=1",
+        ],
+        r"reward\.url: cannot connect to http://\*\*\*@127\.0\.0\.1:\d+/score\?key=\*\*\* "
+        r"within 1 s \(reward\.timeout_s\): .*; start the scorer or fix the URL$",
+    ),
+    "a job name that is a path": (
+        lambda tmp, model: ["name=../evil"],
+        r"name: job name '\.\./evil' must match .* to name a file",
+    ),
+    "a checkpoint uri that is a file": (
+        lambda tmp, model: [f"checkpoint.uri={dataset(tmp, 'ckpt-file', 'x')}"],
+        r"checkpoint\.uri: cannot write to .*ckpt-file",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_hostile_input_exits_2_with_one_line_before_anything_starts(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, case: str
+) -> None:
+    overrides, expected = CASES[case]
+    out = tmp_path / "run"
+    config = write_config(tmp_path / "job.yaml", small_job(tiny_model_dir, out))
+    sets = [arg for value in overrides(tmp_path, tiny_model_dir) for arg in ("--set", value)]
+
+    assert main(["train", "--config", str(config), *sets]) == 2
+    stderr = capsys.readouterr().err.strip()
+    assert "\n" not in stderr
+    assert "secret" not in stderr
+    assert stderr.startswith(f"rlfleet train: invalid job config {config}: ")
+    assert re.search(expected, stderr), stderr
+    assert not out.exists()

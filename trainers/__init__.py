@@ -1,0 +1,1 @@
+"""Trainers: PPOTrainer, CriticFreeTrainer and what they share."""

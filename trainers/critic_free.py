@@ -1,0 +1,409 @@
+"""``CriticFreeTrainer``: GRPO, RLOO, REINFORCE++ and REINFORCE++-baseline in one process.
+
+``step`` reads top to bottom: checked inputs, the forward passes that are needed (old-policy and
+reference logprobs), per-token rewards, advantages from the estimator the algorithm names,
+``num_iterations`` passes of minibatch updates with TRL 1.16's GRPO loss, stats. The math is
+:mod:`rlfleet.algorithms` (``advantages``, ``grpo``), the forward
+:mod:`rlfleet.trainers.forward`. The model is a plain causal LM: no value head, and no reference
+model at all unless ``beta`` or ``kl_coef`` asks for a KL.
+
+Old-policy logprobs come from a no-grad forward only when the policy can move before a token is
+trained on (``num_iterations > 1``, several optimizer steps per batch) or the reward needs them
+(``kl_coef``). Otherwise, as in TRL's ``GRPOTrainer``, the one training forward gives them:
+``old = logprobs.detach()``, the same weights on the same tokens.
+
+Truncated importance sampling (``tis_cap``) corrects for the generator's policy differing from the
+learner's (a stale policy with ``one_step_off``, or vLLM's numerics): each token's policy loss is
+weighted by ``min(exp(old - behaviour), tis_cap)``, after the PPO clip and before the KL term is
+added, exactly where TRL 1.16 applies its ``vllm_importance_sampling_correction`` in its
+``token_truncate`` mode (``GRPOTrainer._compute_loss``). The clip keeps the update near the
+learner's old policy; the weight makes the samples of the behaviour policy stand for the old one.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rlfleet.algorithms.advantages import ADVANTAGE_ESTIMATORS, AdvantageConfig
+from rlfleet.algorithms.grpo import (
+    LOSS_TYPE_SHARES,
+    CriticFreeLossConfig,
+    CriticFreeLossOutput,
+    critic_free_loss,
+)
+from rlfleet.algorithms.kl import KL_PENALTIES
+from rlfleet.algorithms.losses import truncated_importance_weights
+from rlfleet.algorithms.masked import masked_mean
+from rlfleet.algorithms.rewards import per_token_rewards
+from rlfleet.common.config import CriticFreeConfig
+from rlfleet.trainers.critic_free_inputs import (
+    checked_behaviour_logprobs,
+    checked_group_ids,
+    checked_response_lengths,
+    checked_truncated,
+)
+from rlfleet.trainers.critic_free_stats import (
+    behaviour_mismatch_stats,
+    mean_metrics,
+    rollout_stats,
+)
+from rlfleet.trainers.distributed import DataParallel
+from rlfleet.trainers.forward import (
+    PackedRows,
+    ResponseBatch,
+    ResponseOutputs,
+    TrainingLayout,
+    batch_logprobs,
+    lm_head_of,
+    split_backward,
+)
+from rlfleet.trainers.guards import CRITIC_FREE_ADVICE, check_finite_loss, finite_grad_norm
+from rlfleet.trainers.ppo import check_no_optimizer_when_sharded, eval_mode
+from rlfleet.trainers.ppo_inputs import checked_step_inputs
+from rlfleet.trainers.ppo_stats import StepTimer
+from rlfleet.trainers.reference import frozen_reference, reference_forward
+from rlfleet.trainers.shuffle import Shuffler
+from rlfleet.trainers.value_head import AutoModelForCausalLMWithValueHead
+
+__all__ = ["CriticFreeTrainer"]
+
+
+class CriticFreeTrainer:
+    """Critic-free RL for a Hugging Face causal LM; ``step`` trains on one batch of samples.
+
+    ``optimizer`` defaults to AdamW (TRL's, with its zero weight decay). Everything besides the
+    weights and the optimizer needed to resume exactly is in :meth:`training_state`.
+    """
+
+    def __init__(
+        self,
+        config: CriticFreeConfig,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        ref_model: PreTrainedModel | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        parallel: DataParallel | None = None,
+        dtype: torch.dtype = torch.float32,
+        gradient_checkpointing: bool = False,
+        max_tokens_per_microbatch: int | None = None,
+    ) -> None:
+        """The keyword-only arguments lay the models out as for ``PPOTrainer`` (trainers/ppo.py):
+        FSDP2 across the ranks of ``parallel`` (then ``optimizer`` must be None), compute
+        ``dtype``, gradient checkpointing, a token budget per forward."""
+        layout = TrainingLayout(parallel, dtype, gradient_checkpointing, max_tokens_per_microbatch)
+        check_no_optimizer_when_sharded(layout, optimizer, None)
+        if not isinstance(config, CriticFreeConfig):
+            raise ValueError(f"config must be a CriticFreeConfig, got {type(config).__name__}")
+        if not isinstance(model, PreTrainedModel) or isinstance(
+            model, AutoModelForCausalLMWithValueHead
+        ):
+            raise ValueError(
+                f"model must be a transformers causal LM without value head, got "
+                f"{type(model).__name__}"
+            )
+        self.config = config
+        self.model = model
+        self.tokenizer = tokenizer
+        self.ref_model = self._reference(model, ref_model)
+        self.layout = layout
+        self.policy, reference = layout.forwards(model, self.ref_model)
+        self.reference = (
+            reference_forward(self.policy, reference) if config.uses_reference else None
+        )
+        self.optimizer = optimizer or torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad],
+            lr=config.learning_rate,
+            weight_decay=0.0,
+            fused=True,
+        )
+        self.lr_scheduler = None
+        self.shuffler = Shuffler(config.seed)
+        self.current_step = 0
+
+    def _reference(
+        self, model: PreTrainedModel, ref_model: PreTrainedModel | None
+    ) -> PreTrainedModel | None:
+        """The frozen reference, only when a KL needs one: with ``beta`` and ``kl_coef`` both 0,
+        none is created (its memory is saved)."""
+        if not self.config.uses_reference:
+            if ref_model is not None:
+                warnings.warn("beta and kl_coef are 0: ref_model is not used", stacklevel=3)
+            return None
+        if ref_model is None:
+            return frozen_reference(model)
+        return ref_model.requires_grad_(False).eval()
+
+    @property
+    def current_device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def parallel(self) -> DataParallel:
+        """This rank's place in the learner's group (rank 0 of 1 in this process)."""
+        return self.layout.local(self.current_device)
+
+    @property
+    def minibatches_per_iteration(self) -> int:
+        return self.config.batch_size // self.config.optimizer_batch_size
+
+    @property
+    def needs_old_forward(self) -> bool:
+        """Whether the old-policy logprobs need their own forward pass (see the module doc)."""
+        config = self.config
+        policy_moves = config.num_iterations > 1 or self.minibatches_per_iteration > 1
+        return policy_moves or config.kl_coef > 0
+
+    def step(
+        self,
+        queries: list[torch.Tensor],
+        responses: list[torch.Tensor],
+        scores: list[torch.Tensor],
+        group_ids: Sequence[int] | torch.Tensor | None,
+        behaviour_logprobs: Sequence[torch.Tensor] | None = None,
+        truncated: Sequence[bool] | torch.Tensor | None = None,
+    ) -> dict[str, float]:
+        """One iteration on ``batch_size`` samples: ``group_ids`` marks the samples of one prompt,
+        ``behaviour_logprobs`` are the generator's per-token logprobs (for truncated importance
+        sampling), ``truncated`` flags responses cut at the length limit. Returns stats as floats.
+        """
+        config = self.config
+        device = self.current_device
+        vocab_size = lm_head_of(self.model).weight.shape[0]
+        inputs = checked_step_inputs(
+            queries, responses, scores, None, config.batch_size, vocab_size, device
+        )
+        checked_response_lengths(inputs.responses, config.max_completion_length)
+        group_ids = checked_group_ids(group_ids, config.algorithm, config.batch_size, device)
+        behaviour = checked_behaviour_logprobs(behaviour_logprobs, inputs.responses, device)
+        truncated = checked_truncated(truncated, config.batch_size, device)
+        timer = StepTimer(prefix=self.config.algorithm)
+        batch = ResponseBatch.build(inputs.queries, inputs.responses, None)
+        loss_mask = batch.mask
+        if config.mask_truncated_completions:
+            loss_mask = batch.mask * ~truncated.unsqueeze(1)
+        with eval_mode(self.model):  # dropout off: old and current logprobs from one function
+            with timer.phase("forward_pass"):
+                old_logprobs, ref_logprobs = self._rollout_logprobs(batch)
+            with timer.phase("compute_rewards"):
+                rewards, reward_kl = self._token_rewards(
+                    inputs.scores, old_logprobs, ref_logprobs, batch.mask
+                )
+            with timer.phase("compute_advantages"):
+                advantage_config = AdvantageConfig(
+                    gamma=config.gamma,
+                    scale_rewards=config.scale_rewards,
+                    normalize_advantages=config.normalize_advantages,
+                )
+                estimator = ADVANTAGE_ESTIMATORS[config.algorithm]
+                advantages, _ = estimator(rewards, loss_mask, None, group_ids, advantage_config)
+            with timer.phase("optimize_step"):
+                minibatch_metrics, old_logprobs = self._train(
+                    batch, loss_mask, old_logprobs, ref_logprobs, advantages, behaviour
+                )
+        stats = {
+            **mean_metrics(minibatch_metrics),
+            **rollout_stats(batch, loss_mask, inputs.scores, group_ids, truncated, advantages),
+            "learning_rate": self.optimizer.param_groups[0]["lr"],
+        }
+        if reward_kl is not None:
+            stats["kl_in_reward"] = masked_mean(reward_kl, batch.mask)
+        if behaviour is not None:
+            mismatch = behaviour_mismatch_stats(old_logprobs, behaviour, loss_mask, config.tis_cap)
+            stats.update(mismatch)
+        stats.update(timer.stats())
+        self.current_step += 1
+        return {key: float(value) for key, value in stats.items()}
+
+    def _rollout_logprobs(
+        self, batch: ResponseBatch
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Old-policy logprobs (None when the training forward gives them) and reference ones
+        (None without a reference), ``[batch, width]``."""
+        chunk_size = self.config.optimizer_batch_size
+        old, ref = None, None
+        if self.needs_old_forward:
+            old = batch_logprobs(self.policy, batch, chunk_size, self.layout)
+        if self.reference is not None:
+            ref = batch_logprobs(self.reference, batch, chunk_size, self.layout)
+        return old, ref
+
+    def _token_rewards(
+        self,
+        scores: torch.Tensor,
+        old_logprobs: torch.Tensor | None,
+        ref_logprobs: torch.Tensor | None,
+        mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The score on each response's last token, minus ``kl_coef * KL_t`` on every token when
+        the reward carries the KL; returns ``(rewards, KL_t or None)``."""
+        config = self.config
+        kl = None
+        if config.kl_coef > 0:
+            kl = KL_PENALTIES[config.kl_penalty](old_logprobs, ref_logprobs) * mask
+        no_kl = torch.zeros_like(mask, dtype=torch.float)
+        rewards, _ = per_token_rewards(scores, no_kl if kl is None else kl, mask, config.kl_coef)
+        return rewards, kl
+
+    def _train(
+        self,
+        batch: ResponseBatch,
+        loss_mask: torch.Tensor,
+        old_logprobs: torch.Tensor | None,
+        ref_logprobs: torch.Tensor | None,
+        advantages: torch.Tensor,
+        behaviour: torch.Tensor | None,
+    ) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
+        """``num_iterations`` passes over shuffled minibatches, one optimizer step each; returns
+        each minibatch's metrics and the old-policy logprobs the loss used."""
+        config = self.config
+        loss_config = CriticFreeLossConfig(
+            loss_type=config.loss_type,
+            epsilon=config.epsilon,
+            epsilon_high=config.epsilon_high,
+            beta=config.beta,
+            importance_sampling_level=config.importance_sampling_level,
+            use_bias_correction_kl=config.use_bias_correction_kl,
+            max_completion_length=config.max_completion_length,
+            steps_per_generation=self.minibatches_per_iteration,
+        )
+        fill_old = old_logprobs is None  # then the one training forward gives them
+        targets = CriticFreeTargets(
+            old_logprobs=torch.zeros_like(loss_mask, dtype=torch.float)
+            if fill_old
+            else old_logprobs,
+            fill_old=fill_old,
+            ref_logprobs=ref_logprobs,
+            advantages=advantages,
+            mask=loss_mask,
+            behaviour=behaviour,
+            tis_cap=config.tis_cap,
+            config=loss_config,
+            num_items_in_batch=loss_mask.sum(),
+        )
+        all_metrics: list[dict[str, torch.Tensor]] = []
+        size = config.optimizer_batch_size
+        for iteration in range(config.num_iterations):
+            permutation = self.shuffler.permutation(config.batch_size)
+            for index, start in enumerate(range(0, config.batch_size, size)):
+                where = f"step {self.current_step}, iteration {iteration}, minibatch {index}"
+                rows = permutation[start : start + size]
+                mask = loss_mask[torch.tensor(rows, device=loss_mask.device)]
+                if not mask.any():
+                    continue  # every sample masked (truncated): nothing to learn from
+                outputs, result = self._minibatch(batch, rows, targets, where)
+                grad_norm = self._optimizer_step(where)
+                all_metrics.append(
+                    {
+                        "loss": result.loss.detach(),
+                        "entropy": masked_mean(outputs.entropy, mask),
+                        "grad_norm": result.loss.new_tensor(grad_norm),
+                        **result.metrics,
+                    }
+                )
+        return all_metrics, targets.old_logprobs
+
+    def _minibatch(
+        self, batch: ResponseBatch, rows: list[int], targets: CriticFreeTargets, where: str
+    ) -> tuple[ResponseOutputs, CriticFreeLossOutput]:
+        """One minibatch's forward and backward: its outputs and loss.
+
+        In one piece (one rank, within the token budget) the loss's backward is its own; split
+        (over ranks or micro-batches), each micro-batch backpropagates its share of the
+        minibatch's loss, and the loss and metrics come from the gathered outputs."""
+        micro_batches = self.layout.micro_batches(batch, rows)
+        index = torch.tensor(rows, device=batch.mask.device)
+        if self.parallel.world_size == 1 and len(micro_batches) == 1:
+            outputs = self.policy(PackedRows.build(batch, rows), with_entropy=True)
+            result = targets.loss(outputs, index)
+            self._check_finite(result.loss, where)
+            result.loss.backward()
+            return outputs, result
+        share = LOSS_TYPE_SHARES[targets.config.loss_type]
+
+        def loss_of(outputs: ResponseOutputs, micro_rows: torch.Tensor) -> torch.Tensor:
+            part = share(targets.mask[micro_rows], targets.mask[index])
+            return targets.loss(outputs, micro_rows).loss * part
+
+        outputs = split_backward(
+            self.policy, batch, rows, micro_batches, loss_of, self.parallel, with_entropy=True
+        )
+        result = targets.loss(outputs, index)
+        self._check_finite(result.loss, where)
+        return outputs, result
+
+    def _check_finite(self, loss: torch.Tensor, where: str) -> None:
+        """``check_finite_loss``; no gradient of a failed step carries into the next."""
+        try:
+            check_finite_loss(loss, where, CRITIC_FREE_ADVICE)
+        except FloatingPointError:
+            self.optimizer.zero_grad()
+            raise
+
+    def _optimizer_step(self, where: str) -> float:
+        """Check the gradient norm, clip (if ``max_grad_norm``), step, zero; returns the norm."""
+        parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
+        try:
+            norm = finite_grad_norm(parameters, where, CRITIC_FREE_ADVICE)
+        except FloatingPointError:
+            self.optimizer.zero_grad()
+            raise
+        if self.config.max_grad_norm is not None:
+            grads = [p for p in parameters if p.grad is not None]
+            torch.nn.utils.clip_grads_with_norm_(
+                grads, self.config.max_grad_norm, torch.tensor(norm)
+            )
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        return norm
+
+    def training_state(self) -> dict[str, Any]:
+        """All but weights and optimizer needed to resume exactly (JSON-able)."""
+        return {"current_step": self.current_step, "shuffle_rng": self.shuffler.state()}
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`training_state` returned."""
+        self.current_step = int(state["current_step"])
+        self.shuffler.load_state(state["shuffle_rng"])
+
+
+@dataclass
+class CriticFreeTargets:
+    """What the loss compares a minibatch's logprobs with, ``[batch, width]`` each."""
+
+    old_logprobs: torch.Tensor
+    """Filled by the training forward itself when ``fill_old``."""
+    fill_old: bool
+    ref_logprobs: torch.Tensor | None
+    advantages: torch.Tensor
+    mask: torch.Tensor
+    behaviour: torch.Tensor | None
+    tis_cap: float | None
+    config: CriticFreeLossConfig
+    num_items_in_batch: torch.Tensor
+
+    def loss(self, outputs: ResponseOutputs, rows: torch.Tensor) -> CriticFreeLossOutput:
+        """The loss of ``rows`` given their outputs, with truncated importance sampling against
+        the behaviour logprobs when given and capped."""
+        if self.fill_old:
+            self.old_logprobs[rows] = outputs.logprobs.detach()
+        old = self.old_logprobs[rows]
+        tis_weights = None
+        if self.behaviour is not None and self.tis_cap is not None:
+            tis_weights = truncated_importance_weights(old, self.behaviour[rows], self.tis_cap)
+        return critic_free_loss(
+            outputs.logprobs,
+            old,
+            None if self.ref_logprobs is None else self.ref_logprobs[rows],
+            self.advantages[rows],
+            self.mask[rows],
+            self.config,
+            num_items_in_batch=self.num_items_in_batch,
+            importance_sampling_ratio=tis_weights,
+        )
