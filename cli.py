@@ -5,16 +5,22 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import get_args
+
+from rlfleet.common.config import Algorithm
+
+ALGORITHMS = ", ".join(get_args(Algorithm))
+"""Every algorithm a job config's ``algorithm`` takes, as the help names them."""
 
 # sub-command -> (module, help). Each module defines add_arguments(parser) and run(args) -> int.
 COMMANDS = {
     "tiny-model": ("rlfleet.tasks.tiny_model", "build the tiny GPT-2 and tokenizer offline"),
     "train": (
         "rlfleet.job.train",
-        "run a PPO job (local Ray, or inside a submitted Ray job)",
+        f"run a training job ({ALGORITHMS}) on local Ray, or inside a submitted Ray job",
     ),
-    "submit": ("rlfleet.job.submit", "submit a PPO job to a Ray cluster"),
-    "checkpoints": ("rlfleet.checkpoint.commit", "list or pull checkpoints"),
+    "submit": ("rlfleet.job.submit", f"submit a training job ({ALGORITHMS}) to a Ray cluster"),
+    "checkpoints": ("rlfleet.checkpoint.command", "list or pull checkpoints"),
 }
 
 

@@ -21,9 +21,10 @@ The engine computes in the generator's dtype (float32 or bfloat16; the vLLM CPU 
 bfloat16 on CPUs with AVX512-BF16). vLLM's sampler ranks each sampled token with a function it
 compiles with torch inductor in the first generation: inductor's cache lives under
 ``config.cache_dir``, so later engines on the machine load the kernel instead of compiling it.
-On CPU the function runs eagerly instead (``rank_tokens_eagerly``): on a 2-core CPU compiling
-it took about 12 s and loading the cached kernel 2 to 8 s, while the eager count takes about
-3 ms per decoding step of 64 sequences over a 50k-token vocabulary (0.1 ms over 700 tokens).
+On CPU the function runs eagerly instead, in every worker (``vllm_worker.rank_tokens_eagerly``):
+on a 2-core CPU compiling it took about 12 s and loading the cached kernel 2 to 8 s, while the
+eager count takes about 3 ms per decoding step of 64 sequences over a 50k-token vocabulary
+(0.1 ms over 700 tokens).
 
 On GPUs the engine starts with vLLM's sleep mode: ``sleep`` moves its weights to host memory and
 drops the KV cache while a colocated learner trains, ``wake_up`` brings them back. vLLM's CPU
@@ -129,21 +130,6 @@ def use_compile_cache(cache_dir: str | Path | None) -> None:
         from torch._inductor.utils import clear_caches
 
         clear_caches()
-
-
-def rank_tokens_eagerly() -> None:
-    """Has vLLM's sampler count the tokens at least as likely as each sampled one (its rank)
-    eagerly instead of through ``torch.compile`` (vLLM 0.32's ``batched_count_greater_than``;
-    a vLLM without that function is left as it is)."""
-    from vllm.v1.sample import sampler
-
-    if hasattr(sampler, "batched_count_greater_than"):
-        sampler.batched_count_greater_than = count_at_least
-
-
-def count_at_least(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Per row of ``x``, the elements at least that row's value in ``values`` (shape (rows, 1))."""
-    return (x >= values).sum(-1)
 
 
 class VLLMEngine:

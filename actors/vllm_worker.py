@@ -91,6 +91,21 @@ def _refresh_cpu_lm_head(model: torch.nn.Module) -> None:
         dispatch_cpu_unquantized_gemm(lm_head, remove_weight=False)
 
 
+def rank_tokens_eagerly() -> None:
+    """Has vLLM's sampler count the tokens at least as likely as each sampled one (its rank)
+    eagerly instead of through ``torch.compile`` (vLLM 0.32's ``batched_count_greater_than``;
+    a vLLM without that function is left as it is)."""
+    from vllm.v1.sample import sampler
+
+    if hasattr(sampler, "batched_count_greater_than"):
+        sampler.batched_count_greater_than = count_at_least
+
+
+def count_at_least(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Per row of ``x``, the elements at least that row's value in ``values`` (shape (rows, 1))."""
+    return (x >= values).sum(-1)
+
+
 class WeightReceiverExtension:
     """Mixed into vLLM's worker class: ``self`` is the worker (``rank``, ``reload_weights``,
     ``model_runner``)."""
@@ -101,10 +116,8 @@ class WeightReceiverExtension:
         return reload_worker_weights(self, weights)
 
     def rlfleet_rank_tokens_eagerly(self) -> None:
-        """The sampler's token ranks without torch.compile in this worker's process too (see
-        ``vllm_engine.rank_tokens_eagerly``)."""
-        from rlfleet.actors.vllm_engine import rank_tokens_eagerly
-
+        """The sampler's token ranks without torch.compile in this worker's process (see
+        ``rank_tokens_eagerly``)."""
         rank_tokens_eagerly()
 
     def rlfleet_join_weight_group(self, spec: GroupSpec, first_rank: int) -> WorkerReceipt:

@@ -1,16 +1,18 @@
-"""Functions of one kind by name, so that an algorithm is data: a few names in a config."""
+"""Things of one kind by name, so that an algorithm is data: a few names in a config. Mostly
+functions (advantage estimators, KL penalties, losses); learner/registry.py's trainer specs too."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-F = TypeVar("F", bound=Callable)
+F = TypeVar("F")
 
 
 class Registry(dict[str, F], Generic[F]):
-    """``REGISTRY[name]`` is the function registered under ``name`` with ``@REGISTRY.register``;
-    an unknown name is a KeyError that lists the known ones."""
+    """``REGISTRY[name]`` is what was registered under ``name`` with ``@REGISTRY.register``
+    (or ``REGISTRY.register(name)(thing)``); an unknown name is a KeyError that lists the known
+    ones."""
 
     def __init__(self, kind: str) -> None:
         super().__init__()

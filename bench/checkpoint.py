@@ -36,7 +36,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel  # noqa: E402
 
-from rlfleet.checkpoint.commit import CheckpointSaver, save_checkpoint  # noqa: E402
+from rlfleet.checkpoint.saver import CheckpointSaver, save_checkpoint  # noqa: E402
 from rlfleet.common.config import PPOConfig  # noqa: E402
 from rlfleet.tasks.tiny_model import build_tiny_model  # noqa: E402
 from rlfleet.trainers.ppo import PPOTrainer  # noqa: E402

@@ -266,7 +266,8 @@ def checkpoint_round_trip(
     Exact resume means a difference of 0."""
     import tempfile
 
-    from rlfleet.checkpoint.commit import load_checkpoint, save_checkpoint
+    from rlfleet.checkpoint.load import load_checkpoint
+    from rlfleet.checkpoint.saver import save_checkpoint
     from rlfleet.trainers.distributed import full_state
 
     directory = Path(tempfile.gettempdir()) / f"rlfleet-suite-{port}"

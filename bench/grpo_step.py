@@ -50,7 +50,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from side_by_side import ROOT, machine, run_side  # noqa: E402
+from side_by_side import ROOT, alternate, machine, median_ratio, run_side  # noqa: E402
 
 VENVS = {
     "rlfleet": ROOT / ".venv" / "bin" / "python",
@@ -279,20 +279,19 @@ def compare(rounds: int, steps: int) -> None:
     """Alternates the two sides ``rounds`` times (order flipped every round); prints each run,
     where rlfleet's step time goes, and the median ratio rlfleet / TRL."""
     build_model_dir()
-    results: dict[str, list[dict[str, Any]]] = {"rlfleet": [], "trl": []}
     print(f"machine: {machine()}; load average: {Path('/proc/loadavg').read_text().strip()}")
     print(f"{'round':>5} {'impl':>8} {'median step s':>14} {'cpu s':>8}  steps s")
-    for round_index in range(rounds):
-        order = ("rlfleet", "trl") if round_index % 2 == 0 else ("trl", "rlfleet")
-        for impl in order:
-            result = run_side(VENVS[impl], __file__, impl, steps)
-            results[impl].append(result)
-            times = " ".join(f"{s:.2f}" for s in result["step_s"])
-            print(
-                f"{round_index:>5} {impl:>8} {result['median_step_s']:>14.3f} "
-                f"{result['median_step_cpu_s']:>8.2f}  {times}",
-                flush=True,
-            )
+
+    def row(round_index: int, impl: str, result: dict[str, Any]) -> str:
+        times = " ".join(f"{s:.2f}" for s in result["step_s"])
+        return (
+            f"{round_index:>5} {impl:>8} {result['median_step_s']:>14.3f} "
+            f"{result['median_step_cpu_s']:>8.2f}  {times}"
+        )
+
+    results = alternate(
+        VENVS, rounds, lambda impl: run_side(VENVS[impl], __file__, impl, steps), row
+    )
     for impl, runs in results.items():
         phases = {
             name: statistics.median(r["phases_s"][name] for r in runs)
@@ -300,9 +299,8 @@ def compare(rounds: int, steps: int) -> None:
         }
         by_phase = ", ".join(f"{name} {seconds:.3f}" for name, seconds in phases.items())
         print(f"{impl} step, median seconds by phase: {by_phase}")
-    pairs = list(zip(results["rlfleet"], results["trl"], strict=True))
-    ratio = statistics.median(r["median_step_s"] / t["median_step_s"] for r, t in pairs)
-    cpu_ratio = statistics.median(r["median_step_cpu_s"] / t["median_step_cpu_s"] for r, t in pairs)
+    ratio = median_ratio(results["rlfleet"], results["trl"], "median_step_s")
+    cpu_ratio = median_ratio(results["rlfleet"], results["trl"], "median_step_cpu_s")
     print(f"median step time ratio rlfleet/TRL: {ratio:.3f} (target <= 0.1)")
     print(f"median step CPU-time ratio rlfleet/TRL: {cpu_ratio:.3f}")
     print(f"load average after: {Path('/proc/loadavg').read_text().strip()}")

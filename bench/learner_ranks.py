@@ -38,9 +38,8 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 from gpu_suite import free_port
-from side_by_side import machine
+from side_by_side import MIB, machine, resident_bytes, timed_steps
 
-MIB = 2**20
 CASE_TIMEOUT_S = 600
 
 
@@ -92,11 +91,6 @@ def optimizer_moments(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     ]
 
 
-def resident_mib() -> float:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MIB
-
-
 def build_trainer(case: Case, rank: int, port: int):
     """``ppo_step.py``'s policy, reference, tokenizer and PPOConfig in a trainer laid out as
     ``case`` says (joining the group first when it has one)."""
@@ -127,33 +121,21 @@ def build_trainer(case: Case, rank: int, port: int):
 def rank_main(rank: int, case: Case, port: int, steps: int, results: Any) -> None:
     """One rank of ``case``: a warm-up step, ``steps`` timed ones, then its figures to
     ``results``."""
-    from ppo_step import PeakRss, make_batch
+    from ppo_step import make_batch
 
     torch.set_num_threads(case.threads)
     import transformers  # noqa: F401  (the libraries' share of the RSS, before any model)
 
     import rlfleet.trainers.ppo  # noqa: F401
 
-    rss_after_imports = resident_mib()
+    rss_after_imports = resident_bytes() / MIB
     trainer = build_trainer(case, rank, port)
-    trainer.step(*make_batch(0))
-    seconds, cpu_seconds, growth = [], [], []
-    for index in range(1, steps + 1):
-        batch = make_batch(index)
-        if case.group:
-            torch.distributed.barrier()
-        with PeakRss() as rss:
-            start, cpu_start = time.perf_counter(), time.process_time()
-            trainer.step(*batch)
-            seconds.append(time.perf_counter() - start)
-            cpu_seconds.append(time.process_time() - cpu_start)
-        growth.append((rss.peak - rss.start) / MIB)
+    barrier = torch.distributed.barrier if case.group else None
+    figures = timed_steps(lambda batch: trainer.step(*batch), make_batch, steps, barrier)
     results.put(
         {
             "rank": rank,
-            "step_s": seconds,
-            "step_cpu_s": cpu_seconds,
-            "step_peak_mib": growth,
+            **figures,
             "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "rss_after_imports_mib": rss_after_imports,
             "param_mib": local_bytes(trainer.model.parameters()) / MIB,

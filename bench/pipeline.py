@@ -227,21 +227,20 @@ def steady_median(seconds: list[float]) -> float:
     return statistics.median(seconds[1:] or seconds)
 
 
-def print_side(round_index: int, impl: str, result: dict[str, Any]) -> None:
+def side_row(round_index: int, impl: str, result: dict[str, Any]) -> str:
     parts = " ".join(
         f"{part}={steady_median(seconds):.3f}" for part, seconds in result["parts_s"].items()
     )
-    print(
+    return (
         f"{round_index:>5} {impl:>8} {steady_median(result['iteration_s']):>12.3f} "
         f"{result['iteration_s'][0]:>8.1f} {result['startup_s']:>10.1f} {result['wall_s']:>9.1f} "
-        f"{result['load'][0]:>5.1f}/{result['load'][1]:<5.1f}  {parts}",
-        flush=True,
+        f"{result['load'][0]:>5.1f}/{result['load'][1]:<5.1f}  {parts}"
     )
 
 
 def compare(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(ROOT / "bench"))
-    from side_by_side import machine
+    from side_by_side import alternate, machine, median_ratio
 
     load_at_start = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
@@ -252,19 +251,10 @@ def compare(args: argparse.Namespace) -> None:
         f"{'wall s':>9} "
         f"{'load':>11}  median parts (s)"
     )
-    results: dict[str, list[dict[str, Any]]] = {"rlfleet": [], "trl": []}
-    for round_index in range(args.rounds):
-        order = ("rlfleet", "trl") if round_index % 2 == 0 else ("trl", "rlfleet")
-        for impl in order:
-            results[impl].append(run_side(impl, args))
-            print_side(round_index, impl, results[impl][-1])
-
-    def median_ratio(key) -> float:
-        pairs = zip(results["rlfleet"], results["trl"], strict=True)
-        return statistics.median(key(r) / key(t) for r, t in pairs)
-
-    iteration = median_ratio(lambda r: steady_median(r["iteration_s"]))
-    whole = median_ratio(lambda r: r["wall_s"])
+    results = alternate(VENVS, args.rounds, lambda impl: run_side(impl, args), side_row)
+    ours, trl = results["rlfleet"], results["trl"]
+    iteration = median_ratio(ours, trl, lambda r: steady_median(r["iteration_s"]))
+    whole = median_ratio(ours, trl, "wall_s")
     print(f"iteration time ratio rlfleet/TRL: {iteration:.2f} (target <= 0.7)")
     print(f"whole-job wall time ratio rlfleet/TRL: {whole:.2f} (target <= 1.0)")
     if load_at_start > BUSY_LOAD:

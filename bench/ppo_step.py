@@ -28,13 +28,11 @@ import os
 import resource
 import statistics
 import sys
-import threading
-import time
 from typing import Any
 
 import numpy as np
 import torch
-from side_by_side import ROOT, machine, run_side
+from side_by_side import ROOT, alternate, machine, median_ratio, run_side, timed_steps
 
 VENVS = {"rlfleet": ROOT / ".venv" / "bin" / "python", "trl": ROOT / ".venv-trl" / "bin" / "python"}
 VOCAB_SIZE = 50257
@@ -42,8 +40,6 @@ EOS_ID = VOCAB_SIZE - 1
 BATCH_SIZE, MINI_BATCH_SIZE, PPO_EPOCHS = 32, 8, 2
 QUERY_LENGTHS, RESPONSE_LENGTHS = (8, 32), (8, 48)
 SEED = 0
-PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
-MIB = 2**20
 
 
 def build_policy_and_reference(impl: str):
@@ -113,50 +109,16 @@ def build_trainer(impl: str):
     return PPOTrainer(PPOConfig(**kwargs), policy, reference, build_tokenizer())
 
 
-def resident_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * PAGE_BYTES
-
-
-class PeakRss:
-    """Highest resident set size seen by a 2 ms sampling thread while the block runs."""
-
-    def __enter__(self) -> PeakRss:
-        self.start = resident_bytes()
-        self.peak = self.start
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.002):
-            self.peak = max(self.peak, resident_bytes())
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, resident_bytes())
-
-
 def measure(impl: str, steps: int) -> dict[str, Any]:
     """Warm-up step, then ``steps`` timed steps: seconds and peak RSS growth of each."""
     trainer = build_trainer(impl)
-    trainer.step(*make_batch(0))
-    seconds, cpu_seconds, growth = [], [], []
-    for index in range(1, steps + 1):
-        batch = make_batch(index)
-        with PeakRss() as rss:
-            start, cpu_start = time.perf_counter(), time.process_time()
-            trainer.step(*batch)
-            seconds.append(time.perf_counter() - start)
-            cpu_seconds.append(time.process_time() - cpu_start)
-        growth.append((rss.peak - rss.start) / MIB)
+    figures = timed_steps(lambda batch: trainer.step(*batch), make_batch, steps)
+    seconds, growth = figures["step_s"], figures["step_peak_mib"]
     return {
         "impl": impl,
         "step_s": seconds,
         "median_step_s": statistics.median(seconds),
-        "median_step_cpu_s": statistics.median(cpu_seconds),
+        "median_step_cpu_s": statistics.median(figures["step_cpu_s"]),
         "step_peak_mib": growth,
         "median_step_peak_mib": statistics.median(growth),
         "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -182,35 +144,31 @@ def profile(steps: int) -> None:
 def compare(rounds: int, steps: int) -> None:
     """Alternates the two sides ``rounds`` times (order flipped every round) and prints a table
     and the median ratios rlfleet / TRL."""
-    results: dict[str, list[dict[str, Any]]] = {"rlfleet": [], "trl": []}
     print(f"machine: {machine()}")
     print(
         f"{'round':>5} {'impl':>8} {'median step s':>14} {'cpu s':>8} {'steps s':>24} "
         f"{'step peak MiB':>14}"
     )
-    for round_index in range(rounds):
-        order = ("rlfleet", "trl") if round_index % 2 == 0 else ("trl", "rlfleet")
-        for impl in order:
-            result = run_side(VENVS[impl], __file__, impl, steps)
-            results[impl].append(result)
-            times = " ".join(f"{s:.2f}" for s in result["step_s"])
-            print(
-                f"{round_index:>5} {impl:>8} {result['median_step_s']:>14.2f} "
-                f"{result['median_step_cpu_s']:>8.2f} {times:>24} "
-                f"{result['median_step_peak_mib']:>14.0f}",
-                flush=True,
-            )
 
-    def median_ratio(key: str) -> float:
-        pairs = zip(results["rlfleet"], results["trl"], strict=True)
-        return statistics.median(r[key] / t[key] for r, t in pairs)
+    def row(round_index: int, impl: str, result: dict[str, Any]) -> str:
+        times = " ".join(f"{s:.2f}" for s in result["step_s"])
+        return (
+            f"{round_index:>5} {impl:>8} {result['median_step_s']:>14.2f} "
+            f"{result['median_step_cpu_s']:>8.2f} {times:>24} "
+            f"{result['median_step_peak_mib']:>14.0f}"
+        )
 
-    print(
-        f"median step time ratio rlfleet/TRL: {median_ratio('median_step_s'):.3f} (target <= 0.3)"
+    results = alternate(
+        VENVS, rounds, lambda impl: run_side(VENVS[impl], __file__, impl, steps), row
     )
-    print(f"median step CPU-time ratio rlfleet/TRL: {median_ratio('median_step_cpu_s'):.3f}")
+
+    def ratio(key: str) -> float:
+        return median_ratio(results["rlfleet"], results["trl"], key)
+
+    print(f"median step time ratio rlfleet/TRL: {ratio('median_step_s'):.3f} (target <= 0.3)")
+    print(f"median step CPU-time ratio rlfleet/TRL: {ratio('median_step_cpu_s'):.3f}")
     print(
-        f"median step peak memory ratio rlfleet/TRL: {median_ratio('median_step_peak_mib'):.3f} "
+        f"median step peak memory ratio rlfleet/TRL: {ratio('median_step_peak_mib'):.3f} "
         "(target < 1)"
     )
 

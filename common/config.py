@@ -8,9 +8,12 @@ actor starts.
 from __future__ import annotations
 
 import os
+import re
+import reprlib
 import sys
-from pathlib import Path
-from typing import Any, Literal
+import urllib.parse
+from collections.abc import Mapping
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
@@ -21,6 +24,12 @@ def _default_exp_name() -> str:
     return os.path.basename(sys.argv[0] if sys.argv else "")[: -len(".py")]
 
 
+STRICT_MODEL_CONFIG = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+"""Every config model's settings, in one place: unknown keys are refused, assignments are
+validated, and every float field refuses ``inf`` and ``nan`` (YAML's ``.inf`` and ``.nan``, in
+the file or a ``--set``), whatever its bounds: ``gt=0`` refuses ``nan`` but not ``inf``."""
+
+
 class PPOConfig(BaseModel):
     """Every field and default of TRL v0.11.4's ``PPOConfig``, validated.
 
@@ -29,7 +38,7 @@ class PPOConfig(BaseModel):
     uploads or accelerate are kept so that existing scripts run unchanged; they have no effect.
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = STRICT_MODEL_CONFIG
 
     exp_name: str = Field(default_factory=_default_exp_name)
     seed: int = 0
@@ -152,7 +161,7 @@ class CriticFreeConfig(BaseModel):
     with both 0 no reference model exists.
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = STRICT_MODEL_CONFIG
 
     algorithm: CriticFreeAlgorithm = "grpo"
     """The advantage estimator (algorithms/advantages.py)."""
@@ -224,7 +233,7 @@ class CriticFreeConfig(BaseModel):
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = STRICT_MODEL_CONFIG
 
 
 class DatasetConfig(StrictModel):
@@ -280,6 +289,12 @@ class GeneratorConfig(StrictModel):
     """The vLLM engine's tensor-parallel size: each generator's engine runs this many workers
     (one GPU each on GPUs: ``num_gpus`` is then this size), and every one of them receives the
     new weights."""
+    timeout_s: PositiveFloat = 120.0
+    """A generator's deadline for one shard to sample: ``timeout_s`` plus 0.01 s for each token it
+    may sample (its rows x ``max_new_tokens``), counted from when the shard is sent (after any
+    call queued before it). A generator past it is taken for dead (stalled, e.g. stopped): it is
+    killed, restarted, and its shard is sent again. ``sleep`` and ``wake_up`` have ``timeout_s``;
+    a weight load has ``weight_sync.timeout_s``."""
 
     @model_validator(mode="after")
     def _tensor_parallel_engine(self) -> GeneratorConfig:
@@ -341,6 +356,9 @@ class RewardConfig(StrictModel):
     num_cpus: float = Field(default=1.0, ge=0)
     num_gpus: float = Field(default=0.0, ge=0)
     timeout_s: PositiveFloat = 30.0
+    """Bounds each call of a reward source. A reward actor that has not scored its shard within
+    ``timeout_s`` (once per component) plus 30 s is taken for dead (stalled, e.g. stopped): it is
+    killed, restarted, and its shard is sent again."""
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> RewardConfig:
@@ -386,6 +404,11 @@ class LearnerConfig(StrictModel):
     """Deadline of the learner ranks' collectives, and (plus a minute) of the driver's wait for
     each call to the ranks: start-up, a step, a weight publication, a checkpoint. A dead or
     stalled rank fails the call naming it; raise it for steps that take longer."""
+    liveness_timeout_s: PositiveFloat = 60.0
+    """While a call to the ranks is outstanding (a step may rightly take ``timeout_s``), each
+    rank is asked every few seconds whether it is alive, on a thread of its own; a rank that
+    does not answer within ``liveness_timeout_s`` (stopped, or its process frozen) fails the
+    call at once, and the learner is restarted as for a dead rank."""
     max_restarts: int = Field(default=3, ge=0)
     """Times the job restarts the learner after a rank died or stalled: the new ranks restore
     the latest checkpoint this run saved or resumed from (the model directory when there is
@@ -416,7 +439,9 @@ class WeightSyncConfig(StrictModel):
     bucket_mb: PositiveFloat = 256.0
     """Tensors travel packed in buckets of at most this size."""
     timeout_s: PositiveFloat = 120.0
-    """A sync not finished by then fails, naming the generator that did not answer."""
+    """A sync not finished by then fails, naming the generator that did not answer. Through the
+    object store, a generator that has not loaded the weights by then (counted from when any
+    call queued before the load is due) is killed and restarted, and loads them anew."""
 
 
 class CheckpointConfig(StrictModel):
@@ -526,6 +551,12 @@ class LoggingConfig(StrictModel):
 Placement = Literal["colocated", "disaggregated"]
 
 Algorithm = Literal["ppo", "grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"]
+TRAINER_SECTIONS: dict[str, str] = {
+    "ppo": "ppo",
+    **dict.fromkeys(get_args(CriticFreeAlgorithm), "critic_free"),
+}
+"""Each algorithm's trainer section of a job config (its trainer's config). The learner resolves
+the algorithm to its trainer once, from the job config (learner/registry.py)."""
 GROUPED_ALGORITHMS = ("grpo", "rloo", "reinforce_pp_baseline")
 """The algorithms whose baseline is the other samples of a prompt: groups of two or more."""
 
@@ -583,7 +614,12 @@ class JobConfig(StrictModel):
     @property
     def trainer_config(self) -> PPOConfig | CriticFreeConfig:
         """The learner trainer's config: ``ppo`` or ``critic_free``, as ``algorithm`` says."""
-        return self.ppo if self.critic_free is None else self.critic_free
+        return getattr(self, self.trainer_section)
+
+    @property
+    def trainer_section(self) -> str:
+        """The section of ``trainer_config``: ``TRAINER_SECTIONS[algorithm]``."""
+        return TRAINER_SECTIONS[self.algorithm]
 
     @property
     def generator_dtype(self) -> str:
@@ -605,7 +641,7 @@ class JobConfig(StrictModel):
     def batch_key(self) -> str:
         """The key of the batch size, for messages: ``ppo.batch_size`` or
         ``critic_free.batch_size``."""
-        return "ppo.batch_size" if self.critic_free is None else "critic_free.batch_size"
+        return f"{self.trainer_section}.batch_size"
 
     @property
     def samples_per_iteration(self) -> int:
@@ -666,6 +702,20 @@ class JobConfig(StrictModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _check_group_samples_differ(self) -> JobConfig:
+        """A grouped algorithm's advantage is each sample's score against the others of its
+        prompt: greedy samples are all alike, so every advantage is 0 and nothing trains."""
+        samples, greedy = self.generators.n_samples_per_prompt, self.generators.temperature == 0
+        if self.algorithm in GROUPED_ALGORITHMS and samples > 1 and greedy:
+            raise ValueError(
+                f"generators.n_samples_per_prompt is {samples} but generators.temperature is 0: "
+                "greedy decoding answers a prompt the same way every time, so every "
+                f"{self.algorithm} advantage (a sample against the others of its prompt) is 0 "
+                "and nothing trains; set generators.temperature > 0"
+            )
+        return self
+
     def _check_gpu_colocation(self) -> None:
         """Colocated on GPUs, a learner rank and its generators fit one GPU, and generation
         cannot overlap training (the engines sleep while the learner trains)."""
@@ -704,16 +754,118 @@ def parse_override(override: str) -> tuple[list[str], Any]:
     """Split ``"generators.num_actors=4"`` into its key path and YAML-parsed value."""
     key, sep, raw = override.partition("=")
     if not sep or not key:
-        raise ValueError(f"override {override!r} must look like section.field=value")
-    return key.split("."), _parse_yaml(raw, f"override {override!r}")
+        raise ValueError(f"override {shown(override)} must look like section.field=value")
+    return key.split("."), parse_yaml(raw, f"override {shown(override)}")
 
 
-def _parse_yaml(text: str, where: str) -> Any:
-    """YAML text; a syntax error is a one-line ``ValueError`` naming ``where`` and the line."""
+MAX_CONFIG_BYTES = 1 << 20
+"""The largest job config file read (1 MiB); a real one is a few KiB."""
+MAX_EXPANDED_SIZE = 2 * MAX_CONFIG_BYTES
+"""The largest YAML document built, in characters of its scalars plus one per node, each alias
+counted as a copy of what it names: so aliases cannot make a small file a huge document (a
+"billion laughs" one expands to gigabytes in a message, a tracker or a Ray argument)."""
+
+
+class BoundedYamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader for user-written YAML: a key given twice in one mapping is an error
+    (PyYAML keeps the last), and the document may not grow past ``MAX_EXPANDED_SIZE`` through
+    aliases, nor alias itself. Each error is one ``ValueError`` line naming ``where`` (the file or
+    the override) and the line."""
+
+    def __init__(self, stream: str | bytes, where: str) -> None:
+        super().__init__(stream)
+        self.where = where
+        self.expanded_size = 0
+        self.anchored_sizes: dict[int, int] = {}
+        """The expanded size of each anchored node, by ``id`` (the nodes live as long as the
+        loader's document)."""
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            node = super().compose_node(parent, index)
+            size = self.anchored_sizes.get(id(node))
+            if size is None:
+                raise ValueError(
+                    f"{self._at(event.start_mark)}: alias *{event.anchor} is inside the node it "
+                    "names; a job config cannot be recursive"
+                )
+            self._grow(size, f"alias *{event.anchor}", event.start_mark)
+            return node
+        before = self.expanded_size
+        node = super().compose_node(parent, index)
+        own = len(node.value) + 1 if isinstance(node, yaml.ScalarNode) else 1
+        self._grow(own, "the document", event.start_mark)
+        if event.anchor is not None:
+            self.anchored_sizes[id(node)] = self.expanded_size - before
+        return node
+
+    def compose_mapping_node(self, anchor: str | None) -> yaml.MappingNode:
+        node = super().compose_mapping_node(anchor)
+        first_marks: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                continue  # a merge (<<) may give keys that the mapping then sets itself
+            key = self.construct_object(key_node)
+            first = first_marks.setdefault(key, key_node.start_mark)
+            if first is not key_node.start_mark:
+                raise ValueError(
+                    f"{self._at(key_node.start_mark)}: duplicate key {shown(key)} (first at line "
+                    f"{first.line + 1}); give each key once"
+                )
+        return node
+
+    def _grow(self, size: int, what: str, mark: yaml.Mark) -> None:
+        self.expanded_size += size
+        if self.expanded_size > MAX_EXPANDED_SIZE:
+            raise ValueError(
+                f"{self._at(mark)}: {what} makes the document larger than "
+                f"{MAX_EXPANDED_SIZE:,} characters once its aliases are expanded (each counts as "
+                "a copy of what it names); write out fewer repeated values"
+            )
+
+    def _at(self, mark: yaml.Mark) -> str:
+        return f"{self.where}, line {mark.line + 1}"
+
+
+def parse_yaml(text: str | bytes, where: str) -> Any:
+    """One YAML document read with ``BoundedYamlLoader``; a syntax error is a one-line
+    ``ValueError`` naming ``where`` and the line, as are the loader's own errors."""
+    loader = BoundedYamlLoader(text, where)
     try:
-        return yaml.safe_load(text)
+        return loader.get_single_data()
     except yaml.YAMLError as exc:
         raise ValueError(f"{where} is not valid YAML: {' '.join(str(exc).split())}") from exc
+    finally:
+        loader.dispose()
+
+
+def read_config_file(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of a config file of at most ``MAX_CONFIG_BYTES``; a larger one is a one-line
+    ``ValueError`` (without reading it whole)."""
+    with open(path, "rb") as file:
+        data = file.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            size = max(os.fstat(file.fileno()).st_size, len(data))
+            raise ValueError(
+                f"{path} is {size:,} bytes or more; a job config may have at most "
+                f"{MAX_CONFIG_BYTES:,} (1 MiB)"
+            )
+    return data
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` for a message, at most ``limit`` characters: a user's value is never
+    written out whole (a long string or a deep structure is cut, without building its whole
+    repr first)."""
+    text = _SHORT_REPR.repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlevel = 3
+_SHORT_REPR.maxstring = _SHORT_REPR.maxother = _SHORT_REPR.maxlong = 80
+_SHORT_REPR.maxdict = _SHORT_REPR.maxlist = _SHORT_REPR.maxtuple = _SHORT_REPR.maxset = 6
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -733,7 +885,104 @@ def load_job_config(path: str | os.PathLike[str], overrides: list[str] = ()) -> 
 
     Relative paths in it are relative to the working directory, as in a submitted Ray job.
     """
-    raw = _parse_yaml(Path(path).read_text(), str(path)) or {}
+    raw = parse_yaml(read_config_file(path), str(path)) or {}
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: a job config is a mapping of sections, got {type(raw).__name__}")
     return JobConfig.model_validate(apply_overrides(raw, list(overrides)))
+
+
+MASK = "***"
+URL_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+"""A URL inside any text: a scheme, ``://`` and what follows up to a space or a quote."""
+SECRET_WORDS = frozenset(
+    (
+        "apikey",
+        "auth",
+        "authorization",
+        "bearer",
+        "cookie",
+        "credential",
+        "credentials",
+        "passphrase",
+        "passwd",
+        "password",
+        "pwd",
+        "secret",
+        "signature",
+        "token",
+    )
+)
+"""A key holding one of these words (``hf_token``, ``Authorization``, ``aws_secret_access_key``)
+names a secret; so does one holding ``key`` after ``api``, ``access``, ``private`` or
+``secret`` (``api_key``, ``X-API-Key``)."""
+KEY_QUALIFIERS = frozenset(("api", "access", "private", "secret", "signing", "session"))
+
+
+def names_secret(key: str) -> bool:
+    """Whether a config key (any depth, flattened ``a/b/c`` too) names a secret: a word of it
+    (split at ``_ - / .``, spaces and camelCase) is in ``SECRET_WORDS`` or is ``key`` after a
+    word of ``KEY_QUALIFIERS``. ``max_new_tokens`` is not one (``tokens`` is not ``token``)."""
+    words = [w.lower() for w in re.findall(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|\d+", key)]
+    return any(
+        word in SECRET_WORDS or (word == "key" and index and words[index - 1] in KEY_QUALIFIERS)
+        for index, word in enumerate(words)
+    )
+
+
+def masked_url(url: str) -> str:
+    """``url`` with ``***`` for its credentials (``user:password@``), each query value and its
+    fragment; the scheme, host, port and path stay. A URL with none of them is returned as is."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # e.g. an unbalanced IPv6 bracket: nothing of it is shown
+        return f"{url.partition('://')[0]}://{MASK}"
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if not (at or parts.query or parts.fragment):
+        return url
+    query = "&".join(
+        f"{name.partition('=')[0]}={MASK}" if name else "" for name in parts.query.split("&")
+    )
+    return urllib.parse.urlunsplit(
+        (
+            parts.scheme,
+            f"{MASK}@{host}" if at else host,
+            parts.path,
+            query,
+            MASK if parts.fragment else "",
+        )
+    )
+
+
+def masked_text(text: str) -> str:
+    """``text`` with every URL in it masked (``masked_url``)."""
+    return URL_PATTERN.sub(lambda match: masked_url(match.group()), text)
+
+
+def masked_config(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a config dict (``JobConfig.model_dump()``, ``PPOConfig.to_dict()``, any nested
+    or flattened mapping) fit to be written where others read it, such as a tracker's files: at
+    any depth, the value of a key that names a secret (``names_secret``) is ``***``, and every
+    URL inside a string keeps its scheme, host and path but not its credentials, query values or
+    fragment (``masked_url``). Used by every tracker that records the config."""
+    return {key: _masked(key, value) for key, value in values.items()}
+
+
+def _masked(key: Any, value: Any) -> Any:
+    if value is not None and isinstance(key, str) and names_secret(key):
+        return MASK
+    if isinstance(value, str):
+        return masked_text(value)
+    if isinstance(value, Mapping):
+        return masked_config(value)
+    if isinstance(value, (list, tuple)):
+        return [_masked(None, item) for item in value]
+    return value
+
+
+def masked_argument(argument: str) -> str:
+    """A command-line argument fit to be recorded: ``--set reward.kwargs.api_key=...`` loses its
+    value, and any URL in it is masked (``masked_text``)."""
+    key, sep, value = argument.partition("=")
+    if sep and names_secret(key):
+        return f"{key}={MASK}"
+    return masked_text(argument)

@@ -22,9 +22,10 @@ import os
 import re
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from urllib.parse import unquote, urlparse
 
 import pyarrow.fs as pafs
@@ -41,6 +42,8 @@ CREDENTIAL_ERROR_CODES = frozenset(
     }
 )
 _AWS_ERROR = re.compile(r"AWS Error (\w+)")
+DOWNLOAD_THREADS = 8
+"""Files that :meth:`Storage.download_dir` copies at once (each transfer releases the GIL)."""
 
 
 class StorageError(OSError):
@@ -59,6 +62,10 @@ class StorageUnreachableError(StorageError):
     """The object store's endpoint could not be reached."""
 
 
+class UnsafePathError(StorageError):
+    """A name read from a store's listing or a manifest would lead outside its directory."""
+
+
 def resolve_endpoint(endpoint_override: str | None = None) -> str | None:
     """The S3 endpoint to use: the explicit override, else the standard AWS variables."""
     return (
@@ -71,6 +78,37 @@ def resolve_endpoint(endpoint_override: str | None = None) -> str | None:
 
 def join_uri(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *parts])
+
+
+def safe_join(root: str | os.PathLike[str], name: str, where: str) -> Path:
+    """``root / name`` for a ``name`` that came from outside (a store's listing, a manifest),
+    checked before anything is written or read there. An :class:`UnsafePathError` naming
+    ``name`` and ``where`` (what it belongs to: the checkpoint's URI, say) unless ``name`` is a
+    plain relative path of ``/``-separated parts (none empty, ``.`` or ``..``; no backslash, NUL
+    or drive) and stays inside ``root`` once symlinks are resolved.
+
+    Every place where such a name becomes a local path goes through here: an S3 key may hold
+    ``..``, so a listing can name ``step-1/../../x``."""
+    reason = _unsafe_name(name)
+    path = Path(root) / name
+    if reason is None and not path.resolve().is_relative_to(Path(root).resolve()):
+        reason = "it resolves through a symlink to outside"
+    if reason is not None:
+        raise UnsafePathError(f"{where}: refusing the file name {name!r}: {reason} {root}")
+    return path
+
+
+def _unsafe_name(name: str) -> str | None:
+    """Why ``name`` is not a plain relative path, or None."""
+    if not name:
+        return "an empty name is not a file in"
+    if "\\" in name or "\0" in name or PureWindowsPath(name).drive:
+        return "a backslash, NUL or drive has no place in a name under"
+    if name.startswith("/"):
+        return "an absolute name is not under"
+    if any(part in ("", ".", "..") for part in name.split("/")):
+        return "an empty, '.' or '..' part may lead outside"
+    return None
 
 
 @dataclass(frozen=True)
@@ -151,20 +189,40 @@ class Storage:
             )
 
     def download_dir(self, relative: str, local_dir: str | os.PathLike[str]) -> Path:
-        """Copy every file under ``relative`` into ``local_dir`` (created if needed)."""
-        if not self.list_files(relative):
+        """Copy every file under ``relative`` into ``local_dir`` (created if needed). Every
+        listed name is checked (:func:`safe_join`) before the first file is copied, so a
+        hostile listing (``a/../../x``) writes nothing anywhere."""
+        listed = self.list_files(relative)
+        if not listed:
             raise FileNotFoundError(f"nothing to download at {join_uri(self.uri, relative)}")
         destination = Path(local_dir).resolve()
+        where = join_uri(self.uri, relative) if relative else self.uri
+        targets = {name: safe_join(destination, name, where) for name in sorted(listed)}
+        if self.is_local:  # a symlink in a local store must not read from outside it
+            for name in targets:
+                safe_join(self._path(relative), name, where)
         destination.mkdir(parents=True, exist_ok=True)
+        with ThreadPoolExecutor(max_workers=DOWNLOAD_THREADS) as pool:
+            copies = [
+                pool.submit(self.download_file, f"{relative.strip('/')}/{name}", target)
+                for name, target in targets.items()
+            ]
+            for copy in copies:
+                copy.result()
+        return destination
+
+    def download_file(self, relative: str, local_path: str | os.PathLike[str]) -> None:
+        """Copy the file ``relative`` to ``local_path`` (its directory created if needed), which
+        the caller checked (:func:`safe_join`) when ``relative`` came from a listing."""
+        Path(local_path).parent.mkdir(parents=True, exist_ok=True)
         with self._errors():
             pafs.copy_files(
                 self._path(relative),
-                str(destination),
+                str(local_path),
                 source_filesystem=self.filesystem,
                 destination_filesystem=pafs.LocalFileSystem(),
                 chunk_size=8 << 20,
             )
-        return destination
 
     def delete(self, relative: str = "") -> None:
         """Delete a file or everything under a prefix; a missing path is not an error."""

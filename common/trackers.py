@@ -7,6 +7,10 @@ tables of each call as one line; TensorBoard (``torch.utils.tensorboard``) and W
 it. W&B runs offline unless told otherwise, so no login or network is needed; ``wandb sync``
 uploads a run later. The ``tensorboard`` and ``wandb`` packages are the ``trackers`` extra.
 
+The config a tracker records is masked first (``masked_config``: secrets by key name, URLs'
+credentials and query values), and so is the command line W&B records: a tracker's files hold
+no credential of the config.
+
 ``rewind(step)`` says that the steps from ``step`` on are logged again (a job trained them again
 from a checkpoint): the JSONL file drops its lines from ``step`` on, TensorBoard gets a restart
 marker at ``step``, W&B can take nothing back (see ``WandbTracker.rewind``).
@@ -16,13 +20,17 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+
+from rlfleet.common.config import masked_argument, masked_config
 
 TRACKER_NAMES = ("tensorboard", "wandb")
 
@@ -137,7 +145,8 @@ class JsonlTracker:
 class TensorBoardTracker:
     """Event files in ``logdir``: scalars, histograms, texts, and tables as Markdown texts.
 
-    ``config`` is written once, as a Markdown table under the text tag ``config``.
+    ``config`` is written once, masked (``masked_config``), as a Markdown table under the text
+    tag ``config``.
     """
 
     name = "tensorboard"
@@ -150,7 +159,7 @@ class TensorBoardTracker:
         self.logdir = Path(logdir)
         self.writer = SummaryWriter(log_dir=str(self.logdir))
         if config:
-            rows = [[key, value] for key, value in config.items()]
+            rows = [[key, value] for key, value in masked_config(config).items()]
             self.writer.add_text("config", Table(["key", "value"], rows).to_markdown())
             self.writer.flush()
 
@@ -185,7 +194,9 @@ class WandbTracker:
     """A W&B run under ``directory/wandb/``; offline unless ``mode`` or ``WANDB_MODE`` says
     otherwise. A run the script already started with ``wandb.init`` is logged into instead.
 
-    ``init_kwargs`` go to ``wandb.init`` (``name``, ``entity``, ``tags``, ...).
+    ``init_kwargs`` go to ``wandb.init`` (``name``, ``entity``, ``tags``, ...). The run's config
+    is ``config`` masked (``masked_config``), and the command line it records (its metadata's
+    ``args``) is masked too (``masked_argument``).
     """
 
     name = "wandb"
@@ -201,19 +212,21 @@ class WandbTracker:
         import wandb
 
         self._wandb = wandb
+        config = masked_config(config or {})
         if wandb.run is not None:
             self.run = wandb.run
             if config:
-                self.run.config.update(dict(config), allow_val_change=True)
+                self.run.config.update(config, allow_val_change=True)
         else:
             Path(directory).mkdir(parents=True, exist_ok=True)
-            self.run = wandb.init(
-                project=project,
-                dir=str(directory),
-                config=dict(config or {}),
-                mode=mode or os.environ.get("WANDB_MODE", "offline"),
-                **init_kwargs,
-            )
+            with masked_command_line():
+                self.run = wandb.init(
+                    project=project,
+                    dir=str(directory),
+                    config=config,
+                    mode=mode or os.environ.get("WANDB_MODE", "offline"),
+                    **init_kwargs,
+                )
 
     def log(self, values: Mapping[str, Any], step: int) -> None:
         split = split_values(values)
@@ -231,6 +244,18 @@ class WandbTracker:
 
     def close(self) -> None:
         self.run.finish()
+
+
+@contextmanager
+def masked_command_line() -> Iterator[None]:
+    """``sys.argv`` masked (``masked_argument``) while inside: W&B reads it at ``wandb.init``
+    into the run's metadata (``--set reward.url=...`` would carry its credentials there)."""
+    argv = sys.argv
+    sys.argv = [masked_argument(argument) for argument in argv]
+    try:
+        yield
+    finally:
+        sys.argv = argv
 
 
 class Trackers:

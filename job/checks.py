@@ -9,8 +9,10 @@ names against the reward function's arguments.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import json
+import logging
 import os
 import uuid
 from collections.abc import Iterable
@@ -18,7 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from rlfleet.common.config import CheckpointConfig, JobConfig, RewardConfig
+from rlfleet.common.errors import one_line
 from rlfleet.trainers.lora import check_lora_job
+
+logger = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "vocab.txt", "spiece.model")
 """A model directory has a tokenizer when it holds at least one of these."""
@@ -35,7 +40,8 @@ def check_config(config: JobConfig) -> None:
     a model the generators' engine cannot serve, a reward function or model (or eval's) that
     cannot be loaded, a checkpoint location, ``output_dir`` or ``metrics.file_sd_dir``
     that cannot be written, a tracker whose package is missing, a LoRA
-    job that cannot run."""
+    job that cannot run (peft missing, a ``lora.target_modules`` name the model lacks). Warns
+    (once, at start) of actors a batch leaves idle."""
     check_model_dir("model", config.model)
     check_local_gpus(config)
     check_generation_fits_context(config)
@@ -54,6 +60,112 @@ def check_config(config: JobConfig) -> None:
         check_lora_job(config)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    check_lora_target_modules(config)
+    warn_idle_actors(config)
+
+
+def warn_idle_actors(config: JobConfig) -> None:
+    """A batch is split into one shard per generator (and per reward actor), a shard at least
+    one sample: a batch smaller than the pool leaves the rest of it idle every iteration."""
+    samples = config.samples_per_iteration
+    for key, actors in (
+        ("generators.num_actors", config.generators.num_actors),
+        ("reward.num_actors", config.reward.num_actors),
+    ):
+        if samples < actors:
+            logger.warning(
+                "%s: %d samples per iteration for %s %d: %d of them get no sample and stay "
+                "idle; set %s to at most %d or raise %s",
+                config.batch_key,
+                samples,
+                key,
+                actors,
+                actors - samples,
+                key,
+                samples,
+                config.batch_key,
+            )
+
+
+LORA_MODULE_TYPES = (
+    "Linear",
+    "Embedding",
+    "Conv1d",
+    "Conv2d",
+    "Conv3d",
+    "MultiheadAttention",
+    "Conv1D",
+)
+"""The classes of the modules peft's LoRA adapts (torch's, and transformers' ``Conv1D``)."""
+
+
+def check_lora_target_modules(config: JobConfig) -> None:
+    """Each name of a ``lora.target_modules`` list must name (as peft matches it: the module's
+    name or its last dotted parts) a module of the model that LoRA adapts: peft skips an
+    unknown name silently when another one matches, and fails the learner's start (again at
+    each restart) when none does."""
+    lora = config.lora
+    if lora is None or lora.target_modules == "all-linear":
+        return
+    names = adaptable_module_names(config.model, config.trust_remote_code)
+    for target in lora.target_modules:
+        if any(name == target or name.endswith(f".{target}") for name in names):
+            continue
+        suffixes = sorted({name.rpartition(".")[2] for name in names})
+        close = difflib.get_close_matches(target, suffixes, n=3, cutoff=0.5)
+        valid = [*close, *(suffix for suffix in suffixes if suffix not in close)]
+        few = ", ".join(valid[:8]) + (", ..." if len(valid) > 8 else "")
+        raise ConfigError(
+            f"lora.target_modules: {target!r} names no module of {config.model} that LoRA can "
+            f"adapt; its modules are named {few} (or all-linear)"
+        )
+
+
+def adaptable_module_names(model_dir: str, trust_remote_code: bool = False) -> list[str]:
+    """The names of the causal LM's modules that LoRA adapts (``LORA_MODULE_TYPES``), from the
+    model built on the meta device from its config.json: no weights are read."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        model_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(
+                model_config, trust_remote_code=trust_remote_code
+            )
+    except (ValueError, OSError, KeyError) as exc:
+        raise ConfigError(
+            f"model: cannot build {model_dir} from its config.json to check "
+            f"lora.target_modules ({one_line(exc)})"
+        ) from exc
+    return [
+        name
+        for name, module in model.named_modules()
+        if any(cls.__name__ in LORA_MODULE_TYPES for cls in type(module).__mro__)
+    ]
+
+
+def model_vocab_size(model_dir: str) -> int | None:
+    """The rows of the model's embedding: ``vocab_size`` in its config.json (its text
+    config's, for a multimodal one); None when it names none."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    size = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    return int(size) if size else None
+
+
+def check_tokenizer_fits_model(key: str, model_dir: str, tokenizer: Any) -> None:
+    """Every id of the model directory's tokenizer (``len(tokenizer)``, added tokens too) must
+    have a row in the model's embedding: a larger tokenizer would give a prompt ids past it,
+    an IndexError in the first forward, after every actor started."""
+    vocab_size = model_vocab_size(model_dir)
+    tokens = len(tokenizer)
+    if vocab_size is not None and tokens > vocab_size:
+        raise ConfigError(
+            f"{key}: the tokenizer in {model_dir} has {tokens} tokens but the model's embedding "
+            f"has {vocab_size} (vocab_size in its config.json), so ids {vocab_size}..{tokens - 1} "
+            "have none; save the model's own tokenizer there, or resize the embedding "
+            f"(model.resize_token_embeddings({tokens})) and save the model"
+        )
 
 
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
@@ -286,9 +398,3 @@ def check_reward_arguments(config: JobConfig, field_names: Iterable[str]) -> Non
                 f"reward function's arguments (prompts, responses, {key}.kwargs); rename them in "
                 f"the dataset or in {key}.kwargs"
             )
-
-
-def one_line(exc: BaseException) -> str:
-    """An exception's message on one line (whitespace runs, newlines included, become one
-    space)."""
-    return " ".join(str(exc).split()) or type(exc).__name__

@@ -27,11 +27,13 @@ from rlfleet.common.chat import (
     with_system_prompt,
 )
 from rlfleet.common.config import JobConfig
+from rlfleet.common.errors import one_line
 from rlfleet.common.schema import prompt_batch
 from rlfleet.job.checks import (
     ConfigError,
     check_config,
     check_reward_arguments,
+    check_tokenizer_fits_model,
     context_length,
 )
 
@@ -47,18 +49,64 @@ def read_prompt_rows(
     if not path.is_file():
         raise ConfigError(f"dataset.path: no such file: {path}")
     if path.suffix == ".parquet":
-        rows = pq.read_table(path).to_pylist()
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except (pa.ArrowException, OSError) as exc:
+            raise ConfigError(
+                f"dataset.path: {path} is not a Parquet file pyarrow can read ({one_line(exc)})"
+            ) from exc
     elif path.suffix in (".jsonl", ".json"):
         rows = [_json_row(path, n, line) for n, line in _numbered_lines(path)]
     else:
         raise ConfigError(f"dataset.path: {path} is neither .jsonl nor .parquet")
     if not rows:
         raise ConfigError(f"dataset.path: {path} has no rows")
+    _check_values_travel(rows, path)
     if messages_field is None:
         _check_text_prompts(rows, path, prompt_field)
     else:
         _check_conversations(rows, path, messages_field)
     return rows
+
+
+def _check_values_travel(rows: list[dict[str, Any]], path: Path) -> None:
+    """Every field of every row must be able to travel with its prompt: as text (the prompt,
+    UTF-8 encoded into Arrow) or in the JSON metadata (the other fields). A lone surrogate
+    (``"\\ud800"`` in a JSON file) or a binary Parquet column would otherwise fail in the
+    tokenizer or in the first batch, after Ray started."""
+    for index, row in enumerate(rows):
+        for field, value in row.items():
+            problem = _travel_problem(value)
+            if problem:
+                raise ConfigError(
+                    f"dataset.path: row {index} of {path}, field {field!r}: {problem}; fix the "
+                    "row or drop it"
+                )
+
+
+def _travel_problem(value: Any) -> str | None:
+    """Why ``value`` cannot travel as JSON text (None when it can)."""
+
+    def refuse(unserializable: Any) -> None:
+        raise TypeError(unserializable)
+
+    try:
+        json.dumps(value, ensure_ascii=False, default=refuse).encode("utf-8")
+    except TypeError as exc:
+        bad = exc.args[0] if exc.args else value
+        if isinstance(bad, bytes | bytearray):
+            return (
+                f"binary data ({bad[:20]!r}), not text: store it as a string column "
+                "(decode it, e.g. .decode('utf-8'))"
+            )
+        return f"a {type(bad).__name__} value ({bad!r:.40}), which JSON cannot hold"
+    except UnicodeEncodeError as exc:
+        text = exc.object
+        return (
+            f"text with a lone surrogate ({text[exc.start : exc.end]!r} near "
+            f"{text[max(0, exc.start - 10) : exc.end + 10]!r}), which is not valid Unicode"
+        )
+    return None
 
 
 def _check_text_prompts(rows: list[dict[str, Any]], path: Path, field: str) -> None:
@@ -90,7 +138,15 @@ def _check_conversations(rows: list[dict[str, Any]], path: Path, field: str) -> 
 
 
 def _numbered_lines(path: Path) -> list[tuple[int, str]]:
-    lines = path.read_text().splitlines()
+    data = path.read_bytes()
+    try:
+        lines = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"dataset.path: {path} line {line} is not UTF-8 "
+            f"(byte {data[exc.start : exc.start + 1]!r}: {exc.reason}); save the file as UTF-8"
+        ) from exc
     return [(n, line) for n, line in enumerate(lines, start=1) if line.strip()]
 
 
@@ -172,13 +228,13 @@ class PromptRenderer:
         self.system_prompt = system_prompt
 
     @classmethod
-    def from_config(cls, config: JobConfig) -> PromptRenderer:
-        """The job's rendering with the model's tokenizer. A rendered
+    def from_config(cls, config: JobConfig, tokenizer: Any = None) -> PromptRenderer:
+        """The job's rendering with the model's tokenizer (``tokenizer``, when loaded). A rendered
         conversation is encoded without the tokenizer's own special tokens: the template
         writes any BOS itself. A chat dataset and a tokenizer without a chat template is a
         ``ConfigError`` naming the model and the field."""
         dataset = config.dataset
-        tokenizer = load_tokenizer(config)
+        tokenizer = tokenizer or load_tokenizer(config)
         if dataset.messages_field is None:
             return cls(dataset.prompt_field, tokenizer.encode)
         try:
@@ -227,13 +283,16 @@ def check_prompt_lengths(
 
 
 def checked_rows(config: JobConfig) -> list[dict[str, Any]]:
-    """Every check that can run before an actor starts (``checks.check_config``, then the
-    dataset's rows, the chat template when they are conversations, the metadata's field names
-    and the prompt lengths); returns the dataset's rows."""
+    """Every check that can run before an actor starts (``checks.check_config``, the model's
+    tokenizer against its embedding, then the dataset's rows, the chat template when they are
+    conversations, the metadata's field names and the prompt lengths); returns the dataset's
+    rows."""
     check_config(config)
+    tokenizer = load_tokenizer(config)
+    check_tokenizer_fits_model("model", config.model, tokenizer)
     dataset = config.dataset
     rows = read_prompt_rows(dataset.path, dataset.prompt_field, dataset.messages_field)
-    renderer = PromptRenderer.from_config(config)
+    renderer = PromptRenderer.from_config(config, tokenizer)
     check_reward_arguments(config, {name for row in rows for name in renderer.metadata(row)})
     check_prompt_lengths(config, rows, renderer)
     return rows

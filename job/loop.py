@@ -1,8 +1,8 @@
 """The job's loop: generators sample, reward actors score, the learner trains, weights go back.
 
-One iteration (``PPOJob.train_iteration``, top to bottom): collect the rollouts of the prompt
-batch in flight; in one-step-off mode, send the next batch to the generators at once, so that
-they sample it while the learner trains; score the rollouts on the reward actors; one training
+One iteration (``TrainingJob.train_iteration``, top to bottom): collect the rollouts of the
+prompt batch in flight; in one-step-off mode, send the next batch to the generators at once, so
+that they sample it while the learner trains; score the rollouts on the reward actors; one training
 step (PPO or critic-free, learner/actor.py) on the learner's ranks (learner/rank_group.py), the
 generators asleep meanwhile when they share its GPUs (``placement: colocated``); publish the new
 weights once and have every generator confirm the version it holds, unless ``max_policy_lag``
@@ -51,6 +51,7 @@ from rlfleet.common.metrics import (
 )
 from rlfleet.common.processes import owner_tag
 from rlfleet.common.schema import concat_batches
+from rlfleet.common.transport import resolved_weight_sync
 from rlfleet.job.data import PromptBatches, checked_rows
 from rlfleet.job.evaluation import Evaluation, eval_postfix
 from rlfleet.job.metrics import JobMetrics
@@ -141,8 +142,10 @@ class LearnerRestartsExhausted(RuntimeError):
     """The learner failed once more than ``learner.max_restarts`` allows."""
 
 
-class PPOJob:
-    """One job's actors and loop state; ``train()`` does the iterations.
+class TrainingJob:
+    """One training job's actors and loop state, whatever its ``algorithm`` (PPO or a
+    critic-free one: the learner's trainer differs, the loop does not); ``train()`` does the
+    iterations.
 
     ``rows`` are the dataset's rows (read and checked here when not given); ``factories``
     start the actors (the real ones from the config when not given)."""
@@ -157,8 +160,11 @@ class PPOJob:
         if rows is None:
             rows = checked_rows(config)
         self.config = config
+        self.weight_sync = resolved_weight_sync(config)
+        """``weight_sync`` with ``transport: auto`` decided, once: the learner, the generators
+        and the driver's sync all use this one."""
         self.on_dispatch = on_dispatch
-        self.factories = factories or ActorFactories.from_config(config)
+        self.factories = factories or ActorFactories.from_config(config, self.weight_sync)
         self.report = JobReport.open(config)
         self.start_actors()
         self.prompts = PromptBatches.from_config(config, rows)
@@ -221,7 +227,7 @@ class PPOJob:
     def start_learner(self) -> LearnerGroup:
         """The learner's ranks (not waited for) and the weight sync from them."""
         learner = self.factories.learner()
-        self.sync = WeightSync.from_config(learner, self.config)
+        self.sync = WeightSync.from_config(learner, self.config, self.weight_sync)
         return learner
 
     def wait_until_ready(self) -> None:

@@ -24,6 +24,7 @@ ignores the iterations trained again below the last step it had, and shows the o
 from __future__ import annotations
 
 import json
+import logging
 import os
 from numbers import Real
 from pathlib import Path
@@ -33,9 +34,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rlfleet.common.chat import MESSAGES_METADATA_KEY
-from rlfleet.common.config import JobConfig
+from rlfleet.common.config import GROUPED_ALGORITHMS, JobConfig
 from rlfleet.common.trackers import TensorBoardTracker, Tracker, Trackers, WandbTracker
 from rlfleet.job.checks import check_trackers_installed
+
+logger = logging.getLogger(__name__)
+
+ZERO_STD_GROUPS = "critic_free/reward/frac_zero_std_groups"
+"""The share of a grouped algorithm's prompts whose samples all got the same reward (so an
+advantage of 0 each)."""
 
 SAMPLE_COLUMNS = (
     "rollout_id",
@@ -135,7 +142,12 @@ class JobReport:
     """stats.jsonl, samples.jsonl and the trackers of one job (see the module's docstring)."""
 
     def __init__(
-        self, output_dir: Path, samples_per_iteration: int, chat: bool, trackers: Trackers
+        self,
+        output_dir: Path,
+        samples_per_iteration: int,
+        chat: bool,
+        trackers: Trackers,
+        grouped: bool = False,
     ) -> None:
         output_dir.mkdir(parents=True, exist_ok=True)
         self.stats = JsonLines(output_dir / "stats.jsonl")
@@ -145,6 +157,8 @@ class JobReport:
         self.trackers = trackers
         self.stats_lines: list[dict[str, Any]] = []
         """This run's lines of stats.jsonl."""
+        self.warn_zero_std = grouped
+        """Whether a batch of zero-variance groups only is still to be warned of (once)."""
 
     @classmethod
     def open(cls, config: JobConfig) -> JobReport:
@@ -154,6 +168,7 @@ class JobReport:
             config.logging.samples_per_iteration,
             config.dataset.messages_field is not None,
             open_job_trackers(config),
+            grouped=config.algorithm in GROUPED_ALGORITHMS,
         )
 
     @property
@@ -183,6 +198,16 @@ class JobReport:
         self.stats.append([stats], durable)
         self.stats_lines.append(stats)
         self.trackers.log(tracker_scalars(stats), step=iteration)
+        if self.warn_zero_std and stats.get(ZERO_STD_GROUPS) == 1:
+            self.warn_zero_std = False
+            logger.warning(
+                "iteration %d: %s is 1: every prompt's samples got the same reward, so every "
+                "advantage is 0 and the batch gave no policy gradient; if that goes on, raise "
+                "generators.temperature or generators.n_samples_per_prompt, or check the "
+                "reward (said once)",
+                iteration,
+                ZERO_STD_GROUPS,
+            )
 
     def keep_through(self, iteration: int) -> list[int]:
         """Drops the lines after ``iteration`` (trained again from a checkpoint at it) and

@@ -23,8 +23,8 @@ from rlfleet.common.config import (
     JobConfig,
     PPOConfig,
     RewardConfig,
+    WeightSyncConfig,
 )
-from rlfleet.common.transport import resolved_weight_sync
 from rlfleet.learner.rank_group import (
     LearnerGroup,
     create_placement,
@@ -46,10 +46,12 @@ class ActorFactories:
     eval_reward: Callable[[int], Any] | None = None
 
     @classmethod
-    def from_config(cls, config: JobConfig) -> ActorFactories:
+    def from_config(cls, config: JobConfig, weight_sync: WeightSyncConfig) -> ActorFactories:
         """The real actors (learner/actor.py, actors/generator.py, reward/actor.py) with the
-        resources and placement the config asks for."""
-        layout = Layout(config)
+        resources and placement the config asks for; the learner publishes and the generators
+        receive through ``weight_sync``, the job's resolved ``weight_sync``
+        (``common.transport.resolved_weight_sync``)."""
+        layout = Layout(config, weight_sync)
         eval_reward = config.eval.reward if config.eval else None
         return cls(
             learner=layout.start_learner,
@@ -114,10 +116,12 @@ def generator_config(config: JobConfig) -> GeneratorConfig:
 
 class Layout:
     """Where the job's learner ranks and generators go: the learner's placement group is made
-    on first use (by the learner or by a generator that shares its GPU)."""
+    on first use (by the learner or by a generator that shares its GPU). ``weight_sync``: the
+    job's resolved ``weight_sync``, that the learner and every generator are made with."""
 
-    def __init__(self, config: JobConfig) -> None:
+    def __init__(self, config: JobConfig, weight_sync: WeightSyncConfig) -> None:
         self.config = config
+        self.weight_sync = weight_sync
 
     @cached_property
     def placement(self) -> Any:
@@ -125,10 +129,10 @@ class Layout:
 
     def start_learner(self) -> LearnerGroup:
         """The learner's ranks, started in the placement group (not waited for)."""
-        from rlfleet.learner.actor import LearnerActor
+        from rlfleet.learner.actor import LearnerActor, LearnerSettings
 
         config = self.config
-        weight_sync = resolved_weight_sync(config)
+        settings = LearnerSettings.from_job(config, self.weight_sync, seeded_trainer_config(config))
         rank_cls = ray.remote(LearnerActor)
 
         def create(spec: Any, strategy: Any) -> Any:
@@ -137,21 +141,7 @@ class Layout:
                 num_gpus=config.learner.num_gpus,
                 scheduling_strategy=strategy,
                 runtime_env={"env_vars": rank_env_vars(config)},
-            ).remote(
-                config.model,
-                seeded_trainer_config(config),
-                config.seed,
-                config.max_policy_lag,
-                config.name,
-                config.metrics,
-                weight_sync,
-                trust_remote_code=config.trust_remote_code,
-                learner=config.learner,
-                rank=spec,
-                colocated=config.placement == "colocated",
-                weights_dtype=config.generator_dtype,
-                lora=config.lora,
-            )
+            ).remote(settings, spec)
 
         return start_learner_group(
             create, self.placement, config.learner.num_ranks, config.learner.timeout_s
@@ -174,7 +164,7 @@ class Layout:
             config.seed,
             config.name,
             config.metrics,
-            resolved_weight_sync(config),
+            self.weight_sync,
             trust_remote_code=config.trust_remote_code,
         )
 

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from rlfleet.common.config import load_job_config
+from rlfleet.common.errors import first_line
 
 TERMINAL_STATES = {"SUCCEEDED", "FAILED", "STOPPED"}
 DEFAULT_EXCLUDES = [".git", ".venv", ".venv-trl", "runs", "**/__pycache__", "*.egg-info"]
@@ -93,21 +94,58 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """0 when the job succeeded (or, with ``--no-wait``, was submitted), 1 when it failed or
+    the wait for it did, 2 when nothing was submitted: an invalid config, a cluster that
+    cannot be reached at ``--address`` or that refuses the submission (each one line)."""
+    from rlfleet.job.train import config_error_line
+
     config_path = Path(args.working_dir) / args.config
     try:
         load_job_config(config_path, args.overrides)
     except (ValueError, OSError) as exc:
-        print(f"rlfleet submit: invalid job config {config_path}:\n{exc}", file=sys.stderr)
+        print(
+            f"rlfleet submit: invalid job config {config_path}: {config_error_line(exc)}",
+            file=sys.stderr,
+        )
         return 2
-    client = job_client(args.address, args.token_file)
-    job_id = client.submit_job(
-        entrypoint=train_entrypoint(args.config, args.overrides, args.resume_from),
-        runtime_env=runtime_env(args.working_dir, args.runtime_env),
-        submission_id=args.submission_id,
-    )
+    try:
+        client = job_client(args.address, args.token_file)
+        job_id = client.submit_job(
+            entrypoint=train_entrypoint(args.config, args.overrides, args.resume_from),
+            runtime_env=runtime_env(args.working_dir, args.runtime_env),
+            submission_id=args.submission_id,
+        )
+    except Exception as exc:  # noqa: BLE001 - Ray's client raises plain ones (ConnectionError, RuntimeError)
+        print(f"rlfleet submit: {submission_error_line(args.address, exc)}", file=sys.stderr)
+        return 2
     print(f"submitted {job_id} to {args.address}")
     if args.no_wait:
         return 0
-    status = wait_for_job(client, job_id, args.timeout)
+    try:
+        status = wait_for_job(client, job_id, args.timeout)
+    except Exception as exc:  # noqa: BLE001 - as above, while polling the job
+        print(
+            f"rlfleet submit: job {job_id} on {args.address}: {first_line(exc)}; see it with "
+            f"ray job status {job_id} --address {args.address}",
+            file=sys.stderr,
+        )
+        return 1
     print(f"job {job_id}: {status}")
     return 0 if status == "SUCCEEDED" else 1
+
+
+def submission_error_line(address: str, exc: BaseException) -> str:
+    """Why a submission to ``address`` failed, as one line saying what to check: the address
+    (nothing answers there) or the token (the cluster refused it)."""
+    message = first_line(exc)
+    if isinstance(exc, ConnectionError) or "Failed to connect" in message:
+        return (
+            f"--address: cannot reach a Ray dashboard at {address} ({message}); check the "
+            "address (http://HEAD:8265) and that the cluster is up"
+        )
+    if isinstance(exc, OSError):
+        return f"cannot submit to {address}: {message}"
+    return (
+        f"the cluster at {address} refused the submission: {message}; check --token-file (or "
+        "RAY_AUTH_TOKEN) when it needs a token"
+    )

@@ -27,6 +27,7 @@ from typing import Any
 import ray
 
 from rlfleet.common.config import JobConfig, WeightSyncConfig
+from rlfleet.common.errors import error_line
 from rlfleet.common.transport import (
     CollectiveError,
     CollectiveHandle,
@@ -34,7 +35,6 @@ from rlfleet.common.transport import (
     WeightLoadError,
     WeightsHandle,
     group_backend,
-    resolved_weight_sync,
     transport,
 )
 from rlfleet.job.pool import ActorPool
@@ -144,19 +144,15 @@ class WeightGroupServer:
 def serve_weight_group(
     group_id: int, world_size: int, backend: str, timeout_s: float
 ) -> tuple[GroupSpec, Any]:
-    """A new ``TCPStore`` on a free port of this node, and the spec members join it with."""
+    """A new ``TCPStore`` on a free port of this node's address only (loopback for a local
+    job), and the spec members join it with."""
     from datetime import timedelta
 
-    from torch.distributed import TCPStore
+    from rlfleet.common.transport.collective import listening_store
 
     host = ray.util.get_node_ip_address()
-    store = TCPStore(
-        host,
-        0,
-        world_size,
-        is_master=True,
-        timeout=timedelta(seconds=timeout_s),
-        wait_for_workers=False,
+    store = listening_store(
+        host, 0, world_size, timedelta(seconds=timeout_s), wait_for_workers=False
     )
     return GroupSpec(host, store.port, world_size, group_id, backend, timeout_s), store
 
@@ -189,10 +185,14 @@ class WeightSync:
         self._syncing = False
 
     @classmethod
-    def from_config(cls, learner: Any, config: JobConfig) -> WeightSync:
+    def from_config(
+        cls, learner: Any, config: JobConfig, weight_sync: WeightSyncConfig
+    ) -> WeightSync:
+        """The job's sync: through ``weight_sync`` (the job's resolved ``weight_sync``), in a
+        group of the backend and ranks ``config`` places the learner and generators on."""
         backend = group_backend(config.learner.num_gpus, config.generators.num_gpus)
         ranks = config.generators.tensor_parallel_size
-        return cls(learner, resolved_weight_sync(config), backend, ranks)
+        return cls(learner, weight_sync, backend, ranks)
 
     @property
     def version(self) -> int:
@@ -327,11 +327,11 @@ class WeightSync:
             self._check_learner(learner, doing)
             if learner.error is None:
                 blamed = {
-                    i: f"failed {doing}: {_first_line(o.error)}"
+                    i: f"failed {doing}: {error_line(o.error)}"
                     for i, o in enumerate(generators)
                     if o.error
                 }
-        errors = [_first_line(o.error) for o in (learner, *generators) if o.error]
+        errors = [error_line(o.error) for o in (learner, *generators) if o.error]
         return SyncFailure(doing, blamed, errors)
 
     def _fault(self, outcome: Outcome, doing: str) -> str | None:
@@ -341,12 +341,12 @@ class WeightSync:
             limit = f"weight_sync.timeout_s ({self.config.timeout_s:g} s)"
             return f"did not answer within {limit} while {doing}"
         if outcome.error is not None and not isinstance(outcome.error, CollectiveError):
-            return f"failed {doing}: {_first_line(outcome.error)}"
+            return f"failed {doing}: {error_line(outcome.error)}"
         return None
 
     def _check_learner(self, learner: Outcome, doing: str) -> None:
         """A learner that died or did not answer raises ``ActorWaitError`` (the job restarts it,
-        driver/loop.py); one that failed on its own stops the job."""
+        job/loop.py); one that failed on its own stops the job."""
         if not learner.done:
             raise ActorWaitError(
                 f"weight sync: the learner did not finish {doing} within "
@@ -354,7 +354,7 @@ class WeightSync:
             )
         if learner.died:
             raise ActorWaitError(
-                f"weight sync: a learner rank died {doing}: {_first_line(learner.error)}"
+                f"weight sync: a learner rank died {doing}: {error_line(learner.error)}"
             ) from learner.error
         if learner.error is not None and not isinstance(learner.error, CollectiveError):
             raise RuntimeError(f"weight sync: the learner failed {doing}") from learner.error
@@ -364,8 +364,3 @@ class WeightSync:
             raise RuntimeError(
                 f"generator {index} holds policy version {version}, expected {self.version}"
             )
-
-
-def _first_line(error: BaseException | None) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[-1] if lines else ''}"

@@ -34,15 +34,17 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from rlfleet.checkpoint import commit as checkpoint
-from rlfleet.checkpoint.commit import CheckpointError, CheckpointIdentity
-from rlfleet.common.config import JobConfig, load_job_config
-from rlfleet.job.checks import ConfigError, one_line
+from rlfleet.checkpoint import load as checkpoint
+from rlfleet.checkpoint.identity import CheckpointIdentity
+from rlfleet.checkpoint.shards import CheckpointError
+from rlfleet.common.config import JobConfig, load_job_config, shown
+from rlfleet.common.errors import error_line, first_line, one_line
+from rlfleet.job.checks import ConfigError
 from rlfleet.job.cluster import init_ray
 from rlfleet.job.data import checked_rows
 from rlfleet.job.evaluation import Evaluation
-from rlfleet.job.loop import DispatchHook, JobResult, PPOJob
-from rlfleet.learner.rank_group import first_line
+from rlfleet.job.lease import JobLeases, LeaseError
+from rlfleet.job.loop import DispatchHook, JobResult, TrainingJob
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,7 @@ def run_job(
     start = find_resume_point(config, resume_from)
     if start is not None and start.finished(config):
         return JobResult(stats=[], consumed_rollout_ids=[], generator_restarts=0, reward_restarts=0)
-    job = PPOJob(config, rows, on_dispatch=on_dispatch)
+    job = TrainingJob(config, rows, on_dispatch=on_dispatch)
     try:
         if start is not None:
             job.resume(start.uri)
@@ -135,12 +137,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """The ``rlfleet train`` command: 0 when the job finished (or had nothing left to do), 1
-    when it failed while running, 2 for an invalid config or a checkpoint it cannot resume."""
+    when it failed while running, 2 for an invalid config, a checkpoint it cannot resume, or an
+    ``output_dir`` or ``checkpoint.uri`` that another live run holds (job/lease.py: the leases
+    are released however the command ends, short of SIGKILL)."""
+    with JobLeases() as leases:
+        return run_leased(args, leases)
+
+
+def run_leased(args: argparse.Namespace, leases: JobLeases) -> int:
+    """``run``, taking the job's leases once its config is checked (before the checkpoint it
+    resumes from is read)."""
     try:
         config = load_job_config(args.config, args.overrides)
         rows = checked_rows(config)
         Evaluation.from_config(config)  # the eval prompts are checked before Ray starts too
+        leases.acquire(config)
         start = find_resume_point(config, args.resume_from)
+    except LeaseError as exc:
+        print(f"rlfleet train: {exc}", file=sys.stderr)
+        return 2
     except (ValueError, OSError) as exc:
         print(
             f"rlfleet train: invalid job config {args.config}: {config_error_line(exc)}",
@@ -214,7 +229,7 @@ def validation_error_line(error: dict[str, Any]) -> str:
     if not error["loc"]:
         return error["msg"].removeprefix("Value error, ")
     line = f"{'.'.join(map(str, error['loc']))}: {error['msg']}"
-    return line if error["type"] == "missing" else f"{line} (got {error['input']!r})"
+    return line if error["type"] == "missing" else f"{line} (got {shown(error['input'])})"
 
 
 def job_error_line(exc: BaseException) -> str:
@@ -225,11 +240,11 @@ def job_error_line(exc: BaseException) -> str:
     if isinstance(exc, ray.exceptions.RayTaskError):
         task = re.search(r"ray::([\w.]+)\(", str(exc))  # the only place a dual instance keeps it
         where = task.group(1) if task else "a Ray task"
-        return f"{where}: {type(exc.cause).__name__}: {first_line(exc.cause)}"
+        return f"{where}: {error_line(exc)}"
     if isinstance(exc, ray.exceptions.RayActorError):
         actor = re.search(r"class_name: (\w+)", str(exc))
         return f"{actor.group(1) if actor else 'an actor'} died: {first_line(exc)}"
-    return f"{type(exc).__name__}: {first_line(exc)}"
+    return error_line(exc)
 
 
 def write_error_log(output_dir: Path, exc: BaseException) -> Path:

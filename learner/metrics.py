@@ -45,7 +45,7 @@ StatGauges = Mapping[str, tuple[str, str]]
 def critic_free_stat_gauges(
     beta: float, kl_coef: float, trained: bool = True
 ) -> dict[str, tuple[str, str]]:
-    """The critic-free trainer's stats (learner/actor.py prefixes them ``critic_free/``) -> the
+    """The critic-free trainer's stats (learner/registry.py prefixes them ``critic_free/``) -> the
     shared gauges: its rewards and, when the step ``trained`` on at least one token (with
     ``mask_truncated_completions`` it may train on none), its loss, entropy, clip fraction and
     the KL to the reference (the loss's with ``beta``, else the reward's with ``kl_coef``; none

@@ -23,6 +23,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from rlfleet.common.errors import first_line
 from rlfleet.common.metrics import MetricsTarget
 
 DEADLINE_MARGIN_S = 60.0
@@ -90,12 +91,6 @@ def wait_all(calls: Sequence[tuple[str, Any]], timeout_s: float, doing: str) -> 
                 f"{names[ref]} died {doing}: {first_line(exc)}", [names[ref]]
             ) from exc
     return [results[ref] for _, ref in calls]
-
-
-def first_line(exc: BaseException) -> str:
-    """An error's first non-blank line (its type's name when it has none)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
 
 
 @dataclass(frozen=True)

@@ -95,6 +95,24 @@ def _extract(response: str, pattern: re.Pattern[str] | None) -> str | None:
     return last.group(1) if pattern.groups else last.group(0)
 
 
+def _reference_answers(
+    function: str, fields: dict[str, Sequence[Any]], answer_field: str, responses: int
+) -> Sequence[Any]:
+    """The per-sample reference answers ``fields[answer_field]``, one per response; an error
+    naming ``function`` when the field is missing or its length is off."""
+    if answer_field not in fields:
+        raise ValueError(
+            f"{function} needs the reference answers in field {answer_field!r}; "
+            f"got fields {sorted(fields)}"
+        )
+    answers = fields[answer_field]
+    if len(answers) != responses:
+        raise ValueError(
+            f"{function}: {len(answers)} values in {answer_field!r} for {responses} responses"
+        )
+    return answers
+
+
 def exact_match(
     prompts: Sequence[str],
     responses: Sequence[str],
@@ -114,16 +132,7 @@ def exact_match(
     dropping trailing ``.!?`` and, unless ``case_sensitive``, case. A response without a match
     scores 0.0; a sample without a reference answer is an error naming it.
     """
-    if answer_field not in fields:
-        raise ValueError(
-            f"exact_match needs the reference answers in field {answer_field!r}; "
-            f"got fields {sorted(fields)}"
-        )
-    answers = fields[answer_field]
-    if len(answers) != len(responses):
-        raise ValueError(
-            f"exact_match: {len(answers)} values in {answer_field!r} for {len(responses)} responses"
-        )
+    answers = _reference_answers("exact_match", fields, answer_field, len(responses))
     numeric = extract == "last_number"
     pattern = _NUMBER if numeric else (re.compile(extract) if extract else None)
     scores = []
@@ -183,17 +192,7 @@ def arithmetic_correct(
     exactly; a response with no digits scores 0.0. The reference answers are the per-sample
     list ``fields[answer_field]``; a missing or non-integer one is an error naming the sample.
     """
-    if answer_field not in fields:
-        raise ValueError(
-            f"arithmetic_correct needs the reference answers in field {answer_field!r}; "
-            f"got fields {sorted(fields)}"
-        )
-    answers = fields[answer_field]
-    if len(answers) != len(responses):
-        raise ValueError(
-            f"arithmetic_correct: {len(answers)} values in {answer_field!r} "
-            f"for {len(responses)} responses"
-        )
+    answers = _reference_answers("arithmetic_correct", fields, answer_field, len(responses))
     scores = []
     for index, (response, reference) in enumerate(zip(responses, answers, strict=True)):
         expected = _integer_answer(reference, index, answer_field)

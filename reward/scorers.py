@@ -3,8 +3,13 @@
 ``make_scorer(config)`` turns ``reward.function`` (a Python reward function), ``reward.model``
 (a sequence-classification directory) or ``reward.url`` (a remote HTTP scorer) into a
 ``Scorer``, and ``reward.components`` (named, weighted sources of those three kinds) into a
-``ComponentsScorer``. Every scorer's output is checked: one finite number per sample, or a
-``RewardError`` naming the sample index and the reward source.
+``ComponentsScorer``. Every scorer's output is checked: one finite number per sample of at most
+``MAX_ABS_SCORE`` in magnitude, or a ``RewardError`` naming the sample index and the reward
+source.
+
+A reward function runs in a worker process of its scorer (``rlfleet.reward.worker``), so that
+``reward.timeout_s`` can cut even a call stuck in C code that holds the GIL: the worker is
+killed and replaced, and the call is a ``RewardTimeoutError``.
 """
 
 from __future__ import annotations
@@ -12,18 +17,23 @@ from __future__ import annotations
 import base64
 import json
 import math
-import numbers
-import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 from rlfleet.common.config import RewardComponent, RewardConfig
-from rlfleet.reward.functions import load_function
+from rlfleet.reward.worker import (
+    BadScores,
+    FunctionRaised,
+    RewardWorker,
+    WorkerDied,
+    WorkerTimeout,
+    plain_scores,
+)
 
 
 class RewardError(RuntimeError):
@@ -41,36 +51,15 @@ class RewardTimeoutError(RewardError, TimeoutError):
     """A reward source did not answer in time."""
 
 
-T = TypeVar("T")
-
 TRANSIENT_HTTP_STATUS = (502, 503, 504)
 """Answers of a busy or restarting server: retried with backoff until ``timeout_s`` runs out."""
 FIRST_RETRY_DELAY_S = 0.1
 
-
-def call_with_timeout(function: Callable[[], T], timeout_s: float, source: str) -> T:
-    """``function()``, or a ``RewardTimeoutError`` once it has run ``timeout_s`` seconds.
-
-    The call runs in a daemon thread: Python cannot stop a thread, so a function that never
-    returns keeps its thread until the actor ends, but the caller is free (the job then fails
-    or restarts the actor instead of waiting forever).
-    """
-    outcome: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            outcome["value"] = function()
-        except BaseException as exc:  # handed to the caller below
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run, name="reward-call", daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    if thread.is_alive():
-        raise RewardTimeoutError(f"{source} did not return within reward.timeout_s={timeout_s:g} s")
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
+MAX_ABS_SCORE = 1e6
+"""The largest score magnitude accepted from any reward source (a component, and the weighted
+sum of components, included). Rewards are meant to be of order 1: a score beyond this bound
+would overflow the policy loss and surface later as a NaN loss far from its cause, so it is an
+error naming the reward source and the sample; scale the reward down (or change this bound)."""
 
 
 def redacted_url(url: str) -> str:
@@ -89,24 +78,20 @@ def redacted_url(url: str) -> str:
 
 
 def check_scores(scores: Any, count: int, source: str) -> list[float]:
-    """``scores`` (a list, numpy array...) as floats if it is ``count`` finite numbers, else a
-    ``RewardError``."""
-    if isinstance(scores, (str, bytes, Mapping)) or not isinstance(scores, Collection):
-        raise RewardError(f"{source} returned a {type(scores).__name__}, not a list of scores")
-    scores = list(scores)
-    if len(scores) != count:
-        raise RewardError(f"{source} returned {len(scores)} scores for {count} samples")
-    checked = []
-    for index, score in enumerate(scores):
-        if isinstance(score, bool) or not isinstance(score, numbers.Real):
+    """``scores`` (a list, numpy array...) as floats if it is ``count`` finite numbers of at
+    most ``MAX_ABS_SCORE`` in magnitude, else a ``RewardError``."""
+    try:
+        checked = plain_scores(scores, count)
+    except BadScores as exc:
+        raise RewardError(f"{source} {exc.detail}", exc.indices) from None
+    for index, score in enumerate(checked):
+        if abs(score) > MAX_ABS_SCORE:
             raise RewardError(
-                f"{source} returned {score!r} ({type(score).__name__}) for sample {index}, "
-                "not a number",
+                f"{source} returned {score!r} for sample {index}, beyond the bound "
+                f"|score| <= {MAX_ABS_SCORE:g} (rlfleet.reward.scorers.MAX_ABS_SCORE); "
+                "scale the reward down",
                 [index],
             )
-        if not math.isfinite(score):
-            raise RewardError(f"{source} returned {score} for sample {index}", [index])
-        checked.append(float(score))
     return checked
 
 
@@ -136,6 +121,9 @@ class Scorer(ABC):
         """The scores, and each named component's own scores (none for a single source)."""
         return self.score(prompts, responses, metadata), {}
 
+    def close(self) -> None:  # noqa: B027 (most scorers hold nothing to release)
+        """Release what the scorer holds (a reward function's worker process)."""
+
     @abstractmethod
     def _score(
         self, prompts: list[str], responses: list[str], metadata: list[dict[str, Any]]
@@ -152,18 +140,30 @@ def metadata_columns(metadata: Sequence[dict[str, Any]]) -> dict[str, list[Any]]
 class FunctionScorer(Scorer):
     """A reward function ``"module:function"`` called with dataset fields and config kwargs.
 
-    When a call over the batch raises, each sample is scored alone to name the first one that
-    fails (the batch's samples when none fails alone); reward functions are pure functions of
-    their inputs, so the retry only costs time on the error path.
+    The function runs in a warm worker process (``rlfleet.reward.worker.RewardWorker``) started
+    here, once; ``reward.timeout_s`` bounds each call, and a call past it kills the worker and
+    starts a fresh one for the next call. When a call over the batch raises, each sample is
+    scored alone to name the first one that fails (the batch's samples when none fails alone);
+    reward functions are pure functions of their inputs, so the retry only costs time on the
+    error path.
     """
 
     def __init__(
         self, spec: str, kwargs: dict[str, Any] | None = None, timeout_s: float = 30.0
     ) -> None:
-        self.function = load_function(spec)
+        """Start the worker and load the function in it: a ``ValueError`` naming ``spec`` when
+        it cannot be loaded."""
+        self.spec = spec
         self.kwargs = dict(kwargs or {})
         self.timeout_s = timeout_s
         self.source = f"reward function {spec!r}"
+        try:
+            self.worker = RewardWorker(spec, self.kwargs)
+        except (WorkerTimeout, WorkerDied) as exc:
+            raise self._worker_error(exc) from None
+
+    def close(self) -> None:
+        self.worker.close()
 
     def _score(self, prompts, responses, metadata):
         columns = metadata_columns(metadata)
@@ -175,12 +175,10 @@ class FunctionScorer(Scorer):
             )
         try:
             return self._call(prompts, responses, columns)
-        except RewardTimeoutError:
-            raise
-        except Exception as exc:
+        except FunctionRaised as exc:
             index = self._first_failing_sample(prompts, responses, columns)
             indices = range(len(prompts)) if index is None else [index]
-            raise RewardError(f"{self.source} raised {type(exc).__name__}: {exc}", indices) from exc
+            raise RewardError(f"{self.source} raised {exc}", indices) from exc
 
     def _first_failing_sample(
         self, prompts: list[str], responses: list[str], columns: dict[str, list[Any]]
@@ -189,19 +187,35 @@ class FunctionScorer(Scorer):
             one = slice(index, index + 1)
             sample_columns = {name: values[one] for name, values in columns.items()}
             try:
-                self._call(prompts[one], responses[one], sample_columns)
-            except RewardTimeoutError:
-                return None
-            except Exception:
+                self.worker.call(prompts[one], responses[one], sample_columns, self.timeout_s)
+            except FunctionRaised:
                 return index
+            except BadScores:
+                continue
+            except (WorkerTimeout, WorkerDied):
+                return None
         return None
 
-    def _call(self, prompts: list[str], responses: list[str], columns: dict[str, list[Any]]):
-        """The function on these samples, cut off after ``reward.timeout_s``."""
-        return call_with_timeout(
-            lambda: self.function(prompts, responses, **columns, **self.kwargs),
-            self.timeout_s,
-            self.source,
+    def _call(
+        self, prompts: list[str], responses: list[str], columns: dict[str, list[Any]]
+    ) -> list[float]:
+        """The function's scores on these samples, cut off after ``reward.timeout_s``:
+        ``FunctionRaised`` when it raised, else a ``RewardError``."""
+        try:
+            return self.worker.call(prompts, responses, columns, self.timeout_s)
+        except BadScores as exc:
+            raise RewardError(f"{self.source} {exc.detail}", exc.indices) from None
+        except (WorkerTimeout, WorkerDied) as exc:
+            raise self._worker_error(exc) from None
+
+    def _worker_error(self, exc: WorkerTimeout | WorkerDied) -> RewardError:
+        if isinstance(exc, WorkerDied):
+            return RewardError(f"{self.source} did not return: {exc}; a new one was started")
+        if exc.loading:
+            return RewardTimeoutError(f"{self.source}: {exc}")
+        return RewardTimeoutError(
+            f"{self.source} did not return within reward.timeout_s={self.timeout_s:g} s; "
+            "its worker process was killed and a new one started"
         )
 
 
@@ -380,6 +394,10 @@ class ComponentsScorer(Scorer):
 
     def _score(self, prompts, responses, metadata):
         return self.score_parts(prompts, responses, metadata)[0]
+
+    def close(self) -> None:
+        for _, _, scorer in self.components:
+            scorer.close()
 
     @staticmethod
     def _score_component(

@@ -25,7 +25,9 @@ from support.job_configs import small_job
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlfleet.actors.engine import SamplingSpec
-from rlfleet.checkpoint.commit import POLICY_DIR, policy_of, save_checkpoint, step_dir_name
+from rlfleet.checkpoint.commit import step_dir_name
+from rlfleet.checkpoint.export import POLICY_DIR, policy_of
+from rlfleet.checkpoint.saver import save_checkpoint
 from rlfleet.common.config import CriticFreeConfig, GeneratorConfig, PPOConfig
 from rlfleet.job.checks import ConfigError
 from rlfleet.job.data import checked_rows

@@ -75,7 +75,7 @@ def test_respond_to_batch_samples_repeatably_after_set_seed(tiny_model_dir: Path
 
 
 def test_trl_step_helpers_say_where_rlfleet_has_that_math():
-    with pytest.raises(ImportError, match=r"rlfleet\.learner\.algorithms: masked statistics"):
+    with pytest.raises(ImportError, match=r"rlfleet\.algorithms: masked statistics"):
         from rlfleet.core import masked_whiten  # noqa: F401
 
 

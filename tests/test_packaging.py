@@ -9,7 +9,9 @@ import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGE_FOLDERS = ("common", "actors", "reward", "learner")
+PACKAGE_FOLDERS = sorted(init.parent.name for init in REPO.glob("*/__init__.py"))
+"""Every top-level folder that is a package (job, learner, trainers, ...; tests and bench are
+not)."""
 
 
 def declared_packages() -> list[str]:
@@ -27,6 +29,9 @@ def package_dirs() -> list[str]:
 
 
 def test_pyproject_lists_every_package_folder() -> None:
+    assert {"job", "learner", "trainers", "checkpoint", "algorithms", "tasks"} <= set(
+        PACKAGE_FOLDERS
+    )
     assert sorted(declared_packages()) == sorted(package_dirs())
 
 
@@ -58,3 +63,4 @@ def test_the_wheel_installs_everything_under_rlfleet_only(tmp_path: Path) -> Non
         assert package.replace(".", "/") + "/__init__.py" in modules, package
     assert "rlfleet/job/train.py" in modules
     assert "rlfleet/core.py" in modules
+    assert "rlfleet/cli.py" in modules

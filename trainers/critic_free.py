@@ -25,7 +25,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -42,44 +42,46 @@ from rlfleet.algorithms.losses import truncated_importance_weights
 from rlfleet.algorithms.masked import masked_mean
 from rlfleet.algorithms.rewards import per_token_rewards
 from rlfleet.common.config import CriticFreeConfig
-from rlfleet.trainers.critic_free_inputs import (
-    checked_behaviour_logprobs,
-    checked_group_ids,
-    checked_response_lengths,
-    checked_truncated,
-)
-from rlfleet.trainers.critic_free_stats import (
-    behaviour_mismatch_stats,
-    mean_metrics,
-    rollout_stats,
-)
 from rlfleet.trainers.distributed import DataParallel
 from rlfleet.trainers.forward import (
-    PackedRows,
     ResponseBatch,
     ResponseOutputs,
     TrainingLayout,
     batch_logprobs,
     lm_head_of,
-    split_backward,
 )
-from rlfleet.trainers.guards import CRITIC_FREE_ADVICE, check_finite_loss, finite_grad_norm
-from rlfleet.trainers.ppo import check_no_optimizer_when_sharded, eval_mode
-from rlfleet.trainers.ppo_inputs import checked_step_inputs
-from rlfleet.trainers.ppo_stats import StepTimer
+from rlfleet.trainers.guards import CRITIC_FREE_ADVICE
+from rlfleet.trainers.inputs import (
+    checked_behaviour_logprobs,
+    checked_group_ids,
+    checked_response_lengths,
+    checked_step_inputs,
+    checked_truncated,
+)
+from rlfleet.trainers.minibatch import (
+    MinibatchTrainer,
+    Shuffler,
+    check_no_optimizer_when_sharded,
+    eval_mode,
+    optimizer_steps,
+)
 from rlfleet.trainers.reference import frozen_reference, reference_forward
-from rlfleet.trainers.shuffle import Shuffler
+from rlfleet.trainers.stats import StepTimer, batch_stats, behaviour_mismatch_stats, mean_metrics
 from rlfleet.trainers.value_head import AutoModelForCausalLMWithValueHead
 
 __all__ = ["CriticFreeTrainer"]
 
 
-class CriticFreeTrainer:
+class CriticFreeTrainer(MinibatchTrainer):
     """Critic-free RL for a Hugging Face causal LM; ``step`` trains on one batch of samples.
 
     ``optimizer`` defaults to AdamW (TRL's, with its zero weight decay). Everything besides the
-    weights and the optimizer needed to resume exactly is in :meth:`training_state`.
+    weights and the optimizer needed to resume exactly is in :meth:`training_state`. The
+    minibatches' forward, backward and optimizer steps are trainers/minibatch.py's, shared with
+    ``PPOTrainer``.
     """
+
+    advice = CRITIC_FREE_ADVICE
 
     def __init__(
         self,
@@ -141,15 +143,6 @@ class CriticFreeTrainer:
         return ref_model.requires_grad_(False).eval()
 
     @property
-    def current_device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def parallel(self) -> DataParallel:
-        """This rank's place in the learner's group (rank 0 of 1 in this process)."""
-        return self.layout.local(self.current_device)
-
-    @property
     def minibatches_per_iteration(self) -> int:
         return self.config.batch_size // self.config.optimizer_batch_size
 
@@ -209,7 +202,7 @@ class CriticFreeTrainer:
                 )
         stats = {
             **mean_metrics(minibatch_metrics),
-            **rollout_stats(batch, loss_mask, inputs.scores, group_ids, truncated, advantages),
+            **batch_stats(batch, loss_mask, inputs.scores, group_ids, truncated, advantages),
             "learning_rate": self.optimizer.param_groups[0]["lr"],
         }
         if reward_kl is not None:
@@ -291,14 +284,15 @@ class CriticFreeTrainer:
         size = config.optimizer_batch_size
         for iteration in range(config.num_iterations):
             permutation = self.shuffler.permutation(config.batch_size)
-            for index, start in enumerate(range(0, config.batch_size, size)):
+            for [(index, rows)] in optimizer_steps(permutation, size, size):
                 where = f"step {self.current_step}, iteration {iteration}, minibatch {index}"
-                rows = permutation[start : start + size]
                 mask = loss_mask[torch.tensor(rows, device=loss_mask.device)]
                 if not mask.any():
                     continue  # every sample masked (truncated): nothing to learn from
-                outputs, result = self._minibatch(batch, rows, targets, where)
-                grad_norm = self._optimizer_step(where)
+                outputs, result, _ = self._forward_backward(
+                    batch, rows, targets, where, with_entropy=True
+                )
+                grad_norm = self._optimizer_step(config.max_grad_norm, where)
                 all_metrics.append(
                     {
                         "loss": result.loss.detach(),
@@ -308,60 +302,6 @@ class CriticFreeTrainer:
                     }
                 )
         return all_metrics, targets.old_logprobs
-
-    def _minibatch(
-        self, batch: ResponseBatch, rows: list[int], targets: CriticFreeTargets, where: str
-    ) -> tuple[ResponseOutputs, CriticFreeLossOutput]:
-        """One minibatch's forward and backward: its outputs and loss.
-
-        In one piece (one rank, within the token budget) the loss's backward is its own; split
-        (over ranks or micro-batches), each micro-batch backpropagates its share of the
-        minibatch's loss, and the loss and metrics come from the gathered outputs."""
-        micro_batches = self.layout.micro_batches(batch, rows)
-        index = torch.tensor(rows, device=batch.mask.device)
-        if self.parallel.world_size == 1 and len(micro_batches) == 1:
-            outputs = self.policy(PackedRows.build(batch, rows), with_entropy=True)
-            result = targets.loss(outputs, index)
-            self._check_finite(result.loss, where)
-            result.loss.backward()
-            return outputs, result
-        share = LOSS_TYPE_SHARES[targets.config.loss_type]
-
-        def loss_of(outputs: ResponseOutputs, micro_rows: torch.Tensor) -> torch.Tensor:
-            part = share(targets.mask[micro_rows], targets.mask[index])
-            return targets.loss(outputs, micro_rows).loss * part
-
-        outputs = split_backward(
-            self.policy, batch, rows, micro_batches, loss_of, self.parallel, with_entropy=True
-        )
-        result = targets.loss(outputs, index)
-        self._check_finite(result.loss, where)
-        return outputs, result
-
-    def _check_finite(self, loss: torch.Tensor, where: str) -> None:
-        """``check_finite_loss``; no gradient of a failed step carries into the next."""
-        try:
-            check_finite_loss(loss, where, CRITIC_FREE_ADVICE)
-        except FloatingPointError:
-            self.optimizer.zero_grad()
-            raise
-
-    def _optimizer_step(self, where: str) -> float:
-        """Check the gradient norm, clip (if ``max_grad_norm``), step, zero; returns the norm."""
-        parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
-        try:
-            norm = finite_grad_norm(parameters, where, CRITIC_FREE_ADVICE)
-        except FloatingPointError:
-            self.optimizer.zero_grad()
-            raise
-        if self.config.max_grad_norm is not None:
-            grads = [p for p in parameters if p.grad is not None]
-            torch.nn.utils.clip_grads_with_norm_(
-                grads, self.config.max_grad_norm, torch.tensor(norm)
-            )
-        self.optimizer.step()
-        self.optimizer.zero_grad()
-        return norm
 
     def training_state(self) -> dict[str, Any]:
         """All but weights and optimizer needed to resume exactly (JSON-able)."""
@@ -375,7 +315,8 @@ class CriticFreeTrainer:
 
 @dataclass
 class CriticFreeTargets:
-    """What the loss compares a minibatch's logprobs with, ``[batch, width]`` each."""
+    """What the loss compares a minibatch's logprobs with, ``[batch, width]`` each; the minibatch
+    loss (``minibatch.MinibatchLoss``) of ``CriticFreeTrainer``."""
 
     old_logprobs: torch.Tensor
     """Filled by the training forward itself when ``fill_old``."""
@@ -387,8 +328,18 @@ class CriticFreeTargets:
     tis_cap: float | None
     config: CriticFreeLossConfig
     num_items_in_batch: torch.Tensor
+    accumulation: ClassVar[int] = 1
+    may_skip: ClassVar[bool] = False
 
-    def loss(self, outputs: ResponseOutputs, rows: torch.Tensor) -> CriticFreeLossOutput:
+    def part(
+        self, outputs: ResponseOutputs, micro_rows: torch.Tensor, rows: torch.Tensor
+    ) -> torch.Tensor:
+        """A micro-batch's share of its minibatch's loss (``loss_type``'s share of the tokens or
+        samples)."""
+        share = LOSS_TYPE_SHARES[self.config.loss_type](self.mask[micro_rows], self.mask[rows])
+        return self.whole(outputs, micro_rows).loss * share
+
+    def whole(self, outputs: ResponseOutputs, rows: torch.Tensor) -> CriticFreeLossOutput:
         """The loss of ``rows`` given their outputs, with truncated importance sampling against
         the behaviour logprobs when given and capped."""
         if self.fill_old:

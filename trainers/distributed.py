@@ -40,6 +40,8 @@ from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
+from rlfleet.common.transport.collective import listening_store, local_address, pin_gloo_to
+
 
 def init_process_group(
     rank: int,
@@ -51,16 +53,28 @@ def init_process_group(
 ) -> None:
     """Join the learner's group: nccl when ``device`` is a GPU (made the current one), else gloo.
 
+    Rank 0 serves the group's store on ``master_addr:master_port`` and listens there only (not
+    on every interface, as ``init_method="tcp://..."`` would: ``listening_store``); gloo's
+    connections listen on the interface of the address that reaches it (``pin_gloo_to``). A
+    local job's ``master_addr`` is 127.0.0.1, a cluster's the node's address.
+
     A collective that waits longer than ``timeout_s`` (a dead or stalled rank) fails."""
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.set_device(device)
+    timeout = timedelta(seconds=timeout_s)
+    if rank == 0:
+        store = listening_store(master_addr, master_port, world_size, timeout)
+    else:
+        store = dist.TCPStore(master_addr, master_port, world_size, False, timeout=timeout)
+    if not cuda:
+        pin_gloo_to(local_address(master_addr, master_port))
     dist.init_process_group(
         "nccl" if cuda else "gloo",
-        init_method=f"tcp://{master_addr}:{master_port}",
+        store=store,
         rank=rank,
         world_size=world_size,
-        timeout=timedelta(seconds=timeout_s),
+        timeout=timeout,
         device_id=device if cuda else None,
     )
 

@@ -1,10 +1,11 @@
 """Guards against non-finite training: a NaN or inf loss, gradient or weight stops the step.
 
 A trainer checks each minibatch's loss before its backward pass (``check_finite_loss``) and the
-gradient norm before each optimizer step (``finite_grad_norm``); ``ppo.nonfinite`` says whether a
-non-finite value fails the step (``error``, the default) or only skips that optimizer step
-(``skip``). The learner checks the weights before they are published or checkpointed
-(``check_finite_weights``), so a broken policy never reaches a generator or a checkpoint.
+gradient norm before each optimizer step (``check_finite_grad_norm`` on ``total_grad_norm``, the
+norm that clipping then uses; trainers/minibatch.py); ``ppo.nonfinite`` says whether a non-finite
+value fails the step (``error``, the default) or only skips that optimizer step (``skip``). The
+learner checks the weights before they are published or checkpointed (``check_finite_weights``),
+so a broken policy never reaches a generator or a checkpoint.
 """
 
 from __future__ import annotations
@@ -35,13 +36,25 @@ def check_finite_loss(loss: torch.Tensor, where: str, advice: str = PPO_ADVICE) 
         raise NonFiniteError(f"{where}: the loss is {loss.item()}; {advice}")
 
 
-def grad_norm(parameters: Iterable[nn.Parameter]) -> float:
-    """The L2 norm of all gradients together (parameters without a gradient add nothing); over
-    every rank's shard for sharded (FSDP2) gradients, a collective then."""
+def total_grad_norm(parameters: Iterable[nn.Parameter]) -> torch.Tensor:
+    """The L2 norm of all gradients together (parameters without a gradient add nothing) as
+    ``torch.nn.utils.get_total_norm`` computes it for ``clip_grad_norm_``; over every rank's
+    shard for sharded (FSDP2) gradients, a collective then. A zero without gradients."""
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
-        return 0.0
-    return float(torch.nn.utils.get_total_norm(grads, norm_type=2.0))
+        return torch.zeros(())
+    return torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+
+
+def grad_norm(parameters: Iterable[nn.Parameter]) -> float:
+    """``total_grad_norm`` as a float."""
+    return float(total_grad_norm(parameters))
+
+
+def check_finite_grad_norm(norm: float, where: str, advice: str = PPO_ADVICE) -> None:
+    """Raises ``NonFiniteError`` naming ``where`` when the gradient norm is NaN or inf."""
+    if not math.isfinite(norm):
+        raise NonFiniteError(f"{where}: the gradient norm is {norm}; {advice}")
 
 
 def finite_grad_norm(
@@ -49,8 +62,7 @@ def finite_grad_norm(
 ) -> float:
     """The gradient norm; raises ``NonFiniteError`` naming ``where`` when it is NaN or inf."""
     norm = grad_norm(parameters)
-    if not math.isfinite(norm):
-        raise NonFiniteError(f"{where}: the gradient norm is {norm}; {advice}")
+    check_finite_grad_norm(norm, where, advice)
     return norm
 
 

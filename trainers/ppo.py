@@ -18,13 +18,11 @@ makes the behaviour policy's samples stand for the old policy's.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar
 
 import torch
-from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlfleet.algorithms.advantages import AdvantageConfig
@@ -43,37 +41,41 @@ from rlfleet.algorithms.ppo import (
 )
 from rlfleet.algorithms.rewards import RunningMoments, per_token_rewards, scaled_scores
 from rlfleet.common.config import PPOConfig
-from rlfleet.trainers import generation
-from rlfleet.trainers.critic_free_inputs import checked_behaviour_logprobs
-from rlfleet.trainers.critic_free_stats import behaviour_mismatch_stats
 from rlfleet.trainers.distributed import DataParallel
 from rlfleet.trainers.forward import (
-    PackedRows,
     ResponseBatch,
     ResponseOutputs,
     TrainingLayout,
     lm_head_of,
     rollout_forward,
-    split_backward,
 )
-from rlfleet.trainers.guards import NonFiniteError, check_finite_loss, finite_grad_norm
-from rlfleet.trainers.ppo_inputs import checked_step_inputs
-from rlfleet.trainers.ppo_stats import StepTimer, as_python, step_stats
+from rlfleet.trainers.guards import PPO_ADVICE
+from rlfleet.trainers.inputs import checked_behaviour_logprobs, checked_step_inputs
+from rlfleet.trainers.minibatch import (
+    MinibatchTrainer,
+    Shuffler,
+    check_no_optimizer_when_sharded,
+    eval_mode,
+    optimizer_steps,
+)
 from rlfleet.trainers.reference import create_reference_model, frozen_reference, reference_forward
-from rlfleet.trainers.shuffle import Shuffler
-from rlfleet.trainers.trl_compat import TRLCompatMixin
+from rlfleet.trainers.stats import StepTimer, as_python, behaviour_mismatch_stats, step_stats
+from rlfleet.trainers.trl_compat import TRLCompatMixin, generate
 from rlfleet.trainers.value_head import AutoModelForCausalLMWithValueHead
 
 __all__ = ["PPOTrainer", "create_reference_model"]
 
 
-class PPOTrainer(TRLCompatMixin):
+class PPOTrainer(TRLCompatMixin, MinibatchTrainer):
     """PPO for a causal LM with a value head against a frozen reference, TRL v0.11.4's API.
 
     ``step`` runs one PPO iteration on a batch of ``(query, response, score)``; ``generate``
     samples responses. ``optimizer`` and ``lr_scheduler`` are plain attributes; everything else
-    needed to resume exactly is in :meth:`training_state`.
+    needed to resume exactly is in :meth:`training_state`. The minibatches' forward, backward
+    and optimizer steps are trainers/minibatch.py's, shared with ``CriticFreeTrainer``.
     """
+
+    advice = PPO_ADVICE
 
     def __init__(
         self,
@@ -151,13 +153,10 @@ class PPOTrainer(TRLCompatMixin):
         self.nonfinite_skipped_steps = 0
 
     @property
-    def current_device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def parallel(self) -> DataParallel:
-        """This rank's place in the learner's group (rank 0 of 1 in this process)."""
-        return self.layout.local(self.current_device)
+    def skip_nonfinite(self) -> bool:
+        """``ppo.nonfinite: skip``: a non-finite loss or gradient norm skips its optimizer step
+        (counted in ``nonfinite_skipped_steps``) instead of failing the step."""
+        return self.config.nonfinite == "skip"
 
     def prepare_dataloader(
         self, dataset: torch.utils.data.Dataset, data_collator: Callable | None = None
@@ -193,7 +192,7 @@ class PPOTrainer(TRLCompatMixin):
                 "generate_ref_response: a LoRA policy has no reference copy to sample with"
             )
         models = [self.model] + ([self.ref_model] if generate_ref_response else [])
-        outputs = generation.generate(
+        outputs = generate(
             models,
             query_tensor,
             self.tokenizer,
@@ -273,7 +272,14 @@ class PPOTrainer(TRLCompatMixin):
                 )
             with timer.phase("optimize_step"):
                 targets = PPOTargets(
-                    rollout.logprobs, old_values, advantages, returns, batch.mask, tis_weights
+                    rollout.logprobs,
+                    old_values,
+                    advantages,
+                    returns,
+                    batch.mask,
+                    tis_weights,
+                    loss_config(config),
+                    config.gradient_accumulation_steps,
                 )
                 minibatch_stats = self._train(batch, targets)
         with timer.phase("calc_stats"):
@@ -301,126 +307,40 @@ class PPOTrainer(TRLCompatMixin):
     def _train(self, batch: ResponseBatch, targets: PPOTargets) -> list[dict[str, torch.Tensor]]:
         """``ppo_epochs`` passes over shuffled minibatches, one optimizer step per
         ``backward_batch_size`` rows, each token's policy loss weighted by the TIS weights when
-        given; returns each minibatch's stats."""
+        given; returns each minibatch's stats.
+
+        A minibatch is trained on, skipped (mean ratio over the threshold) or not finite
+        (trainers/minibatch.py). After a skipped one the optimizer still steps the parameters
+        without a gradient (a zero one, as TRL's ``0 * loss`` backward); after a non-finite one,
+        under ``ppo.nonfinite: skip``, the optimizer step is skipped and counted."""
         config = self.config
-        loss_config = LossConfig(
-            cliprange=config.cliprange,
-            cliprange_value=config.cliprange_value,
-            vf_coef=config.vf_coef,
-            ratio_threshold=config.ratio_threshold,
-        )
         all_stats: list[dict[str, torch.Tensor]] = []
         for epoch in range(config.ppo_epochs):
             permutation = self.shuffler.permutation(config.batch_size)
-            for start in range(0, config.batch_size, config.backward_batch_size):
+            for minibatches in optimizer_steps(
+                permutation, config.backward_batch_size, config.mini_batch_size
+            ):
                 outcomes = []
-                end = start + config.backward_batch_size
-                for mini_start in range(start, end, config.mini_batch_size):
-                    rows = permutation[mini_start : mini_start + config.mini_batch_size]
-                    where = self._where(epoch, mini_start // config.mini_batch_size)
-                    result, outcome = self._minibatch(batch, rows, targets, loss_config, where)
+                for index, rows in minibatches:
+                    where = self._where(epoch, index)
+                    _, result, outcome = self._forward_backward(
+                        batch, rows, targets, where, with_values=True, with_entropy=True
+                    )
                     outcomes.append(outcome)
                     all_stats.append(result.stats)
-                where = self._where(epoch, start // config.mini_batch_size)
-                self._optimizer_step(
-                    zero_fill_missing_grads="skipped" in outcomes,
+                norm = self._optimizer_step(
+                    config.max_grad_norm,
+                    self._where(epoch, minibatches[0][0]),
                     finite="nonfinite" not in outcomes,
-                    where=where,
+                    zero_fill_missing_grads="skipped" in outcomes,
                 )
+                if norm is None:
+                    self.nonfinite_skipped_steps += 1
             if config.early_stopping and early_stop(
                 all_stats[-1]["policy/policykl"], config.target_kl
             ):
                 break
         return all_stats
-
-    def _minibatch(
-        self,
-        batch: ResponseBatch,
-        rows: list[int],
-        targets: PPOTargets,
-        loss_config: LossConfig,
-        where: str,
-    ) -> tuple[PPOLossOutput, Outcome]:
-        """One minibatch's forward and backward (gradients accumulating): its loss, stats, and
-        whether it was trained on, skipped (mean ratio over the threshold) or not finite.
-
-        In one piece (one rank, within the token budget) the loss is decided on before the
-        backward, as in TRL. Split (over ranks or micro-batches), each micro-batch's backward
-        comes first, then the loss and stats of the whole minibatch from the gathered outputs
-        decide; a skipped minibatch's gradients are taken back out."""
-        accumulation = self.config.gradient_accumulation_steps
-        micro_batches = self.layout.micro_batches(batch, rows)
-        index = torch.tensor(rows, device=batch.mask.device)
-        if self.parallel.world_size == 1 and len(micro_batches) == 1:
-            outputs = self.policy(
-                PackedRows.build(batch, rows), with_values=True, with_entropy=True
-            )
-            result = targets.loss(outputs, index, loss_config)
-            if result.loss is None:
-                return result, "skipped"
-            if not self._guarded(check_finite_loss, result.loss, where):
-                return result, "nonfinite"
-            (result.loss / accumulation).backward()
-            return result, "trained"
-        share = MICRO_BATCH_SHARES[loss_config.aggregation]
-
-        def loss_of(outputs: ResponseOutputs, micro_rows: torch.Tensor) -> torch.Tensor:
-            part = share(targets.mask[micro_rows], targets.mask[index])
-            return targets.objective(outputs, micro_rows, loss_config) * part / accumulation
-
-        before = gradients(self.optimizer)
-        outputs = split_backward(
-            self.policy,
-            batch,
-            rows,
-            micro_batches,
-            loss_of,
-            self.parallel,
-            with_values=True,
-            with_entropy=True,
-        )
-        result = targets.loss(outputs, index, loss_config)
-        if result.loss is None:
-            restore_gradients(self.optimizer, before)
-            return result, "skipped"
-        if not self._guarded(check_finite_loss, result.loss, where):
-            return result, "nonfinite"
-        return result, "trained"
-
-    def _optimizer_step(self, zero_fill_missing_grads: bool, finite: bool, where: str) -> None:
-        """Clip (if ``max_grad_norm``), step and zero the gradients of the trainable parameters.
-
-        After a skipped minibatch, parameters without a gradient get a zero one, so the optimizer
-        still steps them as TRL's ``0 * loss`` backward did (minus its NaN when the loss is inf).
-        A non-finite loss (``finite`` False) or gradient norm skips the step under
-        ``ppo.nonfinite: skip`` (counted in ``nonfinite_skipped_steps``); under ``error`` the
-        gradient norm check raises ``NonFiniteError`` naming ``where``.
-        """
-        parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
-        if zero_fill_missing_grads:
-            for parameter in parameters:
-                if parameter.grad is None:
-                    parameter.grad = torch.zeros_like(parameter)
-        if not (finite and self._guarded(finite_grad_norm, parameters, where)):
-            self.optimizer.zero_grad()
-            self.nonfinite_skipped_steps += 1
-            return
-        if self.config.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(parameters, self.config.max_grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad()
-
-    def _guarded(self, check: Callable[..., Any], value: Any, where: str) -> bool:
-        """Runs a ``trainers/guards.py`` check: True when the value is finite; False under
-        ``ppo.nonfinite: skip``, else its ``NonFiniteError`` propagates."""
-        try:
-            check(value, where)
-        except NonFiniteError:
-            if self.config.nonfinite == "error":
-                self.optimizer.zero_grad()  # nothing of the failed step carries into the next
-                raise
-            return False
-        return True
 
     def _where(self, epoch: int, minibatch: int) -> str:
         return f"PPO step {self.current_step + 1}, epoch {epoch}, minibatch {minibatch}"
@@ -442,12 +362,19 @@ class PPOTrainer(TRLCompatMixin):
         self.shuffler.load_state(state["shuffle_rng"])
 
 
-Outcome = Literal["trained", "skipped", "nonfinite"]
+def loss_config(config: PPOConfig) -> LossConfig:
+    return LossConfig(
+        cliprange=config.cliprange,
+        cliprange_value=config.cliprange_value,
+        vf_coef=config.vf_coef,
+        ratio_threshold=config.ratio_threshold,
+    )
 
 
 @dataclass
 class PPOTargets:
-    """What the PPO loss compares a minibatch's outputs with, ``[batch, width]`` each."""
+    """What the PPO loss compares a minibatch's outputs with, ``[batch, width]`` each; the
+    minibatch loss (``minibatch.MinibatchLoss``) of ``PPOTrainer``."""
 
     old_logprobs: torch.Tensor
     old_values: torch.Tensor
@@ -455,6 +382,11 @@ class PPOTargets:
     returns: torch.Tensor
     mask: torch.Tensor
     tis_weights: torch.Tensor | None
+    config: LossConfig
+    accumulation: int
+    """``gradient_accumulation_steps``: each minibatch's loss is divided by it."""
+    may_skip: ClassVar[bool] = True
+    """The ratio threshold may skip a minibatch."""
 
     def at(self, rows: torch.Tensor) -> dict[str, torch.Tensor | None]:
         """The targets of ``rows`` as the loss functions name them."""
@@ -467,64 +399,25 @@ class PPOTargets:
             "importance_weights": None if self.tis_weights is None else self.tis_weights[rows],
         }
 
-    def loss(
-        self, outputs: ResponseOutputs, rows: torch.Tensor, config: LossConfig
-    ) -> PPOLossOutput:
+    def whole(self, outputs: ResponseOutputs, rows: torch.Tensor) -> PPOLossOutput:
         """The minibatch's loss (None when skipped) and stats."""
         return ppo_loss(
             logprobs=outputs.logprobs,
             vpreds=outputs.values,
             entropy=outputs.entropy,
-            config=config,
+            config=self.config,
             **self.at(rows),
         )
 
-    def objective(
-        self, outputs: ResponseOutputs, rows: torch.Tensor, config: LossConfig
+    def part(
+        self, outputs: ResponseOutputs, micro_rows: torch.Tensor, rows: torch.Tensor
     ) -> torch.Tensor:
-        """The loss of some rows, no skipping, no stats."""
-        return ppo_objective(
-            logprobs=outputs.logprobs, vpreds=outputs.values, config=config, **self.at(rows)
+        """A micro-batch's share of its minibatch's loss, no skipping, no stats."""
+        share = MICRO_BATCH_SHARES[self.config.aggregation](self.mask[micro_rows], self.mask[rows])
+        objective = ppo_objective(
+            logprobs=outputs.logprobs,
+            vpreds=outputs.values,
+            config=self.config,
+            **self.at(micro_rows),
         ).loss
-
-
-def check_no_optimizer_when_sharded(
-    layout: TrainingLayout,
-    optimizer: torch.optim.Optimizer | None,
-    lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None,
-) -> None:
-    if layout.sharded and (optimizer is not None or lr_scheduler is not None):
-        raise ValueError(
-            "with parallel the trainer makes its optimizer over the sharded parameters: pass "
-            "neither optimizer nor lr_scheduler"
-        )
-
-
-Gradients = list[torch.Tensor | None]
-
-
-def gradients(optimizer: torch.optim.Optimizer) -> Gradients:
-    """A copy of the optimizer's parameters' gradients (None where there is none)."""
-    return [
-        None if p.grad is None else p.grad.detach().clone()
-        for group in optimizer.param_groups
-        for p in group["params"]
-    ]
-
-
-def restore_gradients(optimizer: torch.optim.Optimizer, saved: Gradients) -> None:
-    parameters = [p for group in optimizer.param_groups for p in group["params"]]
-    for parameter, grad in zip(parameters, saved, strict=True):
-        parameter.grad = grad
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """``model.eval()`` for the block, then every submodule's own mode back."""
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes.items():
-            module.training = training
+        return objective * share / self.accumulation

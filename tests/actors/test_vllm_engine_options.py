@@ -131,7 +131,7 @@ def test_a_second_process_loads_the_kernel_the_first_compiled(tmp_path: Path) ->
 def test_on_cpu_the_sampler_ranks_tokens_eagerly(start_engine) -> None:
     from vllm.v1.sample import sampler
 
-    from rlfleet.actors.vllm_engine import count_at_least
+    from rlfleet.actors.vllm_worker import count_at_least
 
     start_engine(GeneratorConfig(), sleep_mode=False)
     assert sampler.batched_count_greater_than is count_at_least

@@ -18,16 +18,11 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlfleet.checkpoint.commit import (
-    MANIFEST,
-    CheckpointError,
-    CheckpointSaver,
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    pull_checkpoint,
-    save_checkpoint,
-)
+from rlfleet.checkpoint.command import pull_checkpoint
+from rlfleet.checkpoint.commit import MANIFEST
+from rlfleet.checkpoint.load import latest_checkpoint, list_checkpoints, load_checkpoint
+from rlfleet.checkpoint.saver import CheckpointSaver, save_checkpoint
+from rlfleet.checkpoint.shards import CheckpointError
 from rlfleet.checkpoint.state import save_state
 from rlfleet.cli import main as rlfleet
 from rlfleet.common.config import CheckpointConfig, CriticFreeConfig, PPOConfig
@@ -189,7 +184,7 @@ KILLED_SAVE = textwrap.dedent(
     sys.path.insert(0, {test_dir!r})
     from test_checkpoint import build_trainer, ppo_batch
     from rlfleet.common.storage import Storage
-    from rlfleet.checkpoint.commit import save_checkpoint
+    from rlfleet.checkpoint.saver import save_checkpoint
 
     uri, model_dir, where = sys.argv[1:]
     trainer = build_trainer(model_dir, init_seed=0)

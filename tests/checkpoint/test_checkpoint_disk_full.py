@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from rlfleet.checkpoint.commit import latest_checkpoint, list_checkpoints
+from rlfleet.checkpoint.load import latest_checkpoint, list_checkpoints
 from rlfleet.common.config import CheckpointConfig, MetricsConfig, PPOConfig
-from rlfleet.learner.actor import LearnerActor
+from rlfleet.learner.actor import LearnerActor, LearnerSettings
 
 
 @pytest.fixture
@@ -37,10 +37,13 @@ def test_a_full_disk_fails_the_save_and_keeps_the_previous_checkpoint(
     tiny_model_dir: Path, small_disk: Path
 ) -> None:
     learner = LearnerActor(
-        str(tiny_model_dir),
-        PPOConfig(batch_size=8, mini_batch_size=4),
-        0,
-        metrics=MetricsConfig(enabled=False),
+        LearnerSettings(
+            str(tiny_model_dir),
+            "ppo",
+            PPOConfig(batch_size=8, mini_batch_size=4),
+            seed=0,
+            metrics=MetricsConfig(enabled=False),
+        )
     )
     config = CheckpointConfig(uri=str(small_disk / "checkpoints"), keep_last=1)
     first = learner.save_checkpoint(config, {"iteration": 1})

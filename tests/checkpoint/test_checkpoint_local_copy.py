@@ -14,15 +14,12 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
-from rlfleet.checkpoint.commit import (
-    STAGING_PREFIX,
-    CheckpointError,
-    CheckpointSaver,
-    local_copy_root,
-)
+from rlfleet.checkpoint.local_copy import STAGING_PREFIX, local_copy_root
+from rlfleet.checkpoint.saver import CheckpointSaver
+from rlfleet.checkpoint.shards import CheckpointError
 from rlfleet.common.config import CheckpointConfig, MetricsConfig, PPOConfig
 from rlfleet.common.storage import open_storage
-from rlfleet.learner.actor import LearnerActor
+from rlfleet.learner.actor import LearnerActor, LearnerSettings
 
 pytest_plugins = ["support.s3_server"]
 
@@ -35,10 +32,13 @@ MODEL_FILE = "model.rank-00000-of-00001.safetensors"
 def learner(model_dir: Path, seed: int) -> LearnerActor:
     """A one-rank learner; ``seed`` picks its value head's initial weights."""
     return LearnerActor(
-        str(model_dir),
-        PPOConfig(batch_size=8, mini_batch_size=4),
-        seed,
-        metrics=MetricsConfig(enabled=False),
+        LearnerSettings(
+            str(model_dir),
+            "ppo",
+            PPOConfig(batch_size=8, mini_batch_size=4),
+            seed=seed,
+            metrics=MetricsConfig(enabled=False),
+        )
     )
 
 
@@ -97,7 +97,7 @@ def test_a_tampered_local_copy_falls_back_to_the_store(
     copy.write_bytes(b"\x00" * copy.stat().st_size)
 
     restored = learner(tiny_model_dir, seed=1)
-    with caplog.at_level(logging.WARNING, logger="rlfleet.checkpoint.commit"):
+    with caplog.at_level(logging.WARNING, logger="rlfleet.checkpoint.load"):
         restored.load_checkpoint(uri, config)
     assert f"{MODEL_FILE} in the local copy" in caplog.text
     assert all(torch.equal(value, saved_weights[name]) for name, value in weights(restored).items())
@@ -142,7 +142,7 @@ def test_a_local_copy_dir_that_cannot_be_made_only_costs_the_copy(
         local_copy_dir=str(tmp_path / "a-file" / "copies"),
     )
     actor = learner(tiny_model_dir, seed=0)
-    with caplog.at_level(logging.WARNING, logger="rlfleet.checkpoint.commit"):
+    with caplog.at_level(logging.WARNING, logger="rlfleet.checkpoint.saver"):
         actor.save_checkpoint(config, {"iteration": 0})
         uri = actor.wait_for_checkpoint()
     assert "no local copy of the checkpoints in" in caplog.text

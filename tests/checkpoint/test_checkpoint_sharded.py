@@ -29,20 +29,14 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlfleet.checkpoint import commit as checkpoint
-from rlfleet.checkpoint.commit import (
-    MANIFEST,
-    CheckpointError,
-    CheckpointIdentity,
-    CheckpointSaver,
-    RankFiles,
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    model_fingerprint,
-    save_checkpoint,
-)
+from rlfleet.checkpoint import load
+from rlfleet.checkpoint import saver as saver_module
+from rlfleet.checkpoint.commit import MANIFEST, RankFiles
 from rlfleet.checkpoint.export import write_exports
+from rlfleet.checkpoint.identity import CheckpointIdentity, model_fingerprint
+from rlfleet.checkpoint.load import latest_checkpoint, list_checkpoints, load_checkpoint
+from rlfleet.checkpoint.saver import CheckpointSaver, save_checkpoint
+from rlfleet.checkpoint.shards import CheckpointError
 from rlfleet.checkpoint.state import model_tensors, optimizer_state
 from rlfleet.common.config import PPOConfig
 from rlfleet.common.storage import open_storage
@@ -169,7 +163,7 @@ def fail_rank_1_store(rank: int, uri: str, trainer: TinyTrainer, out: Path) -> N
         def broken(*args: Any, **kwargs: Any) -> RankFiles:
             raise OSError("disk on fire")
 
-        checkpoint.store_rank_files = broken
+        saver_module.store_rank_files = broken
     try:
         save_checkpoint(uri, 4, trainer, {"step": 4}, keep_last=KEEP)
         outcome = "committed"
@@ -237,17 +231,17 @@ def whole_weights(trainer: PPOTrainer) -> dict[str, torch.Tensor]:
 def record_opened_files() -> Iterator[list[str]]:
     """The checkpoint files that loads open in the block (each verified once, then read)."""
     opened: list[str] = []
-    path = checkpoint.CheckpointFiles.path
+    path = load.CheckpointFiles.path
 
-    def recording(files: checkpoint.CheckpointFiles, relative: str) -> Path:
+    def recording(files: load.CheckpointFiles, relative: str) -> Path:
         opened.append(relative)
         return path(files, relative)
 
-    checkpoint.CheckpointFiles.path = recording
+    load.CheckpointFiles.path = recording
     try:
         yield opened
     finally:
-        checkpoint.CheckpointFiles.path = path
+        load.CheckpointFiles.path = path
 
 
 TASKS = {"save_and_load": save_and_load_on_rank, "ppo": ppo_on_rank}
@@ -517,7 +511,7 @@ def test_a_checkpoint_of_another_job_or_model_is_refused(
         load_checkpoint(with_identity, trainer, expect=expect)
     assert_identical(snapshot(trainer), before)
     with pytest.raises(CheckpointError, match=message):
-        checkpoint.resolve_resume(str(Path(with_identity).parent), expect=expect)
+        load.resolve_resume(str(Path(with_identity).parent), expect=expect)
 
 
 def test_the_same_job_resumes_and_a_checkpoint_without_identity_is_refused(
@@ -525,7 +519,7 @@ def test_the_same_job_resumes_and_a_checkpoint_without_identity_is_refused(
 ) -> None:
     expect = identity_for(tiny_model_dir, job="job-a")
     root = str(Path(with_identity).parent)
-    assert checkpoint.resolve_resume(root, expect=expect) == with_identity
+    assert load.resolve_resume(root, expect=expect) == with_identity
     trainer = TinyTrainer(tiny_model_dir, sharded=False, init_seed=1)
     assert load_checkpoint(with_identity, trainer, expect=expect) == {"step": 4}
 

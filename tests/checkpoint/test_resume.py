@@ -22,7 +22,9 @@ import torch
 from safetensors.torch import load_file
 from support.job_configs import small_job, write_config
 
-from rlfleet.checkpoint.commit import MANIFEST, latest_checkpoint, pull_checkpoint
+from rlfleet.checkpoint.command import pull_checkpoint
+from rlfleet.checkpoint.commit import MANIFEST
+from rlfleet.checkpoint.load import latest_checkpoint
 from rlfleet.common.storage import open_storage
 
 pytest_plugins = ["support.s3_server"]

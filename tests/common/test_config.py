@@ -1,9 +1,23 @@
+import json
+import re
+import time
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from rlfleet.common.config import JobConfig, PPOConfig, RewardConfig, load_job_config
+from rlfleet.common import config as config_module
+from rlfleet.common.config import (
+    JobConfig,
+    PPOConfig,
+    RewardConfig,
+    load_job_config,
+    masked_argument,
+    masked_config,
+    masked_url,
+    names_secret,
+    shown,
+)
 
 MINIMAL_JOB = """
 model: models/demo
@@ -265,3 +279,272 @@ def test_the_critic_free_completion_limit_is_the_generation_limit_unless_given_a
         match=r"critic_free.max_completion_length \(16\) is below generators.max_new_tokens",
     ):
         job(**grpo, critic_free={"max_completion_length": 16})
+
+
+# ----------------------------------------------------------------------------------------------
+# The YAML a job config is read from: bounded, no key twice
+
+
+def alias_bomb(levels: int = 9, width: int = 9, indent: str = "") -> str:
+    """A "billion laughs": ``width ** levels`` strings from a few hundred bytes of aliases."""
+    lines = [f"{indent}l0: &l0 [{', '.join(['lol'] * width)}]"]
+    for level in range(1, levels):
+        lines.append(f"{indent}l{level}: &l{level} [{', '.join([f'*l{level - 1}'] * width)}]")
+    return "\n".join(lines) + "\n"
+
+
+def test_an_alias_bomb_is_refused_at_load_naming_the_file_and_line(tmp_path):
+    """Under an unknown key, whose error message used to write out the whole expansion."""
+    text = MINIMAL_JOB + "unknown:\n" + alias_bomb(indent="  ")
+    started = time.monotonic()
+    with pytest.raises(ValueError) as error:
+        load_job_config(write_job(tmp_path, text))
+    assert time.monotonic() - started < 5
+    assert str(error.value) == (
+        f"{tmp_path / 'job.yaml'}, line 11: alias *l4 makes the document larger than 2,097,152 "
+        "characters once its aliases are expanded (each counts as a copy of what it names); "
+        "write out fewer repeated values"
+    )
+
+
+def job_yaml(reward: str) -> str:
+    """MINIMAL_JOB with ``reward`` (a YAML block under ``reward:``) for its reward."""
+    return MINIMAL_JOB.replace('reward: {function: "rlfleet.reward.functions:sentiment"}', reward)
+
+
+def test_an_alias_bomb_in_reward_kwargs_is_refused_before_validation(tmp_path):
+    text = job_yaml("reward:\n  function: f:g\n  kwargs:\n") + alias_bomb(indent="    ")
+    with pytest.raises(ValueError, match=r"job\.yaml, line \d+: alias \*l\d makes the document"):
+        load_job_config(write_job(tmp_path, text))
+
+
+def test_aliases_that_stay_small_still_load(tmp_path):
+    text = job_yaml("reward:\n  function: f:g\n  kwargs: {a: &words [x, y], b: *words}")
+    config = load_job_config(write_job(tmp_path, text))
+    assert config.reward.kwargs == {"a": ["x", "y"], "b": ["x", "y"]}
+
+
+def test_a_recursive_alias_is_refused(tmp_path):
+    with pytest.raises(
+        ValueError,
+        match=r"^.*job\.yaml, line 5: alias \*self is inside the node it names; a job config "
+        r"cannot be recursive$",
+    ):
+        load_job_config(write_job(tmp_path, MINIMAL_JOB + "x: &self [*self]\n"))
+
+
+def test_a_config_file_over_one_mib_is_refused_unread(tmp_path):
+    path = write_job(tmp_path, MINIMAL_JOB + "#" + "x" * (1 << 20) + "\n")
+    with pytest.raises(
+        ValueError,
+        match=r"^.*job\.yaml is 1,048,6\d\d bytes or more; a job config may have at most "
+        r"1,048,576 \(1 MiB\)$",
+    ):
+        load_job_config(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            MINIMAL_JOB + "iterations: 3\nseed: 1\niterations: 5\n",
+            r"job\.yaml, line 7: duplicate key 'iterations' \(first at line 5\); give each key "
+            r"once$",
+        ),
+        (
+            MINIMAL_JOB.replace(
+                "dataset: {path: data/prompts.jsonl}", "dataset: {path: a, path: b}"
+            ),
+            r"job\.yaml, line 3: duplicate key 'path' \(first at line 3\)",
+        ),
+        (
+            MINIMAL_JOB + "generators:\n  num_actors: 2\n  temperature: 0.7\n  num_actors: 4\n",
+            r"job\.yaml, line 8: duplicate key 'num_actors' \(first at line 6\)",
+        ),
+    ],
+)
+def test_a_key_given_twice_is_refused_naming_it_and_both_lines(tmp_path, text, message):
+    with pytest.raises(ValueError, match=message) as error:
+        load_job_config(write_job(tmp_path, text))
+    assert "\n" not in str(error.value)
+
+
+def test_a_merge_may_set_keys_the_mapping_sets_again(tmp_path):
+    text = MINIMAL_JOB + "generators: &sampling {temperature: 0.7}\n"
+    text += "eval: {dataset: {path: p}, <<: *sampling, temperature: 0.5, n: 3}\n"
+    config = load_job_config(write_job(tmp_path, text))
+    assert (config.generators.temperature, config.eval.temperature, config.eval.n) == (0.7, 0.5, 3)
+
+
+def test_overrides_are_read_with_the_same_bounds(tmp_path):
+    with pytest.raises(
+        ValueError, match=r"^override 'reward\.kwargs=\{a: 1, a: 2\}', line 1: duplicate key 'a'"
+    ):
+        load_job_config(write_job(tmp_path), ["reward.kwargs={a: 1, a: 2}"])
+    words = ", ".join(["y" * 1000] * 1000)
+    bomb = f"reward.kwargs={{x: &a [{words}], z: [{', '.join(['*a'] * 10)}]}}"
+    with pytest.raises(ValueError) as error:
+        load_job_config(write_job(tmp_path), [bomb])
+    message = str(error.value)
+    assert re.fullmatch(
+        r"override 'reward\.kwargs=\{x: &a \[y+\.\.\.[^']*', line 1: alias \*a .*", message
+    )
+    assert len(message) < 300  # the override is not written out whole
+
+
+def test_a_value_in_a_message_is_cut_to_80_characters():
+    assert shown("short") == "'short'"
+    long = shown("x" * 10_000)
+    assert len(long) <= 80 and long.startswith("'xxx") and "..." in long
+    deep: list = ["lol"] * 9
+    for _ in range(8):
+        deep = [deep] * 9  # 9 ** 9 strings: a whole repr would take minutes
+    started = time.monotonic()
+    assert len(shown(deep)) <= 80
+    assert time.monotonic() - started < 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Finite floats, and samples that can differ
+
+
+def config_models() -> list[type[BaseModel]]:
+    return [
+        value
+        for value in vars(config_module).values()
+        if isinstance(value, type)
+        and issubclass(value, BaseModel)
+        and value.__module__ == config_module.__name__
+    ]
+
+
+@pytest.mark.parametrize("model", config_models(), ids=lambda model: model.__name__)
+def test_every_config_model_refuses_non_finite_floats(model):
+    assert model.model_config.get("allow_inf_nan") is False
+    assert model.model_config.get("extra") == "forbid"
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("ppo.learning_rate=.inf", "ppo.learning_rate"),
+        ("generators.temperature=.inf", "generators.temperature"),
+        ("generators.temperature=.nan", "generators.temperature"),
+        ("generators.num_cpus=.inf", "generators.num_cpus"),
+        ("reward.timeout_s=.inf", "reward.timeout_s"),
+        ("learner.timeout_s=-.inf", "learner.timeout_s"),
+        ("weight_sync.bucket_mb=.inf", "weight_sync.bucket_mb"),
+        ("ppo.init_kl_coef=inf", "ppo.init_kl_coef"),  # a string: pydantic reads it as a float
+    ],
+)
+def test_a_non_finite_float_is_refused_naming_the_key(tmp_path, override, key):
+    with pytest.raises(ValidationError) as error:
+        load_job_config(write_job(tmp_path), [override])
+    [problem] = error.value.errors()
+    assert ".".join(map(str, problem["loc"])) == key
+    assert problem["msg"] == "Input should be a finite number"
+
+
+def test_non_finite_floats_in_the_file_and_the_critic_free_section_are_refused(tmp_path):
+    text = MINIMAL_JOB + "algorithm: grpo\ngenerators: {n_samples_per_prompt: 2}\n"
+    text += "critic_free: {learning_rate: .inf, beta: .nan}\n"
+    with pytest.raises(ValidationError) as error:
+        load_job_config(write_job(tmp_path, text))
+    assert {".".join(map(str, e["loc"])) for e in error.value.errors()} == {
+        "critic_free.learning_rate",
+        "critic_free.beta",
+    }
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo", "reinforce_pp_baseline"])
+def test_a_grouped_algorithm_refuses_greedy_samples(algorithm):
+    with pytest.raises(ValidationError) as error:
+        job(algorithm=algorithm, generators={"n_samples_per_prompt": 4, "temperature": 0})
+    [problem] = error.value.errors()
+    assert problem["msg"] == (
+        "Value error, generators.n_samples_per_prompt is 4 but generators.temperature is 0: "
+        "greedy decoding answers a prompt the same way every time, so every "
+        f"{algorithm} advantage (a sample against the others of its prompt) is 0 and nothing "
+        "trains; set generators.temperature > 0"
+    )
+    sampled = job(algorithm=algorithm, generators={"n_samples_per_prompt": 4, "temperature": 0.1})
+    assert sampled.generators.temperature == 0.1
+
+
+def test_greedy_samples_are_allowed_where_no_group_is_compared():
+    assert job(generators={"temperature": 0}).generators.temperature == 0
+    ppo_groups = job(
+        generators={"n_samples_per_prompt": 2, "temperature": 0},
+        ppo={"batch_size": 8, "mini_batch_size": 8},
+    )
+    assert ppo_groups.generators.n_samples_per_prompt == 2
+    reinforce = job(
+        algorithm="reinforce_pp", generators={"n_samples_per_prompt": 2, "temperature": 0}
+    )
+    assert reinforce.algorithm == "reinforce_pp"
+
+
+# ----------------------------------------------------------------------------------------------
+# Secrets of a config, masked wherever it is written
+
+
+SECRET_URL = "https://alice:hunter2@scorer.example:8443/score?token=s3cr3t&v=2#frag"
+
+
+def test_masked_url_keeps_the_host_and_path_and_drops_credentials():
+    assert masked_url(SECRET_URL) == "https://***@scorer.example:8443/score?token=***&v=***#***"
+    assert masked_url("http://[::1]:8000/x?k=v") == "http://[::1]:8000/x?k=***"
+    for plain in ("https://scorer.example/score", "s3://bucket/prefix", "ray://10.0.0.1:10001"):
+        assert masked_url(plain) == plain
+
+
+@pytest.mark.parametrize(
+    ("key", "secret"),
+    [
+        ("hf_token", True),
+        ("api_key", True),
+        ("X-API-Key", True),
+        ("apiKey", True),
+        ("Authorization", True),
+        ("aws_secret_access_key", True),
+        ("password", True),
+        ("tracker_kwargs/wandb/api_key", True),
+        ("max_new_tokens", False),
+        ("max_tokens_per_microbatch", False),
+        ("batch_key", False),
+        ("url", False),
+    ],
+)
+def test_names_secret(key, secret):
+    assert names_secret(key) is secret
+
+
+def test_masked_config_masks_every_secret_at_any_depth_and_copies():
+    config = JobConfig(
+        model="m",
+        dataset={"path": "p"},
+        reward={
+            "components": [
+                {"name": "remote", "url": SECRET_URL},
+                {"name": "local", "function": "f:g", "kwargs": {"api_key": "sk-123", "n": 2}},
+            ]
+        },
+        checkpoint={"s3_endpoint_override": "http://minio:pw@127.0.0.1:9000"},
+    )
+    settings = config.model_dump(mode="json")
+    masked = masked_config(settings)
+    remote, local = masked["reward"]["components"]
+    assert remote["url"] == "https://***@scorer.example:8443/score?token=***&v=***#***"
+    assert local["kwargs"] == {"api_key": "***", "n": 2}
+    assert masked["checkpoint"]["s3_endpoint_override"] == "http://***@127.0.0.1:9000"
+    assert masked["generators"] == settings["generators"]
+    assert settings["reward"]["components"][0]["url"] == SECRET_URL  # a copy: the original stays
+    text = json.dumps(masked)
+    for secret in ("alice", "hunter2", "s3cr3t", "sk-123", "minio:pw"):
+        assert secret not in text
+
+
+def test_masked_argument_masks_overrides_of_secrets_and_urls():
+    assert masked_argument(f"reward.url={SECRET_URL}").startswith("reward.url=https://***@")
+    assert masked_argument("reward.kwargs.api_key=sk-123") == "reward.kwargs.api_key=***"
+    assert masked_argument("generators.num_actors=2") == "generators.num_actors=2"

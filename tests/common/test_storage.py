@@ -6,12 +6,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from support.hostile_store import HostileStore
 
 from rlfleet.common.storage import (
     BucketNotFoundError,
     StorageCredentialsError,
     StorageUnreachableError,
+    UnsafePathError,
     open_storage,
+    safe_join,
 )
 
 pytest_plugins = ["support.s3_server"]
@@ -122,3 +125,93 @@ def test_s3_missing_bucket_says_bucket(s3_env: S3Server) -> None:
 def test_s3_unreachable_endpoint_says_endpoint(s3_env: S3Server, unused_endpoint: str) -> None:
     with pytest.raises(StorageUnreachableError, match="check the endpoint"):
         open_storage(f"s3://{s3_env.bucket}/x", endpoint_override=unused_endpoint)
+
+
+# ----------------------------------------------------------------------------------------------
+# Names from a listing or a manifest never lead outside the directory they are joined to
+
+
+def files_under(root: Path) -> dict[str, bytes]:
+    return {
+        path.relative_to(root).as_posix(): path.read_bytes()
+        for path in root.rglob("*")
+        if path.is_file()
+    }
+
+
+def test_safe_join_takes_plain_relative_names(tmp_path: Path) -> None:
+    for name in ("MANIFEST.json", "policy/model.safetensors", "a/b/c..d/.hidden", "x y"):
+        assert safe_join(tmp_path, name, "s3://b/run/step-1") == tmp_path / name
+    (tmp_path / "inside").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "inside")
+    assert safe_join(tmp_path, "link/f", "here") == tmp_path / "link" / "f"
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../x",
+        "step-00000006/../../../../x",
+        "policy/..",
+        "..",
+        "./x",
+        "a/./b",
+        "/etc/passwd",
+        "",
+        "a//b",
+        "a/",
+        "..\\..\\x",
+        "policy\\model.safetensors",
+        "C:x",
+        "a\0b",
+    ],
+)
+def test_safe_join_refuses_names_that_may_lead_outside(tmp_path: Path, name: str) -> None:
+    with pytest.raises(UnsafePathError) as refused:
+        safe_join(tmp_path / "dest", name, "s3://b/run/step-00000006")
+    message = str(refused.value)
+    assert "\n" not in message
+    assert message.startswith(f"s3://b/run/step-00000006: refusing the file name {name!r}")
+
+
+def test_safe_join_refuses_a_symlink_that_resolves_outside(tmp_path: Path) -> None:
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "policy").symlink_to(tmp_path / "outside")
+    (tmp_path / "root" / "file").symlink_to(tmp_path / "outside" / "secret")
+    for name in ("policy/model.safetensors", "file"):
+        with pytest.raises(UnsafePathError, match="resolves through a symlink to outside"):
+            safe_join(tmp_path / "root", name, "the checkpoint")
+
+
+def test_download_refuses_a_listing_that_leads_outside_before_writing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hostile = HostileStore.serving_s3(monkeypatch)
+    hostile.put("s3://bucket/run/step-1/a.txt", b"fine")
+    hostile.put("s3://bucket/run/step-1/../../../../x", b"escaped")
+    destination = tmp_path / "1" / "2" / "3" / "4" / "dest"
+    with pytest.raises(UnsafePathError, match=r"s3://bucket/run/step-1: .*'\.\./\.\./\.\./\.\./x'"):
+        open_storage("s3://bucket/run").download_dir("step-1", destination)
+    assert files_under(tmp_path) == {}
+
+
+def test_download_refuses_a_local_store_symlink_to_outside_before_reading(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "secret").write_bytes(b"not the store's")
+    store = tmp_path / "store"
+    (store / "step-1").mkdir(parents=True)
+    (store / "step-1" / "a.txt").write_bytes(b"fine")
+    (store / "step-1" / "b.txt").symlink_to(tmp_path / "secret")
+    with pytest.raises(UnsafePathError, match="'b.txt': it resolves through a symlink"):
+        open_storage(store).download_dir("step-1", tmp_path / "dest")
+    assert not (tmp_path / "dest").exists()
+
+
+def test_download_copies_every_listed_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    hostile = HostileStore.serving_s3(monkeypatch)
+    for name, data in {"a.txt": b"a", "sub/b.bin": b"b" * 1000, "sub/deeper/c": b""}.items():
+        hostile.put(f"s3://bucket/run/step-1/{name}", data)
+    pulled = open_storage("s3://bucket/run").download_dir("step-1", tmp_path / "pulled")
+    assert files_under(pulled) == {"a.txt": b"a", "sub/b.bin": b"b" * 1000, "sub/deeper/c": b""}

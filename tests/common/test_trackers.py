@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -159,3 +160,52 @@ def test_tensorboard_shows_the_steps_logged_again_after_a_rewind(tmp_path: Path)
         (3, 30.0),
     ]
     assert "config/text_summary" in events.Tags()["tensors"]
+
+
+SECRETS = ("alice", "hunter2", "s3cr3tTok", "sk-APIKEY", "argvpass", "argvtok")
+SECRET_CONFIG = {
+    "reward": {
+        "url": "http://alice:hunter2@scorer.local:8000/score?token=s3cr3tTok",
+        "kwargs": {"api_key": "sk-APIKEY", "n": 2},
+    },
+    "batch_size": 4,
+}
+
+
+def assert_no_secret_in(directory: Path) -> None:
+    """No byte of any file under ``directory`` spells a secret of ``SECRET_CONFIG`` or the
+    command line."""
+    files = [path for path in directory.rglob("*") if path.is_file()]
+    assert files
+    for path in files:
+        data = path.read_bytes()
+        assert not [secret for secret in SECRETS if secret.encode() in data], path
+
+
+def test_tensorboard_writes_the_config_masked(tmp_path: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    TensorBoardTracker(tmp_path, config=SECRET_CONFIG).close()
+    events = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
+    events.Reload()
+    [config] = events.Tensors("config/text_summary")
+    markdown = config.tensor_proto.string_val[0].decode()
+    assert "http://***@scorer.local:8000/score?token=***" in markdown
+    assert "'api_key': '***'" in markdown and "| batch_size | 4 |" in markdown
+    assert_no_secret_in(tmp_path)
+
+
+def test_wandb_writes_the_config_and_the_command_line_masked(
+    tmp_path: Path, wandb_offline: None, monkeypatch: pytest.MonkeyPatch
+):
+    argv = ["rlfleet", "train", "job.yaml", "--set", "reward.url=http://u:argvpass@h/?t=argvtok"]
+    monkeypatch.setattr("sys.argv", argv)
+    tracker = WandbTracker(project="rlfleet-test", directory=tmp_path, config=SECRET_CONFIG)
+    assert tracker.run.config["reward"]["url"] == "http://***@scorer.local:8000/score?token=***"
+    assert tracker.run.config["reward"]["kwargs"] == {"api_key": "***", "n": 2}
+    tracker.log({"x": 1.0}, step=1)
+    tracker.close()
+    assert sys.argv == argv  # masked only while W&B read it
+    finished_run_dir(tmp_path)
+    assert list((tmp_path / "wandb").rglob("debug*.log"))  # the debug logs are checked too
+    assert_no_secret_in(tmp_path)

@@ -8,7 +8,7 @@ from typing import Any
 
 import ray
 
-from rlfleet.job.loop import PPOJob
+from rlfleet.job.loop import TrainingJob
 
 
 def rank_greedy(rank: Any, prompt_ids: list[list[int]], max_new_tokens: int, dtype: str) -> Any:
@@ -46,7 +46,9 @@ def rank_greedy(rank: Any, prompt_ids: list[list[int]], max_new_tokens: int, dty
     return rank.__ray_call__.remote(decode, prompt_ids, max_new_tokens, dtype)
 
 
-def learner_greedy(job: PPOJob, prompt_ids: list[list[int]], max_new_tokens: int) -> list[dict]:
+def learner_greedy(
+    job: TrainingJob, prompt_ids: list[list[int]], max_new_tokens: int
+) -> list[dict]:
     """Greedy continuations (``token_ids``) and their ``logprobs`` under the job's learner
     policy, in the generators' dtype: what each generator must answer after a sync."""
     dtype = job.config.generator_dtype

@@ -172,7 +172,7 @@ def test_a_finished_job_says_it_is_complete_and_exits_0_without_starting_ray(
 
 
 def test_run_job_has_nothing_to_do_for_a_finished_job(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """Without Ray: a finished job starts no actor (PPOJob would need a cluster)."""
+    """Without Ray: a finished job starts no actor (TrainingJob would need a cluster)."""
     config = job_with_checkpoints(tiny_model_dir, tmp_path)
     commit_placeholder(tmp_path / "checkpoints", 4, CheckpointIdentity.of_job(config))
     result = train.run_job(config)

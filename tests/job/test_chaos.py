@@ -11,7 +11,7 @@ import pytest
 import ray
 from support.job_configs import read_stats, small_job
 
-from rlfleet.job.loop import PPOJob
+from rlfleet.job.loop import TrainingJob
 
 ITERATIONS = 30
 GENERATOR_KILLS = {3, 8, 13, 18, 23, 28}
@@ -59,7 +59,7 @@ def test_a_job_survives_dying_generators_reward_actors_and_learner(
         if victim is not None:
             killed.append((victim, iteration + 1))
 
-    job = PPOJob(config, on_dispatch=kill)
+    job = TrainingJob(config, on_dispatch=kill)
     try:
         result = job.train()
     finally:

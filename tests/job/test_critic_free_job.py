@@ -35,8 +35,8 @@ def test_a_grpo_job_trains_on_groups_syncs_exact_weights_and_resumes(
     from job_probes import learner_greedy
     from support.probes import generator_greedy, generator_version
 
-    from rlfleet.checkpoint.commit import list_checkpoints
-    from rlfleet.job.loop import PPOJob
+    from rlfleet.checkpoint.load import list_checkpoints
+    from rlfleet.job.loop import TrainingJob
     from rlfleet.job.train import run_job
 
     checkpoint = {"uri": str(tmp_path / "checkpoints"), "every": 1}
@@ -54,7 +54,7 @@ def test_a_grpo_job_trains_on_groups_syncs_exact_weights_and_resumes(
         checkpoint=checkpoint,
         logging={"samples_per_iteration": 4, "tensorboard": str(tmp_path / "tensorboard")},
     )
-    job = PPOJob(config)
+    job = TrainingJob(config)
     probe = [job.prompts.renderer.encode(row["prompt"]) for row in job.prompts.dataset.rows[:2]]
     scored = []
     score = job.score
@@ -75,7 +75,7 @@ def test_a_grpo_job_trains_on_groups_syncs_exact_weights_and_resumes(
                     assert theirs.token_ids == mine["token_ids"]
                     assert theirs.logprobs == pytest.approx(mine["logprobs"], abs=1e-4)
         consumed = job.learner.consumed_rollout_ids()
-        job.learner.wait_for_checkpoint()  # as PPOJob.train does at its end
+        job.learner.wait_for_checkpoint()  # as TrainingJob.train does at its end
     finally:
         job.shutdown()
 

@@ -29,7 +29,7 @@ from rlfleet.job.evaluation import (
     eval_postfix,
     eval_stats,
 )
-from rlfleet.job.loop import JobResult, PPOJob
+from rlfleet.job.loop import JobResult, TrainingJob
 from rlfleet.job.metrics import JobMetrics
 from rlfleet.job.roles import ActorFactories
 
@@ -109,7 +109,7 @@ def test_a_too_long_eval_prompt_is_refused_naming_the_key_file_and_row(
     with pytest.raises(ConfigError, match=rf"^eval\.dataset\.path: row 1 of {path}: the prompt"):
         eval_batch(config)
     with pytest.raises(ConfigError, match=r"^eval\.dataset\.path: row 1 of "):
-        PPOJob(config, ROWS, None, ActorFactories(no_actor, no_actor, no_actor))
+        TrainingJob(config, ROWS, None, ActorFactories(no_actor, no_actor, no_actor))
     first_only = config.model_copy(
         update={"eval": config.eval.model_copy(update={"max_samples": 1})}
     )
@@ -219,7 +219,7 @@ def test_a_generator_samples_an_eval_batch_greedily_with_evals_budget(
 
 def run(config: JobConfig, factories=None, resume_from: str | None = None):
     """Trains with the fakes; the result, the job and the eval reward actors' score calls."""
-    job = PPOJob(config, ROWS, None, factories or fake_factories(config))
+    job = TrainingJob(config, ROWS, None, factories or fake_factories(config))
     try:
         if resume_from:
             job.resume(resume_from)
@@ -318,7 +318,7 @@ def test_an_eval_reward_of_its_own_scores_the_eval_and_a_resume_is_exact(
 # -- a real job ----------------------------------------------------------------------------------
 
 
-def learner_weights_digest(job: PPOJob) -> str:
+def learner_weights_digest(job: TrainingJob) -> str:
     def digest(actor: Any) -> str:
         import hashlib
 
@@ -352,7 +352,7 @@ def test_a_real_job_with_eval_has_the_same_training_stats_and_weights_as_without
                     )
                 }
             )
-        job = PPOJob(config)
+        job = TrainingJob(config)
         try:
             results[name] = (job.train(), learner_weights_digest(job))
         finally:

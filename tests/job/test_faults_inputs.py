@@ -3,11 +3,14 @@ and what is wrong, before Ray starts and without making ``output_dir``."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import socket
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from support.job_configs import small_job, write_config
 
@@ -34,8 +37,32 @@ def dataset(tmp_path: Path, name: str, text: str) -> Path:
     return path
 
 
+def model_with_vocab(tmp_path: Path, model: Path, vocab_size: int) -> Path:
+    """The tiny model (702 tokens) with a config.json that gives its embedding ``vocab_size``."""
+    smaller = tmp_path / "small-vocab-model"
+    shutil.copytree(model, smaller)
+    config = json.loads((smaller / "config.json").read_text())
+    (smaller / "config.json").write_text(json.dumps({**config, "vocab_size": vocab_size}))
+    return smaller
+
+
+def binary_file(tmp_path: Path, name: str, data: bytes) -> Path:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+def parquet(tmp_path: Path, name: str, columns: dict[str, pa.Array]) -> Path:
+    path = tmp_path / name
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
 BROKEN_JSONL = '{"prompt": "a"}\n{oops\n'
 TEXT_FIELD_JSONL = '{"text": "a"}\n'
+LONE_SURROGATE_JSONL = '{"prompt": "good"}\n{"prompt": "a \\ud800 b"}\n'
+"""Row 1's prompt is JSON's escape of a lone surrogate: valid JSON, not valid Unicode."""
+LATIN_1_JSONL = '{"prompt": "ok"}\n{"prompt": "café"}\n'.encode("latin-1")
 
 # Each case: the --set overrides (built from tmp_path and the tiny model) and what the one line
 # must say.
@@ -96,6 +123,59 @@ CASES = {
     "a job name that is a path": (
         lambda tmp, model: ["name=../evil"],
         r"name: job name '\.\./evil' must match .* to name a file",
+    ),
+    "a prompt with a lone surrogate": (
+        lambda tmp, model: [f"dataset.path={dataset(tmp, 'sur.jsonl', LONE_SURROGATE_JSONL)}"],
+        r"dataset\.path: row 1 of .*sur\.jsonl, field 'prompt': text with a lone surrogate "
+        r"\('\\ud800' near '.*'\), which is not valid Unicode; fix the row or drop it$",
+    ),
+    "a JSONL file that is not UTF-8": (
+        lambda tmp, model: [f"dataset.path={binary_file(tmp, 'latin.jsonl', LATIN_1_JSONL)}"],
+        r"dataset\.path: .*latin\.jsonl line 2 is not UTF-8 \(byte b'\\xe9': invalid "
+        r"continuation byte\); save the file as UTF-8$",
+    ),
+    "a Parquet prompt column of bytes": (
+        lambda tmp, model: [
+            "dataset.path="
+            + str(parquet(tmp, "b.parquet", {"prompt": pa.array([b"hi", b"yo"], pa.binary())}))
+        ],
+        r"dataset\.path: row 0 of .*b\.parquet, field 'prompt': binary data \(b'hi'\), not "
+        r"text: store it as a string column \(decode it, e\.g\. \.decode\('utf-8'\)\); fix "
+        r"the row or drop it$",
+    ),
+    "a Parquet column of bytes beside the prompts": (
+        lambda tmp, model: [
+            "dataset.path="
+            + str(
+                parquet(
+                    tmp,
+                    "blob.parquet",
+                    {"prompt": ["hi", "yo"], "blob": pa.array([b"\x00\x01", b"x"], pa.binary())},
+                )
+            )
+        ],
+        r"dataset\.path: row 0 of .*blob\.parquet, field 'blob': binary data "
+        r"\(b'\\x00\\x01'\), not text",
+    ),
+    "a file that is not Parquet": (
+        lambda tmp, model: [f"dataset.path={dataset(tmp, 'fake.parquet', 'not parquet')}"],
+        r"dataset\.path: .*fake\.parquet is not a Parquet file pyarrow can read \(.*\)$",
+    ),
+    "a tokenizer larger than the model's embedding": (
+        lambda tmp, model: [f"model={model_with_vocab(tmp, model, 300)}"],
+        r"model: the tokenizer in .*small-vocab-model has 702 tokens but the model's embedding "
+        r"has 300 \(vocab_size in its config\.json\), so ids 300\.\.701 have none; save the "
+        r"model's own tokenizer there, or resize the embedding "
+        r"\(model\.resize_token_embeddings\(702\)\) and save the model$",
+    ),
+    "a LoRA target module the model lacks, beside one it has": (
+        lambda tmp, model: ["lora.target_modules=[c_attn,nonexistent_proj]"],
+        r"lora\.target_modules: 'nonexistent_proj' names no module of .* that LoRA can adapt; "
+        r"its modules are named c_attn, c_fc, c_proj, lm_head, wpe, wte \(or all-linear\)$",
+    ),
+    "a LoRA target module the model lacks, alone": (
+        lambda tmp, model: ["lora.target_modules=[nonexistent_proj]"],
+        r"lora\.target_modules: 'nonexistent_proj' names no module of .* that LoRA can adapt",
     ),
     "a checkpoint uri that is a file": (
         lambda tmp, model: [f"checkpoint.uri={dataset(tmp, 'ckpt-file', 'x')}"],

@@ -14,7 +14,7 @@ from support.job_configs import PROMPTS, read_stats, small_job
 
 from rlfleet.common.config import JobConfig
 from rlfleet.job.data import read_prompt_rows
-from rlfleet.job.loop import LearnerRestartsExhausted, PPOJob
+from rlfleet.job.loop import LearnerRestartsExhausted, TrainingJob
 from rlfleet.job.roles import ActorFactories
 from rlfleet.learner.rank_group import LearnerGroup
 
@@ -45,7 +45,7 @@ def test_a_learner_rank_that_dies_at_start_up_is_restarted(
 ) -> None:
     out = tmp_path / "run"
     config = config_for(tiny_model_dir, out, iterations=2)
-    job = PPOJob(config, ROWS, None, learners_dying_at_start(config, deaths=1))
+    job = TrainingJob(config, ROWS, None, learners_dying_at_start(config, deaths=1))
     try:
         result = job.train()
     finally:
@@ -60,7 +60,7 @@ def test_a_learner_that_keeps_dying_at_start_up_ends_at_the_limit(
 ) -> None:
     config = config_for(tiny_model_dir, tmp_path / "run", learner={"max_restarts": 2})
     with pytest.raises(LearnerRestartsExhausted) as error:
-        PPOJob(config, ROWS, None, learners_dying_at_start(config, deaths=3))
+        TrainingJob(config, ROWS, None, learners_dying_at_start(config, deaths=3))
     assert str(error.value).startswith(
         "the learner failed after 2 restarts (learner.max_restarts 2): learner rank 0 died at "
     )
@@ -73,7 +73,7 @@ def test_a_learner_rank_that_dies_while_loading_the_resumed_checkpoint_is_restar
     model), and the resumed run trains iterations 3 and 4 only."""
     out, uri = tmp_path / "run", tmp_path / "checkpoints"
     config = config_for(tiny_model_dir, out, iterations=2, checkpoint={"uri": str(uri), "every": 1})
-    first = PPOJob(config, ROWS, None, fake_factories(config))
+    first = TrainingJob(config, ROWS, None, fake_factories(config))
     try:
         first.train()
     finally:
@@ -90,7 +90,7 @@ def test_a_learner_rank_that_dies_while_loading_the_resumed_checkpoint_is_restar
 
     monkeypatch.setattr(LearnerGroup, "load_checkpoint", dying_load)
     longer = config.model_copy(update={"iterations": 4})
-    resumed = PPOJob(longer, ROWS, None, fake_factories(longer))
+    resumed = TrainingJob(longer, ROWS, None, fake_factories(longer))
     try:
         resumed.resume(str(uri))
         result = resumed.train()

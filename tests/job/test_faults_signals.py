@@ -18,7 +18,7 @@ from support.job_configs import read_stats, small_job, write_config
 from rlfleet.cli import main
 from rlfleet.common.config import JobConfig
 from rlfleet.job import train
-from rlfleet.job.loop import PPOJob
+from rlfleet.job.loop import TrainingJob
 
 
 @pytest.mark.parametrize(
@@ -35,11 +35,11 @@ def test_a_signal_stops_the_job_cleanly_with_one_line(
 ) -> None:
     out, sd_dir = tmp_path / "run", tmp_path / "sd"
     config = small_job(tiny_model_dir, out, iterations=50, metrics={"file_sd_dir": str(sd_dir)})
-    jobs: list[PPOJob] = []
+    jobs: list[TrainingJob] = []
     discovery_files: list[list[str]] = []
 
-    def fake_job(config: JobConfig, rows: list[dict[str, Any]], on_dispatch=None) -> PPOJob:
-        jobs.append(PPOJob(config, rows, on_dispatch, fake_factories(config)))
+    def fake_job(config: JobConfig, rows: list[dict[str, Any]], on_dispatch=None) -> TrainingJob:
+        jobs.append(TrainingJob(config, rows, on_dispatch, fake_factories(config)))
         return jobs[-1]
 
     def signal_at_iteration_3(kind: str, iteration: int, actors: list) -> None:
@@ -47,7 +47,7 @@ def test_a_signal_stops_the_job_cleanly_with_one_line(
             discovery_files.append(sorted(path.name for path in sd_dir.iterdir()))
             os.kill(os.getpid(), signum)
 
-    monkeypatch.setattr(train, "PPOJob", fake_job)
+    monkeypatch.setattr(train, "TrainingJob", fake_job)
     monkeypatch.setattr(train, "init_ray", lambda config: None)
     monkeypatch.setattr(
         train, "run_job", functools.partial(train.run_job, on_dispatch=signal_at_iteration_3)

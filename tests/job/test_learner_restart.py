@@ -21,8 +21,8 @@ from support.job_configs import PROMPTS, read_stats, small_job
 from rlfleet.checkpoint.commit import step_dir_name
 from rlfleet.common.config import CheckpointConfig, JobConfig, MetricsConfig, PPOConfig
 from rlfleet.job.data import read_prompt_rows
-from rlfleet.job.loop import JobResult, LearnerRestartsExhausted, PPOJob
-from rlfleet.learner.actor import LearnerActor
+from rlfleet.job.loop import JobResult, LearnerRestartsExhausted, TrainingJob
+from rlfleet.learner.actor import LearnerActor, LearnerSettings
 
 ROWS = read_prompt_rows(PROMPTS, "prompt")
 
@@ -34,14 +34,14 @@ def fake_job(model_dir: Path, out: Path, **fields: Any) -> JobConfig:
 def kill_learner_rank(
     at: set[tuple[str, int]],
     rank: int = 0,
-    before: Callable[[PPOJob], None] | None = None,
+    before: Callable[[TrainingJob], None] | None = None,
     every_time: bool = False,
-) -> tuple[Callable[[str, int, list], None], list[int], list[PPOJob]]:
+) -> tuple[Callable[[str, int, list], None], list[int], list[TrainingJob]]:
     """A dispatch hook that kills learner rank ``rank`` when a batch of (kind, iteration) in
     ``at`` goes out, the first time (or ``every_time``); ``before`` runs first. Also returns
     the iterations it killed at, and a list to put the job in."""
     killed: list[int] = []
-    job: list[PPOJob] = []
+    job: list[TrainingJob] = []
 
     def hook(kind: str, iteration: int, actors: list) -> None:
         if (kind, iteration) in at:
@@ -57,9 +57,9 @@ def kill_learner_rank(
 
 def train_killing(
     config: JobConfig, at: set[tuple[str, int]], **kill: Any
-) -> tuple[JobResult, PPOJob, list[int]]:
+) -> tuple[JobResult, TrainingJob, list[int]]:
     hook, killed, holder = kill_learner_rank(at, **kill)
-    job = PPOJob(config, ROWS, hook, fake_factories(config))
+    job = TrainingJob(config, ROWS, hook, fake_factories(config))
     holder.append(job)
     try:
         return job.train(), job, killed
@@ -67,7 +67,7 @@ def train_killing(
         job.shutdown()
 
 
-def learner_restarts_metric(job: PPOJob) -> float | None:
+def learner_restarts_metric(job: TrainingJob) -> float | None:
     labels = {"job": job.config.name, "role": "job", "index": "0", "actor_role": "learner"}
     return job.metrics.registry.get_sample_value("rlfleet_job_actor_restarts_total", labels)
 
@@ -143,7 +143,7 @@ def test_a_save_the_dead_learner_did_not_commit_is_passed_over(
     out, uri = tmp_path / "run", tmp_path / "checkpoints"
     config = fake_job(tiny_model_dir, out, iterations=5, checkpoint={"uri": str(uri), "every": 2})
 
-    def lose_checkpoint_4(job: PPOJob) -> None:
+    def lose_checkpoint_4(job: TrainingJob) -> None:
         (uri / "step-00000004.json").unlink()
 
     result, _, _ = train_killing(config, {("reward", 4)}, before=lose_checkpoint_4)
@@ -177,7 +177,7 @@ def test_the_stats_line_is_on_disk_before_its_checkpoint_so_a_resume_leaves_no_g
     used to be written after the save, and a resume from step 4 lacked it)."""
     out, uri = tmp_path / "run", tmp_path / "checkpoints"
     config = fake_job(tiny_model_dir, out, iterations=6, checkpoint={"uri": str(uri), "every": 2})
-    job = PPOJob(config, ROWS, None, fake_factories(config))
+    job = TrainingJob(config, ROWS, None, fake_factories(config))
     save = job.save_checkpoint
 
     def save_then_die(cursor: dict[str, Any]) -> None:
@@ -193,7 +193,7 @@ def test_the_stats_line_is_on_disk_before_its_checkpoint_so_a_resume_leaves_no_g
         job.shutdown()
     assert [line["iteration"] for line in read_stats(out)] == [1, 2, 3, 4]
 
-    resumed = PPOJob(config, ROWS, None, fake_factories(config))
+    resumed = TrainingJob(config, ROWS, None, fake_factories(config))
     try:
         resumed.resume(str(uri))
         result = resumed.train()
@@ -210,14 +210,14 @@ def test_a_resume_names_the_stats_lines_that_are_missing(
 ) -> None:
     out, uri = tmp_path / "run", tmp_path / "checkpoints"
     config = fake_job(tiny_model_dir, out, iterations=2, checkpoint={"uri": str(uri), "every": 1})
-    job = PPOJob(config, ROWS, None, fake_factories(config))
+    job = TrainingJob(config, ROWS, None, fake_factories(config))
     try:
         job.train()
     finally:
         job.shutdown()
     (out / "stats.jsonl").unlink()  # an output_dir that did not survive the driver's restart
 
-    resumed = PPOJob(
+    resumed = TrainingJob(
         config.model_copy(update={"iterations": 3}), ROWS, None, fake_factories(config)
     )
     try:
@@ -235,10 +235,13 @@ def test_a_restarted_learner_takes_the_newest_save_that_was_committed(
 ) -> None:
     """Step 3 died before its manifest (debris), step 4 was never written: step 2 it is."""
     learner = LearnerActor(
-        str(tiny_model_dir),
-        PPOConfig(batch_size=8, mini_batch_size=4),
-        0,
-        metrics=MetricsConfig(enabled=False),
+        LearnerSettings(
+            str(tiny_model_dir),
+            "ppo",
+            PPOConfig(batch_size=8, mini_batch_size=4),
+            seed=0,
+            metrics=MetricsConfig(enabled=False),
+        )
     )
     uri = tmp_path / "checkpoints"
     config = CheckpointConfig(uri=str(uri))
@@ -268,7 +271,7 @@ def test_a_killed_rank_of_a_real_two_rank_learner_is_restarted_from_its_checkpoi
         metrics={"enabled": False},
     )
     hook, killed, holder = kill_learner_rank({("reward", 3)}, rank=1)
-    job = PPOJob(config, on_dispatch=hook)
+    job = TrainingJob(config, on_dispatch=hook)
     holder.append(job)
     try:
         result = job.train()

@@ -17,16 +17,18 @@ from support.job_configs import PROMPTS, read_stats, small_job
 
 from rlfleet.common.config import CheckpointConfig, JobConfig
 from rlfleet.common.schema import prompt_batch, with_columns
+from rlfleet.common.transport import resolved_weight_sync
 from rlfleet.job.data import read_prompt_rows
 from rlfleet.job.loop import (
     JobResult,
-    PPOJob,
     StageTimer,
+    TrainingJob,
     checkpoint_due,
     reference_kl,
 )
 from rlfleet.job.metrics import STAGES
 from rlfleet.job.rollout_stats import component_means
+from rlfleet.learner.rank_group import ActorWaitError
 
 ROWS = read_prompt_rows(PROMPTS, "prompt")
 
@@ -66,8 +68,8 @@ def fake_job(model_dir: Path, out: Path, **fields: Any) -> JobConfig:
 
 def train(
     config: JobConfig, on_dispatch=None, resume_from: str | None = None
-) -> tuple[JobResult, PPOJob]:
-    job = PPOJob(config, ROWS, on_dispatch, fake_factories(config))
+) -> tuple[JobResult, TrainingJob]:
+    job = TrainingJob(config, ROWS, on_dispatch, fake_factories(config))
     try:
         if resume_from:
             job.resume(resume_from)
@@ -76,7 +78,7 @@ def train(
         job.shutdown()
 
 
-def job_metric(job: PPOJob, name: str, **labels: str) -> float | None:
+def job_metric(job: TrainingJob, name: str, **labels: str) -> float | None:
     labels = {"job": job.config.name, "role": "job", "index": "0", **labels}
     return job.metrics.registry.get_sample_value(name, labels)
 
@@ -152,7 +154,7 @@ def test_generators_sample_with_the_policy_that_lag_and_overlap_allow(
         max_policy_lag=lag,
     )
     sent = []
-    job = PPOJob(
+    job = TrainingJob(
         config, ROWS, lambda kind, i, _: sent.append(f"{kind[0]}{i}"), fake_factories(config)
     )
     try:
@@ -191,7 +193,7 @@ def test_restarted_actors_get_the_current_weights_and_a_new_discovery_file(
         metrics={"enabled": True, "file_sd_dir": str(tmp_path / "sd")},
     )
     factories = fake_factories(config, die_on_call={("reward", 1): 1, ("generator", 0): 2})
-    job = PPOJob(config, ROWS, kill_idle_generator_1, factories)
+    job = TrainingJob(config, ROWS, kill_idle_generator_1, factories)
     try:
         result = job.train()
         listed = {group["targets"][0] for group in json.loads(job.file_sd_path.read_text())}
@@ -253,9 +255,9 @@ def test_checkpoints_hold_the_first_untrained_batch_and_a_resumed_job_continues_
 
 def train_reading_groups(
     config: JobConfig, resume_from: str | None = None
-) -> tuple[JobResult, list[dict[int, list[int]]], PPOJob]:
+) -> tuple[JobResult, list[dict[int, list[int]]], TrainingJob]:
     """Trains with the fakes; also returns the rollout ids of each group id in each step."""
-    job = PPOJob(config, ROWS, None, fake_factories(config))
+    job = TrainingJob(config, ROWS, None, fake_factories(config))
     try:
         if resume_from:
             job.resume(resume_from)
@@ -342,7 +344,7 @@ def test_each_reward_component_gets_its_mean_in_the_stats_line() -> None:
         generators=SimpleNamespace(restarts=0),
         rewards=SimpleNamespace(restarts=0),
     )
-    line = PPOJob.stats_line(job, scored, {"objective/kl": 0.1})
+    line = TrainingJob.stats_line(job, scored, {"objective/kl": 0.1})
     assert line["reward/correct_mean"] == 0.5
     assert line["reward/short_mean"] == -1.0
     assert line["reward_mean"] == pytest.approx(-0.5)
@@ -365,7 +367,7 @@ def test_generators_sharing_the_learners_gpus_sleep_while_it_trains(
         weight_sync={"transport": "object_store"},  # the fakes form no collective group
     )
     assert config.colocated_on_gpus is slept
-    job = PPOJob(config, ROWS, None, fake_factories(config))
+    job = TrainingJob(config, ROWS, None, fake_factories(config))
     try:
         job.train()
         histories = ray.get([g.history.remote() for g in job.generators.actors])
@@ -374,3 +376,42 @@ def test_generators_sharing_the_learners_gpus_sleep_while_it_trains(
     asleep = ["sleep", "wake_up"] if slept else []
     iteration = ["generate", *asleep, "load_weights"]
     assert histories == [iteration * 2] * 2
+
+
+@pytest.mark.parametrize(
+    ("gpus", "transport"),
+    [(0.0, "object_store"), (0.5, "collective")],
+)
+def test_weight_sync_auto_is_resolved_once_for_the_learner_generators_and_sync(
+    ray_local,
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    gpus: float,
+    transport: str,
+) -> None:
+    from rlfleet.job import loop
+
+    resolved: list[str] = []
+
+    def resolve_once(config: JobConfig) -> Any:
+        resolved.append(config.weight_sync.transport)
+        return resolved_weight_sync(config)
+
+    monkeypatch.setattr(loop, "resolved_weight_sync", resolve_once)
+    config = fake_job(
+        tiny_model_dir,
+        tmp_path / "run",
+        learner={"num_gpus": gpus},
+        generators={"num_gpus": gpus},
+    )
+    assert config.weight_sync.transport == "auto"
+    job = TrainingJob(config, ROWS, None, fake_factories(config))
+    try:
+        assert job.weight_sync.transport == transport
+        assert job.sync.config is job.weight_sync
+        job.replace_learner(ActorWaitError("learner rank 0 died", ["learner rank 0"]))
+        assert job.sync.config is job.weight_sync  # the new ranks' sync: not resolved again
+        assert resolved == ["auto"]
+    finally:
+        job.shutdown()

@@ -13,7 +13,7 @@ from support.job_configs import REPO
 from support.probes import generator_greedy, generator_version
 
 from rlfleet.common.config import load_job_config
-from rlfleet.job.loop import PPOJob
+from rlfleet.job.loop import TrainingJob
 
 GRPO_CONFIG = REPO / "examples" / "grpo_arithmetic.yaml"
 ITERATIONS = 40
@@ -31,7 +31,7 @@ def vllm_tmpdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TMPDIR", str(tmp_path))
 
 
-def check_generators_hold_the_merged_policy(job: PPOJob, probe: list[list[int]]) -> list[dict]:
+def check_generators_hold_the_merged_policy(job: TrainingJob, probe: list[list[int]]) -> list[dict]:
     learner = learner_greedy(job, probe, PROBE_TOKENS)
     for generator in job.generators.actors:
         assert generator_version(generator) == job.iteration
@@ -70,7 +70,7 @@ def test_a_lora_job_raises_the_reward_and_syncs_the_merged_policy(
             f"checkpoint.every={ITERATIONS}",
         ],
     )
-    job = PPOJob(config)
+    job = TrainingJob(config)
     probe = [job.prompts.renderer.encode(row["prompt"]) for row in job.prompts.dataset.rows[:3]]
     stats = []
     try:

@@ -12,7 +12,7 @@ from support.job_configs import small_job
 from support.probes import generator_greedy, generator_version
 
 from rlfleet.common.config import JobConfig
-from rlfleet.job.loop import PPOJob
+from rlfleet.job.loop import TrainingJob
 
 
 @pytest.fixture(autouse=True)
@@ -21,7 +21,9 @@ def vllm_tmpdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TMPDIR", str(tmp_path))
 
 
-def check_generators_match_learner(job: PPOJob, probe: list[list[int]], tolerance: float) -> None:
+def check_generators_match_learner(
+    job: TrainingJob, probe: list[list[int]], tolerance: float
+) -> None:
     learner = learner_greedy(job, probe, 6)
     for generator in job.generators.actors:
         assert generator_version(generator) == job.iteration
@@ -30,10 +32,10 @@ def check_generators_match_learner(job: PPOJob, probe: list[list[int]], toleranc
             assert theirs.logprobs == pytest.approx(mine["logprobs"], abs=tolerance)
 
 
-def run_checking_sync(config: JobConfig, tolerance: float) -> tuple[PPOJob, list[dict]]:
+def run_checking_sync(config: JobConfig, tolerance: float) -> tuple[TrainingJob, list[dict]]:
     """Trains ``config.iterations`` iterations, checking after each sync that every generator
     holds the learner's weights; the job (shut down) and its stats lines."""
-    job = PPOJob(config)
+    job = TrainingJob(config)
     probe = job.prompts.next_batch(3).column("prompt_ids").to_pylist()
     lines = []
     try:
@@ -69,7 +71,7 @@ def test_a_two_rank_learner_trains_syncs_exact_weights_checkpoints_and_resumes(
     assert [line["rollout_ids"] for line in lines] == [[3, 10], [11, 18]]
     assert [line["sampled_with_versions"] for line in lines] == [[0], [1]]
 
-    from rlfleet.checkpoint.commit import list_checkpoints
+    from rlfleet.checkpoint.load import list_checkpoints
     from rlfleet.job.train import run_job
 
     resumed = run_job(config.model_copy(update={"iterations": 3}), resume_from="latest")

@@ -22,7 +22,7 @@ from rlfleet.common.schema import prompt_batch, with_columns
 from rlfleet.common.trackers import TensorBoardTracker, Trackers
 from rlfleet.job.checks import ConfigError
 from rlfleet.job.data import read_prompt_rows
-from rlfleet.job.loop import PPOJob
+from rlfleet.job.loop import TrainingJob
 from rlfleet.job.reporting import JobReport, tracker_scalars
 
 ROWS = read_prompt_rows(PROMPTS, "prompt")
@@ -217,7 +217,7 @@ def test_a_resumed_job_writes_each_iteration_once_to_every_report(
         logging={"samples_per_iteration": 2, "tensorboard": str(tmp_path / "tb")},
     )
     for resume_from in (None, uri / "step-00000002.json"):
-        job = PPOJob(config, ROWS, None, fake_factories(config))
+        job = TrainingJob(config, ROWS, None, fake_factories(config))
         try:
             if resume_from is not None:
                 job.resume(str(resume_from))

@@ -36,6 +36,21 @@ def vllm_tmpdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TMPDIR", str(tmp_path))
 
 
+@pytest.mark.parametrize("command", [[], ["train"], ["submit"]])
+def test_the_help_names_every_algorithm(capsys: pytest.CaptureFixture, command: list) -> None:
+    from typing import get_args
+
+    from rlfleet.cli import main
+    from rlfleet.common.config import Algorithm
+
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "PPO job" not in text
+    for algorithm in get_args(Algorithm):
+        assert re.search(rf"\b{algorithm}\b", text), (algorithm, text)
+
+
 # ----------------------------------------------------------------------------------------------
 # Config errors
 
@@ -351,7 +366,7 @@ def test_after_every_sync_the_generators_greedy_tokens_and_logprobs_match_the_le
     from job_probes import learner_greedy
     from support.probes import generator_greedy, generator_version
 
-    from rlfleet.job.loop import PPOJob
+    from rlfleet.job.loop import TrainingJob
 
     config = small_job(
         demo_model_dir,
@@ -360,7 +375,7 @@ def test_after_every_sync_the_generators_greedy_tokens_and_logprobs_match_the_le
         ppo={"learning_rate": 5e-3, "ppo_epochs": 2},
         iterations=3,
     )
-    job = PPOJob(config)
+    job = TrainingJob(config)
     probe = job.prompts.next_batch(4).column("prompt_ids").to_pylist()
     try:
         before = learner_greedy(job, probe, 8)
@@ -439,7 +454,7 @@ def test_a_resumed_job_continues_from_the_latest_checkpoint_without_reusing_roll
     assert [line["rollout_ids"] for line in stats] == [[0, 7], [8, 15], [16, 23]]
     assert [line["sampled_with_versions"] for line in stats] == [[0], [1], [2]]
     assert resumed.consumed_rollout_ids == list(range(24))
-    from rlfleet.checkpoint.commit import list_checkpoints
+    from rlfleet.checkpoint.load import list_checkpoints
 
     assert [info.step for info in list_checkpoints(checkpoint["uri"])] == [1, 2, 3]
 

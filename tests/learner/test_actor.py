@@ -1,10 +1,12 @@
 """The learner actor: in process, which trainer it holds and what it hands that trainer (PPO and
-critic-free); on a real local Ray instance, PPO steps, the rollout-id ledger, policy lag, and one
-weight publication that a generator (plain transformers engine) loads exactly."""
+critic-free), and that non-finite weights are never published; on a real local Ray instance, PPO
+steps, the rollout-id ledger, policy lag, and one weight publication that a generator (plain
+transformers engine) loads exactly."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +24,9 @@ from rlfleet.common.config import (
 )
 from rlfleet.common.schema import concat_batches, prompt_batch, with_columns
 from rlfleet.learner import actor as actor_module
-from rlfleet.learner.actor import (
-    LearnerActor,
-    learner_device,
-    rollout_stats,
-    rollout_tensors,
-    torch_threads,
-)
+from rlfleet.learner.actor import LearnerActor, LearnerSettings, learner_device, torch_threads
+from rlfleet.learner.batches import generator_mismatch_stats, rollout_tensors
+from rlfleet.trainers.guards import NonFiniteError
 
 BATCH = 4
 
@@ -51,7 +49,7 @@ def scored_batch(
     )
 
 
-def test_rollout_stats_compare_generator_logprobs_with_the_learners_and_count_truncations():
+def test_generator_mismatch_stats_compare_its_logprobs_with_the_learners_and_count_truncations():
     batch = with_columns(
         prompt_batch([0, 1, 2], ["p"] * 3, [[5]] * 3),
         response_ids=[[11, 12], [13, 14, 15], [16]],
@@ -60,19 +58,19 @@ def test_rollout_stats_compare_generator_logprobs_with_the_learners_and_count_tr
     )
     # the trainer's old logprobs: [batch, longest response], zero past each response
     old = np.array([[-1.5, -2.0, 0.0], [-0.5, -1.0, -0.25], [-1.0, 0.0, 0.0]])
-    stats = rollout_stats(batch, old)
+    stats = generator_mismatch_stats(batch, old)
     assert stats["rollout/logprob_diff_mean"] == pytest.approx((0.5 + 0 + 0 + 0.5 + 0.25 + 2) / 6)
     assert stats["rollout/truncated_fraction"] == pytest.approx(2 / 3)
 
 
-def test_rollout_stats_read_a_one_token_batch_whose_old_logprobs_came_back_as_a_number():
+def test_generator_mismatch_stats_read_a_one_token_batch_whose_old_logprobs_are_a_number():
     batch = with_columns(
         prompt_batch([0], ["p"], [[5]]),
         response_ids=[[11]],
         response_logprobs=[[-1.0]],
         finish_reason=["stop"],
     )
-    stats = rollout_stats(batch, -1.25)
+    stats = generator_mismatch_stats(batch, -1.25)
     assert stats == {"rollout/logprob_diff_mean": 0.25, "rollout/truncated_fraction": 0.0}
 
 
@@ -126,7 +124,11 @@ def grouped_batch(first_id: int = 0, version: int = 0) -> pa.RecordBatch:
 
 
 def in_process_learner(model_dir: Path, config: PPOConfig | CriticFreeConfig) -> LearnerActor:
-    return LearnerActor(str(model_dir), config, 0, metrics=MetricsConfig(enabled=False))
+    algorithm = getattr(config, "algorithm", "ppo")  # a PPOConfig names none
+    settings = LearnerSettings(
+        str(model_dir), algorithm, config, metrics=MetricsConfig(enabled=False)
+    )
+    return LearnerActor(settings)
 
 
 class RecordingPublisher:
@@ -257,6 +259,41 @@ def test_a_critic_free_learner_resumes_its_weights_and_ledger_from_a_checkpoint(
         assert torch.equal(resumed.policy.state_dict()[name], weight), name
 
 
+# ----------------------------------------------------------------------------------------------
+# Non-finite weights are never published (the trainers' guards: tests/trainers/test_guards.py)
+
+
+def nan_gradients(trainer) -> None:
+    """A finite loss whose backward pass leaves a NaN gradient on the LM head."""
+    trainer.model.pretrained_model.lm_head.weight.register_hook(lambda grad: grad * math.nan)
+
+
+def test_the_learner_refuses_non_finite_weights_before_publishing_or_counting(tiny_model_dir):
+    config = PPOConfig(batch_size=4, mini_batch_size=4, ppo_epochs=1)  # one optimizer step
+    learner = in_process_learner(tiny_model_dir, config)
+    optimizer_step = learner.trainer.optimizer.step
+
+    def step_to_nan(*args, **kwargs):
+        optimizer_step(*args, **kwargs)
+        with torch.no_grad():
+            learner.trainer.model.pretrained_model.lm_head.weight[0, 0] = math.nan
+
+    learner.trainer.optimizer.step = step_to_nan
+    with pytest.raises(NonFiniteError, match=r"^step 1 \(rollouts 0\.\.3\): weight .* not fin"):
+        learner.step(scored_batch(0))
+    assert learner.version == 0
+    assert learner.consumed_rollout_ids() == []
+
+
+def test_skipped_steps_are_in_the_learner_stats(tiny_model_dir):
+    config = PPOConfig(batch_size=4, mini_batch_size=2, ppo_epochs=1, nonfinite="skip")
+    learner = in_process_learner(tiny_model_dir, config)
+    nan_gradients(learner.trainer)
+    stats = learner.step(scored_batch(0))
+    assert stats["ppo/nonfinite_skipped_steps"] == 2.0
+    assert learner.version == 1
+
+
 @pytest.fixture
 def learner(ray_local, tiny_model_dir: Path):
     import ray
@@ -264,7 +301,8 @@ def learner(ray_local, tiny_model_dir: Path):
     from rlfleet.learner.actor import LearnerActor
 
     config = PPOConfig(batch_size=BATCH, mini_batch_size=2, ppo_epochs=2, learning_rate=1e-2)
-    actor = ray.remote(LearnerActor).options(num_cpus=0.5).remote(str(tiny_model_dir), config, 0)
+    settings = LearnerSettings(str(tiny_model_dir), "ppo", config, seed=0)
+    actor = ray.remote(LearnerActor).options(num_cpus=0.5).remote(settings)
     ray.get(actor.ready.remote())
     yield actor
     ray.kill(actor)

@@ -78,7 +78,7 @@ def test_every_dashboard_query_has_data_and_counters_match_stats_jsonl_across_a_
     rewrites the discovery file, so Prometheus scrapes the new process in its place."""
     import ray
 
-    from rlfleet.job.loop import PPOJob
+    from rlfleet.job.loop import TrainingJob
 
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # vLLM leaves sockets there
     killed = []
@@ -91,7 +91,7 @@ def test_every_dashboard_query_has_data_and_counters_match_stats_jsonl_across_a_
     config = metrics_job(tiny_model_dir, tmp_path / "run", prometheus.sd_dir)
     sd_file = file_sd_path(JOB, prometheus.sd_dir)
     started = time.time()
-    job = PPOJob(config, on_dispatch=kill_reward_actor_once)
+    job = TrainingJob(config, on_dispatch=kill_reward_actor_once)
     try:
         listed = [group["labels"]["role"] for group in json.loads(sd_file.read_text())]
         assert {role: listed.count(role) for role in TARGETS} == TARGETS
@@ -188,14 +188,14 @@ def test_a_job_with_metrics_disabled_serves_nothing_and_writes_no_discovery_file
 ) -> None:
     import ray
 
-    from rlfleet.job.loop import PPOJob
+    from rlfleet.job.loop import TrainingJob
 
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     sd_dir = tmp_path / "sd"
     raw = metrics_job(tiny_model_dir, tmp_path / "run", sd_dir).model_dump(exclude_unset=True)
     raw.update(iterations=1, metrics={"enabled": False, "file_sd_dir": str(sd_dir)})
     raw["generators"]["num_actors"] = raw["reward"]["num_actors"] = 1
-    job = PPOJob(JobConfig.model_validate(raw))
+    job = TrainingJob(JobConfig.model_validate(raw))
     try:
         actors = [job.learner.ranks[0], *job.generators.actors, *job.rewards.actors]
         assert ray.get([actor.metrics_target.remote() for actor in actors]) == [None] * 3

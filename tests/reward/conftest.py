@@ -133,6 +133,57 @@ def hangs(prompts, responses, **_):
 
     threading.Event().wait()
 
+def catastrophic_regex(prompts, responses, **_):
+    import re
+
+    # exponential backtracking in C, holding the GIL, on "a" * 40 + "b"
+    return [1.0 if re.match(r"(a+)+$", response) else 0.0 for response in responses]
+
+def raises_keyboard_interrupt(prompts, responses, **_):
+    raise KeyboardInterrupt
+
+def huge_int_at_1(prompts, responses, **_):
+    return [0.0, 10**400, 0.0][: len(responses)]
+
+def score_1e30_at_1(prompts, responses, **_):
+    return [0.0, 1e30, 0.0][: len(responses)]
+
+def scores(prompts, responses, *, score, **_):
+    return [float(s) for s in score]
+
+def worker_pid(prompts, responses, **_):
+    import os
+
+    print("scoring in", os.getpid())  # the worker's stdout is not its channel to the scorer
+    return [os.getpid() / 1e4] * len(responses)
+
+def crash_on_crash(prompts, responses, **_):
+    import os
+    import signal
+
+    if "crash" in responses:
+        os.kill(os.getpid(), signal.SIGSEGV)
+    return [1.0] * len(responses)
+
+def hog_the_gil_in_background(prompts, responses, **_):
+    import re
+    import threading
+
+    # the worker answers, then cannot read its next request: this thread holds the GIL
+    hog = threading.Timer(0.3, re.match, args=(r"(a+)+$", "a" * 40 + "b"))
+    hog.daemon = True
+    hog.start()
+    return [0.0] * len(responses)
+
+def spawn_and_hang(prompts, responses, *, pid_file, **_):
+    import pathlib
+    import subprocess
+    import threading
+
+    child = subprocess.Popen(["sleep", "600"])
+    pathlib.Path(pid_file).write_text(str(child.pid))
+    threading.Event().wait()
+
 threshold = 0.5
 """
 

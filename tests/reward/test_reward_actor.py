@@ -1,4 +1,7 @@
 import json
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -131,3 +134,96 @@ def test_remote_reward_actor_in_ray_counts_timeouts(ray_local, reward_server):
     assert served["rlfleet_reward_timeouts_total"] == 1
     assert served["rlfleet_reward_errors_total"] == 0
     assert served["rlfleet_reward_samples_total"] == 0
+
+
+def test_actor_cuts_a_function_stuck_in_c_naming_function_timeout_and_rollouts(user_rewards):
+    spec = f"{user_rewards}:catastrophic_regex"
+    actor = RewardActor(0, RewardConfig(function=spec, timeout_s=1))
+    started = time.monotonic()
+    with pytest.raises(RewardTimeoutError) as raised:
+        actor.score(rollout_batch([21, 22], ["p", "q"], ["aaa", "a" * 40 + "b"]))
+    assert time.monotonic() - started < 1 + 2
+    message = str(raised.value)
+    assert message.startswith(
+        f"reward actor 0 failed on rollouts 21, 22: reward function '{spec}' did not return "
+        "within reward.timeout_s=1 s; its worker process was killed and a new one started ["
+    )
+    assert "\n" not in message
+    assert scrape(actor.metrics_target())["rlfleet_reward_timeouts_total"] == 1
+    scored = actor.score(rollout_batch([23], ["p"], ["aaa"]))
+    assert scored.column("score").to_pylist() == [1.0]
+
+
+def test_actor_keyboard_interrupt_is_a_reward_error_naming_the_function(user_rewards):
+    spec = f"{user_rewards}:raises_keyboard_interrupt"
+    actor = RewardActor(0, RewardConfig(function=spec))
+    with pytest.raises(RewardError) as raised:
+        actor.score(rollout_batch([31], ["p"], ["r"]))
+    assert str(raised.value) == (
+        f"reward actor 0 failed on rollout 31: reward function '{spec}' raised KeyboardInterrupt "
+        "[rollout 31: prompt 'p', response 'r']"
+    )
+
+
+def test_actor_names_the_rollout_whose_score_is_not_a_finite_float(user_rewards):
+    spec = f"{user_rewards}:huge_int_at_1"
+    actor = RewardActor(0, RewardConfig(function=spec))
+    with pytest.raises(RewardError) as raised:
+        actor.score(rollout_batch([40, 41], ["p", "q"], ["a", "b"]))
+    assert str(raised.value) == (
+        f"reward actor 0 failed on rollout 41: reward function '{spec}' returned "
+        f"{'1' + '0' * 39}... (int) for sample 1, a value that is not a finite float "
+        "[rollout 41: prompt 'q', response 'b']"
+    )
+
+
+def test_actor_refuses_a_score_beyond_the_bound_naming_rollout_value_and_bound(user_rewards):
+    spec = f"{user_rewards}:score_1e30_at_1"
+    actor = RewardActor(0, RewardConfig(function=spec))
+    with pytest.raises(RewardError) as raised:
+        actor.score(rollout_batch([50, 51], ["p", "q"], ["a", "b"]))
+    assert str(raised.value) == (
+        f"reward actor 0 failed on rollout 51: reward function '{spec}' returned 1e+30 for "
+        "sample 1, beyond the bound |score| <= 1e+06 (rlfleet.reward.scorers.MAX_ABS_SCORE); "
+        "scale the reward down [rollout 51: prompt 'q', response 'b']"
+    )
+    assert scrape(actor.metrics_target())["rlfleet_reward_errors_total"] == 1
+
+
+@pytest.mark.slow
+def test_reward_actor_in_ray_cuts_a_stuck_function_and_reports_keyboard_interrupt(
+    ray_local, user_rewards
+):
+    ray = ray_local
+    stuck = RewardConfig(function=f"{user_rewards}:catastrophic_regex", timeout_s=2, num_cpus=0.5)
+    interrupted = RewardConfig(function=f"{user_rewards}:raises_keyboard_interrupt", num_cpus=0.5)
+    module_dir = next(path for path in sys.path if Path(path, f"{user_rewards}.py").exists())
+    runtime_env = {"env_vars": {"PYTHONPATH": module_dir}}  # the user module, for the actors
+    actors = [
+        ray.remote(RewardActor)
+        .options(num_cpus=config.num_cpus, runtime_env=runtime_env)
+        .remote(i, config)
+        for i, config in enumerate([stuck, interrupted])
+    ]
+    assert ray.get([actor.ready.remote() for actor in actors]) == [True, True]
+
+    started = time.monotonic()
+    with pytest.raises(
+        RewardTimeoutError,
+        match=r"failed on rollout 7: reward function '.*:catastrophic_regex' did not return "
+        r"within reward.timeout_s=2 s",
+    ):
+        ray.get(actors[0].score.remote(rollout_batch([7], ["p"], ["a" * 40 + "b"])))
+    assert time.monotonic() - started < 2 + 2
+    scored = ray.get(actors[0].score.remote(rollout_batch([8, 9], ["p", "q"], ["aaa", "ab"])))
+    assert scored.column("score").to_pylist() == [1.0, 0.0]
+
+    with pytest.raises(
+        RewardError, match=r"failed on rollout 5: reward function .* raised KeyboardInterrupt \["
+    ):
+        ray.get(actors[1].score.remote(rollout_batch([5], ["p"], ["r"])))
+    # the actor is alive and keeps answering
+    assert ray.get(actors[1].ready.remote())
+    served = scrape(ray.get(actors[0].metrics_target.remote()))
+    assert served["rlfleet_reward_timeouts_total"] == 1
+    assert served["rlfleet_reward_samples_total"] == 2

@@ -27,7 +27,8 @@ PRELOADED = (
     "safetensors.torch",
     "rlfleet.trainers.ppo",
     "rlfleet.trainers.critic_free",
-    "rlfleet.checkpoint.commit",
+    "rlfleet.checkpoint.saver",
+    "rlfleet.checkpoint.load",
     "rlfleet.trainers.distributed",
 )
 """Imported by the forkserver before it forks any rank (a module that fails to import is left

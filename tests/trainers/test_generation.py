@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from rlfleet.trainers.generation import generate, left_padded
+from rlfleet.trainers.trl_compat import generate, left_padded
 from rlfleet.trainers.value_head import AutoModelForCausalLMWithValueHead
 
 GREEDY = {"do_sample": False, "eos_token_id": None}

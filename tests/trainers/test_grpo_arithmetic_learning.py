@@ -15,7 +15,7 @@ from rlfleet.reward.functions import arithmetic_correct
 from rlfleet.tasks import arithmetic
 from rlfleet.tasks.arithmetic import Problem
 from rlfleet.trainers.critic_free import CriticFreeTrainer
-from rlfleet.trainers.ppo import eval_mode
+from rlfleet.trainers.minibatch import eval_mode
 
 GROUP_SIZE, PROMPTS_PER_STEP, STEPS, MAX_NEW_TOKENS = 8, 16, 200, 4
 

@@ -1,5 +1,6 @@
 """Non-finite training stops the step with a clear error (or skips it under
-``ppo.nonfinite: skip``), and such weights are never published or checkpointed."""
+``ppo.nonfinite: skip``); that such weights are never published or checkpointed is the learner's
+(tests/learner/test_actor.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from rlfleet.common.config import MetricsConfig, PPOConfig
+from rlfleet.common.config import PPOConfig
 from rlfleet.trainers.guards import (
     NonFiniteError,
     check_finite_loss,
@@ -120,41 +121,3 @@ def test_a_huge_learning_rate_under_skip_keeps_training_on_finite_weights(tiny_m
         trainer.step(*batch(seed))
     assert trainer.nonfinite_skipped_steps > 0
     check_finite_weights(trainer.model, "after")
-
-
-# ----------------------------------------------------------------------------------------------
-# The learner actor (as a plain object): non-finite weights are never published
-
-
-def test_the_learner_refuses_non_finite_weights_before_publishing_or_counting(tiny_model_dir):
-    from test_actor import scored_batch
-
-    from rlfleet.learner.actor import LearnerActor
-
-    config = PPOConfig(batch_size=4, mini_batch_size=4, ppo_epochs=1)  # one optimizer step
-    learner = LearnerActor(str(tiny_model_dir), config, 0, metrics=MetricsConfig(enabled=False))
-    optimizer_step = learner.trainer.optimizer.step
-
-    def step_to_nan(*args, **kwargs):
-        optimizer_step(*args, **kwargs)
-        with torch.no_grad():
-            learner.trainer.model.pretrained_model.lm_head.weight[0, 0] = math.nan
-
-    learner.trainer.optimizer.step = step_to_nan
-    with pytest.raises(NonFiniteError, match=r"^step 1 \(rollouts 0\.\.3\): weight .* not fin"):
-        learner.step(scored_batch(0))
-    assert learner.version == 0
-    assert learner.consumed_rollout_ids() == []
-
-
-def test_skipped_steps_are_in_the_learner_stats(tiny_model_dir):
-    from test_actor import scored_batch
-
-    from rlfleet.learner.actor import LearnerActor
-
-    config = PPOConfig(batch_size=4, mini_batch_size=2, ppo_epochs=1, nonfinite="skip")
-    learner = LearnerActor(str(tiny_model_dir), config, 0, metrics=MetricsConfig(enabled=False))
-    nan_gradients(learner.trainer)
-    stats = learner.step(scored_batch(0))
-    assert stats["ppo/nonfinite_skipped_steps"] == 2.0
-    assert learner.version == 1

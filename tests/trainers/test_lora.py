@@ -11,9 +11,12 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from rlfleet.checkpoint.commit import MANIFEST, CheckpointError, load_checkpoint, save_checkpoint
+from rlfleet.checkpoint.commit import MANIFEST, CheckpointError
+from rlfleet.checkpoint.load import load_checkpoint
+from rlfleet.checkpoint.saver import save_checkpoint
 from rlfleet.common.config import CriticFreeConfig, JobConfig, LearnerConfig, LoraConfig, PPOConfig
 from rlfleet.learner.actor import load_trainer
+from rlfleet.learner.registry import TRAINERS
 from rlfleet.trainers.forward import ResponseBatch, batch_logprobs
 from rlfleet.trainers.lora import ADAPTER_DIR, check_lora_job, has_adapters, merged_state
 
@@ -34,13 +37,15 @@ def rollouts(seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[to
 def ppo_trainer(model_dir: Path, lora: LoraConfig | None = LORA):
     torch.manual_seed(0)
     config = PPOConfig(batch_size=BATCH, mini_batch_size=2, ppo_epochs=2, seed=0)
-    return load_trainer(str(model_dir), config, False, LearnerConfig(), None, lora)
+    return load_trainer(str(model_dir), TRAINERS["ppo"], config, False, LearnerConfig(), None, lora)
 
 
 def grpo_trainer(model_dir: Path, lora: LoraConfig | None = LORA):
     torch.manual_seed(0)
     config = CriticFreeConfig(batch_size=BATCH, mini_batch_size=2, num_iterations=2, beta=0.04)
-    return load_trainer(str(model_dir), config, False, LearnerConfig(), None, lora)
+    return load_trainer(
+        str(model_dir), TRAINERS["grpo"], config, False, LearnerConfig(), None, lora
+    )
 
 
 def moved_adapters(model: torch.nn.Module, seed: int = 1) -> None:

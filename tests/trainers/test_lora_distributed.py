@@ -26,9 +26,11 @@ from test_distributed import update_error as weights_update_error
 from test_distributed_bf16 import fixed_batch, preference
 from transformers import AutoModelForCausalLM
 
-from rlfleet.checkpoint.commit import load_checkpoint, save_checkpoint
+from rlfleet.checkpoint.load import load_checkpoint
+from rlfleet.checkpoint.saver import save_checkpoint
 from rlfleet.common.config import CriticFreeConfig, JobConfig, LearnerConfig, LoraConfig, PPOConfig
 from rlfleet.learner.actor import load_trainer
+from rlfleet.learner.registry import TRAINERS
 from rlfleet.trainers.distributed import DataParallel, full_state, init_process_group
 from rlfleet.trainers.lora import ADAPTER_DIR, BaseModelForward, check_lora_job, merged_state
 
@@ -60,7 +62,8 @@ def lora_trainer(
     layout = {key: value for key, value in DISTRIBUTED_CASES[case].items() if key != "config"}
     ranks = parallel.world_size if parallel else 1
     learner = LearnerConfig(num_ranks=ranks, dtype=dtype, **layout)
-    return load_trainer(model_dir, config, False, learner, parallel, lora)
+    algorithm = "ppo" if is_ppo(case) else config.algorithm
+    return load_trainer(model_dir, TRAINERS[algorithm], config, False, learner, parallel, lora)
 
 
 def trained(result: dict[str, Any]) -> dict[str, Any]:

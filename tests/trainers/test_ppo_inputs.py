@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlfleet.trainers.ppo_inputs import checked_step_inputs
+from rlfleet.trainers.inputs import checked_step_inputs
 
 CPU = torch.device("cpu")
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rlfleet.trainers.forward import ResponseBatch, Rollout
-from rlfleet.trainers.ppo_stats import StepTimer, as_python, step_stats
+from rlfleet.trainers.stats import StepTimer, as_python, step_stats
 
 
 def test_step_timer_reports_each_phase_and_the_total():

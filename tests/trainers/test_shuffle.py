@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from rlfleet.trainers.shuffle import Shuffler
+from rlfleet.trainers.minibatch import Shuffler
 
 
 def test_permutations_replay_numpy_seeded_as_trl_seeds_it_without_touching_the_global_rng():

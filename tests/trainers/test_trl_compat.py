@@ -84,8 +84,8 @@ def test_accelerator_names_without_a_single_process_meaning_say_what_to_use(
 @pytest.mark.parametrize(
     ("name", "advice"),
     [
-        ("compute_rewards", r"rlfleet\.learner\.algorithms"),
-        ("batched_forward_pass", r"rlfleet\.learner\.algorithms"),
+        ("compute_rewards", r"rlfleet\.algorithms"),
+        ("batched_forward_pass", r"rlfleet\.algorithms"),
         ("push_to_hub", r"save_pretrained"),
         ("_prepare_deepspeed", r"rlfleet train"),
     ],
