@@ -41,9 +41,9 @@ PING_INTERVAL_S = 5.0
 _interrupted: BaseException | None = None
 
 
-def interrupt(error: BaseException) -> None:
+def interrupt(error: BaseException | None) -> None:
     """Has the next wait here (or ``raise_if_interrupted``) raise ``error``: for a signal handler
-    that cannot raise where the signal landed (see the module's docstring)."""
+    that cannot raise where the signal landed (see the module's docstring). None forgets it."""
     global _interrupted
     _interrupted = error
 
@@ -140,4 +140,3 @@ class Pings:
             ping = self.actors[name].__ray_call__.options(concurrency_group=LIVENESS_GROUP)
             self.sent[name] = (ping.remote(_pid), now)
         return stalled
-

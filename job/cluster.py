@@ -6,6 +6,11 @@ later start clashes with them) and memory until they notice that their raylet is
 after the kill on the 2-core test machine. The rest of the instance (GCS, raylet, workers,
 actors) is gone within 6 s. A job that starts its own instance stops such orphans first
 (``stop_orphaned_ray_agents``).
+
+Joining a cluster: ``ray.init`` retries an address that nothing answers at without end, in C++,
+where neither SIGTERM nor Ctrl-C reach the driver. So a ``host:port`` address is first tried
+with plain TCP connections for at most ``CONNECT_TIMEOUT_S`` (``RayUnreachable`` names it after
+that), in short tries between which a stop signal takes effect.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ import logging
 import math
 import os
 import signal
+import socket
 import tempfile
+import time
 from pathlib import Path
 
 import ray
@@ -34,17 +41,28 @@ def required_cpus(config: JobConfig) -> float:
     )
 
 
+CONNECT_TIMEOUT_S = 30.0
+"""How long a job tries to reach the Ray cluster at ``ray_address`` (or ``RAY_ADDRESS``)."""
+
+
+class RayUnreachable(ConnectionError):
+    """Nothing answers at the Ray address the job is to join."""
+
+
 def init_ray(config: JobConfig) -> None:
     """Joins ``ray_address`` or the cluster of a submitted job (RAY_ADDRESS is set there); else
     starts a local in-process instance with enough logical CPUs for every actor, reachable on
-    loopback only. Never auto-detects another cluster on this machine."""
+    loopback only. Never auto-detects another cluster on this machine. An address that nothing
+    answers at within ``CONNECT_TIMEOUT_S`` raises ``RayUnreachable``."""
     if ray.is_initialized():
         return
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if config.ray_address:
+        check_reachable(config.ray_address, "ray_address")
         ray.init(address=config.ray_address)
     elif os.environ.get("RAY_ADDRESS"):
+        check_reachable(os.environ["RAY_ADDRESS"], "RAY_ADDRESS")
         ray.init(address="auto")
     else:
         num_cpus = max(os.cpu_count() or 1, math.ceil(required_cpus(config)))
@@ -57,6 +75,38 @@ def init_ray(config: JobConfig) -> None:
             log_to_driver=False,
             _node_ip_address=LOOPBACK,
         )
+
+
+def check_reachable(address: str, key: str, timeout_s: float | None = None) -> None:
+    """Raises ``RayUnreachable`` (naming ``key``, where the address came from) unless something
+    accepts a TCP connection at ``address`` (``host:port``; Ray's other forms, ``auto``,
+    ``local``, ``ray://...`` and ``http://...``, are left to ``ray.init``) within ``timeout_s``.
+    Tries every second, each try at most a second, so that a stop signal is not held up.
+    ``timeout_s`` None: ``CONNECT_TIMEOUT_S``."""
+    timeout_s = CONNECT_TIMEOUT_S if timeout_s is None else timeout_s
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host or not port.isdigit():
+        return
+    host = host.strip("[]")
+    hosts = {host}
+    if host in ("127.0.0.1", "localhost", "::1"):  # Ray itself connects to the node's address
+        hosts.add(ray.util.get_node_ip_address())
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for candidate in hosts:
+            try:
+                with socket.create_connection((candidate, int(port)), timeout=1.0):
+                    return
+            except OSError:
+                pass
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise RayUnreachable(
+                f"{key}: nothing answers at {address} within {timeout_s:g} s; check the address "
+                "(the head node's GCS, host:port, by default port 6379) and that the Ray "
+                "cluster is up (ray status on the head node)"
+            )
+        time.sleep(min(1.0, left))
 
 
 LOOPBACK = "127.0.0.1"

@@ -25,16 +25,11 @@ start at once, or take over the same stale lease, exactly one wins:
   filesystems and NFS); a heartbeat, takeover or release compares and renames (or removes)
   under an exclusive ``flock`` of the lease file, held for that moment only. The content is
   only ever replaced whole, so no reader sees a part of one;
-- ``s3://``: conditional requests with botocore, where it is installed: a new lease is a PUT
+- ``s3://``: conditional requests (botocore, a dependency for this): a new lease is a PUT
   with ``If-None-Match: *``, a heartbeat or takeover a PUT with ``If-Match`` of the ETag read,
   a release a DELETE with ``If-Match`` (SeaweedFS, the tests' server, honours all three, and
   of 16 PUTs racing on one key lets one through; AWS S3 honours the conditional PUTs; a store
   that answers a conditional DELETE with NotImplemented gets read, compared and deleted).
-  Without botocore (not a dependency: the storage layer is pyarrow's, which cannot send
-  conditions), a change is written, left to settle for ``SETTLE_S`` and read back: two runs
-  can then both win only if one of them takes more than ``SETTLE_S`` between reading the
-  lease and writing its own (a stalled process or request), which the heartbeat of the loser
-  then reports.
 
 A run whose heartbeat finds the lease changed under it (taken over after it stalled for longer
 than ``STALE_AFTER_S``) logs that once and leaves the other's lease alone at release.
@@ -65,9 +60,6 @@ HEARTBEAT_S = 5.0
 """How often the owner rewrites its heartbeat."""
 STALE_AFTER_S = 30.0
 """A lease held on another host whose heartbeat is older than this is stale."""
-SETTLE_S = 3.0
-"""Without conditional requests (S3 without botocore): how long a change settles before it is
-read back."""
 OWNER = "rlfleet train"
 
 
@@ -335,43 +327,14 @@ def _refused(error: Any) -> bool:
     return code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412)
 
 
-class SettledLeaseStore:
-    """A lease in any ``common.storage`` location without conditional requests: a change is
-    written, left ``settle_s`` seconds and read back (see the module's docstring for what that
-    guarantees)."""
-
-    def __init__(self, storage: Any, settle_s: float = SETTLE_S) -> None:
-        self.storage = storage
-        self.settle_s = settle_s
-
-    def read(self) -> bytes | None:
-        try:
-            return self.storage.read_bytes(LEASE_NAME)
-        except FileNotFoundError:
-            return None
-
-    def swap(self, expected: bytes | None, new: bytes | None) -> bool:
-        if self.read() != expected:
-            return False
-        if new is None:
-            self.storage.delete(LEASE_NAME)
-            return True
-        self.storage.write_bytes(LEASE_NAME, new)
-        time.sleep(self.settle_s)
-        return self.read() == new
-
-
 def s3_lease_store(uri: str, endpoint_override: str | None) -> LeaseStore:
-    """The lease store under an ``s3://`` URI: conditional requests when botocore is
-    installed, else written, settled and read back through ``common.storage``."""
+    """The lease store under an ``s3://`` URI, changed with conditional requests."""
     from rlfleet.common.storage import open_storage, resolve_endpoint
 
     storage = open_storage(uri, endpoint_override)  # checks the bucket: a clear error if wrong
-    try:
-        import botocore.config
-        import botocore.session
-    except ImportError:
-        return SettledLeaseStore(storage)
+    import botocore.config
+    import botocore.session
+
     bucket, _, prefix = storage.root.partition("/")
     client = botocore.session.get_session().create_client(
         "s3",
@@ -381,9 +344,6 @@ def s3_lease_store(uri: str, endpoint_override: str | None) -> LeaseStore:
             connect_timeout=10, read_timeout=60, retries={"mode": "standard"}
         ),
     )
-    put = client.meta.service_model.operation_model("PutObject").input_shape.members
-    if "IfMatch" not in put or "IfNoneMatch" not in put:  # a botocore older than 1.35.70
-        return SettledLeaseStore(storage)
     return S3LeaseStore(client, bucket, f"{prefix}/{LEASE_NAME}" if prefix else LEASE_NAME)
 
 

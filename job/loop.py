@@ -18,14 +18,19 @@ waited for together, each wait bounded by ``learner.timeout_s`` (plus a margin).
 that dies or is late then, or while a resume loads its checkpoint, restarts the learner as below.
 
 Each rollout id is consumed exactly once: an actor that dies mid-batch has only its shard sent
-again (``pool.ActorPool``) and the learner refuses an id it has already trained on.
+again (``pool.ActorPool``) and the learner refuses an id it has already trained on. So has an
+actor that misses its deadline (stalled: ``roles.generator_deadline``, ``roles.reward_deadline``,
+``weight_sync.timeout_s`` for a weight load): it is killed and restarted like a dead one. Every
+wait runs in slices (``common.waits``), so SIGTERM and Ctrl-C stop the job within about a second.
 
-A learner rank that dies or stalls (``ActorWaitError`` from a call to the ranks) restarts the
-whole learner, at most ``learner.max_restarts`` times: new ranks in the same placement group
-restore the newest committed checkpoint of this run (the model directory without one), the loop
-goes back to that checkpoint's iteration and prompt cursor (so the same rollout ids are sampled
-again, each trained on once by the restored learner), stats.jsonl drops the lines after it, and
-every generator loads the restored policy.
+A learner rank that dies or stalls (``ActorWaitError`` from a call to the ranks: a stalled rank
+stops answering liveness pings, ``learner.liveness_timeout_s``; published weights lost from the
+object store mean rank 0 died, ``sync.weights_lost``) restarts the whole learner, at most
+``learner.max_restarts`` times: new ranks in the same placement group restore the newest
+committed checkpoint of this run (the model directory without one), the loop goes back to that
+checkpoint's iteration and prompt cursor (so the same rollout ids are sampled again, each trained
+on once by the restored learner), stats.jsonl drops the lines after it, and every generator loads
+the restored policy.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from typing import Any
 import pyarrow as pa
 import ray
 
+from rlfleet.common import waits
 from rlfleet.common.config import CheckpointConfig, JobConfig
 from rlfleet.common.metrics import (
     file_sd_owners,
@@ -57,7 +63,12 @@ from rlfleet.job.evaluation import Evaluation, eval_postfix
 from rlfleet.job.metrics import JobMetrics
 from rlfleet.job.pool import ActorPool, PendingShards, id_range, split_batch
 from rlfleet.job.reporting import JobReport
-from rlfleet.job.roles import ActorFactories
+from rlfleet.job.roles import (
+    ActorFactories,
+    generator_deadline,
+    reward_deadline,
+    start_timeout_s,
+)
 from rlfleet.job.rollout_stats import reward_stats
 from rlfleet.job.sync import WeightSync, needs_sync
 from rlfleet.learner.rank_group import ActorWaitError, LearnerGroup, wait_all
@@ -70,6 +81,10 @@ DispatchHook = Callable[[str, int, list[Any]], None]
 LEARNER_STAT_PREFIXES = ("objective/", "ppo/", "critic_free/", "rollout/")
 """The learner's stats that go into each stats.jsonl line as they are (learner/actor.py names
 them: PPO's TRL keys, the critic-free trainer's under ``critic_free/``)."""
+
+METRICS_TARGET_TIMEOUT_S = 30.0
+"""How long the driver waits for new actors to say where they serve their metrics (they are idle
+then: just started, or restarted); one that does not answer is asked again at the next update."""
 
 KL_STATS = ("objective/kl", "critic_free/kl", "critic_free/kl_in_reward")
 """Where a stats line keeps the KL to the reference: PPO's, the critic-free loss's (``beta``),
@@ -192,14 +207,23 @@ class TrainingJob:
         (``evaluation.Evaluation``): a bad one stops the job before any actor starts."""
         config, factories = self.config, self.factories
         self.evaluation = Evaluation.from_config(config)
+        self._metrics_targets: dict[Any, Any] = {}
+        """Each actor's metrics endpoint (an actor's never changes), by actor handle."""
         self.generators = ActorPool(
             "generator",
             factories.generator,
             config.generators.num_actors,
             on_restart=self._on_generator_restart,
+            deadline=generator_deadline(config),
+            start_timeout_s=start_timeout_s(config),
         )
         self.rewards = ActorPool(
-            "reward", factories.reward, config.reward.num_actors, on_restart=self._on_reward_restart
+            "reward",
+            factories.reward,
+            config.reward.num_actors,
+            on_restart=self._on_reward_restart,
+            deadline=reward_deadline(config.reward),
+            start_timeout_s=start_timeout_s(config),
         )
         self.eval_rewards: ActorPool | None = None
         try:
@@ -222,6 +246,8 @@ class TrainingJob:
             self.factories.eval_reward,
             eval_reward.num_actors,
             on_restart=self._on_reward_restart,
+            deadline=reward_deadline(eval_reward, "eval.reward"),
+            start_timeout_s=start_timeout_s(self.config),
         )
 
     def start_learner(self) -> LearnerGroup:
@@ -388,11 +414,12 @@ class TrainingJob:
         if not self.config.colocated_on_gpus:
             yield
             return
-        self.generators.call_all("sleep")
+        limit = {"timeout_s": self.config.generators.timeout_s, "source": "generators.timeout_s"}
+        self.generators.call_all("sleep", **limit)
         try:
             yield
         finally:
-            self.generators.call_all("wake_up")
+            self.generators.call_all("wake_up", **limit)
 
     def sync_weights_if_needed(self) -> None:
         """Has every generator load the learner's policy when it would otherwise lag more than
@@ -540,11 +567,17 @@ class TrainingJob:
             )
         targets = [self.metrics.target, self.learner.metrics_target()]
         actors = [actor for pool in self._pools() for actor in pool.actors]
-        for ref in [actor.metrics_target.remote() for actor in actors]:
+        cached = self._metrics_targets
+        known = {actor: cached[actor] for actor in actors if actor in cached}
+        asked = {actor.metrics_target.remote(): actor for actor in actors if actor not in known}
+        answered, _ = waits.wait(list(asked), time.monotonic() + METRICS_TARGET_TIMEOUT_S)
+        for ref in answered:
             try:
-                targets.append(ray.get(ref, timeout=self.learner.deadline_s))
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                known[asked[ref]] = ray.get(ref)
+            except ray.exceptions.RayActorError:
                 continue  # a dead actor is listed again once its pool has restarted it
+        self._metrics_targets = known
+        targets += [known[actor] for actor in actors if actor in known]
         targets = [target for target in targets if target is not None]
         write_file_sd(self.file_sd_path, targets, owner=owner_tag())
 

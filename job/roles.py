@@ -5,6 +5,11 @@ Placement (``JobConfig.placement``): the learner's ranks always sit in one place
 bundle per rank. Colocated on GPUs, generator i also sits in bundle ``i % num_ranks`` and shares
 that rank's GPU (its engine sleeps while the learner trains); otherwise generators and reward
 actors are scheduled wherever their own resources fit.
+
+Deadlines (``job/pool.py``): a generator's shard is due ``generators.timeout_s`` plus
+``SECONDS_PER_TOKEN`` for each token it may sample; a reward actor's ``reward.timeout_s`` (once per
+component) plus ``REWARD_MARGIN_S``; a new actor of either must be ready within the learner's
+start-up deadline.
 """
 
 from __future__ import annotations
@@ -12,7 +17,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any
 
 import ray
@@ -25,7 +29,10 @@ from rlfleet.common.config import (
     RewardConfig,
     WeightSyncConfig,
 )
+from rlfleet.common.waits import LIVENESS_GROUPS
+from rlfleet.job.pool import Deadline
 from rlfleet.learner.rank_group import (
+    DEADLINE_MARGIN_S,
     LearnerGroup,
     create_placement,
     in_bundle,
@@ -83,6 +90,45 @@ def reward_factory(
     )
 
 
+SECONDS_PER_TOKEN = 0.01
+"""A generator's allowance for each token it may sample (rows x ``max_new_tokens``), on top of
+``generators.timeout_s``: 100 tokens a second per row, sampled one row after another."""
+
+REWARD_MARGIN_S = 30.0
+"""A reward actor's allowance on top of ``reward.timeout_s`` (which bounds each reward source's
+call): taking the shard, decoding its metadata, building the scored batch."""
+
+
+def generator_deadline(config: JobConfig) -> Deadline:
+    """How long a generator may take for a shard: ``generators.timeout_s`` plus
+    ``SECONDS_PER_TOKEN`` per token to sample (the larger of training's and eval's
+    ``max_new_tokens``, for each row)."""
+    generators = config.generators
+    tokens = max(generators.max_new_tokens, (config.eval and config.eval.max_new_tokens) or 0)
+    return Deadline(
+        generators.timeout_s,
+        SECONDS_PER_TOKEN * tokens,
+        f"generators.timeout_s {generators.timeout_s:g} s + {SECONDS_PER_TOKEN:g} s per token, "
+        f"{tokens} tokens a row",
+    )
+
+
+def reward_deadline(reward: RewardConfig, key: str = "reward") -> Deadline:
+    """How long a reward actor of ``reward`` (the job's, or eval's own under ``key``) may take for
+    a shard: ``timeout_s`` for each reward source it calls, plus ``REWARD_MARGIN_S``."""
+    sources = len(reward.components or [reward])
+    each = f" x {sources} components" if sources > 1 else ""
+    return Deadline(
+        reward.timeout_s * sources + REWARD_MARGIN_S,
+        source=f"{key}.timeout_s {reward.timeout_s:g} s{each} + {REWARD_MARGIN_S:g} s",
+    )
+
+
+def start_timeout_s(config: JobConfig) -> float:
+    """How long a new actor may take to be ready: the learner's start-up deadline."""
+    return config.learner.timeout_s + DEADLINE_MARGIN_S
+
+
 def learner_bundles(config: JobConfig) -> list[dict[str, float]]:
     """One bundle per learner rank: its CPUs and GPU share, plus, colocated on GPUs, those of
     the generators that share its GPU (generator i goes to bundle ``i % num_ranks``)."""
@@ -122,10 +168,16 @@ class Layout:
     def __init__(self, config: JobConfig, weight_sync: WeightSyncConfig) -> None:
         self.config = config
         self.weight_sync = weight_sync
+        self._placement: Any = None
 
-    @cached_property
+    @property
     def placement(self) -> Any:
-        return create_placement(learner_bundles(self.config))
+        """The learner's placement group; a new one when it was removed (a learner start that
+        failed removes it, ``start_learner_group``): a restart placed in a removed one would
+        fail with Ray's ``Placement group ... does not exist``."""
+        if self._placement is None or placement_removed(self._placement):
+            self._placement = create_placement(learner_bundles(self.config))
+        return self._placement
 
     def start_learner(self) -> LearnerGroup:
         """The learner's ranks, started in the placement group (not waited for)."""
@@ -133,7 +185,8 @@ class Layout:
 
         config = self.config
         settings = LearnerSettings.from_job(config, self.weight_sync, seeded_trainer_config(config))
-        rank_cls = ray.remote(LearnerActor)
+        # A thread of its own answers the driver's liveness pings while a step runs.
+        rank_cls = ray.remote(concurrency_groups=LIVENESS_GROUPS)(LearnerActor)
 
         def create(spec: Any, strategy: Any) -> Any:
             return rank_cls.options(
@@ -143,8 +196,9 @@ class Layout:
                 runtime_env={"env_vars": rank_env_vars(config)},
             ).remote(settings, spec)
 
+        learner = config.learner
         return start_learner_group(
-            create, self.placement, config.learner.num_ranks, config.learner.timeout_s
+            create, self.placement, learner.num_ranks, learner.timeout_s, learner.liveness_timeout_s
         )
 
     def start_generator(self, index: int) -> Any:
@@ -167,6 +221,11 @@ class Layout:
             self.weight_sync,
             trust_remote_code=config.trust_remote_code,
         )
+
+
+def placement_removed(placement: Any) -> bool:
+    """Whether Ray removed ``placement`` (a placement group)."""
+    return ray.util.placement_group_table(placement).get("state") == "REMOVED"
 
 
 def seeded_trainer_config(config: JobConfig) -> PPOConfig | CriticFreeConfig:

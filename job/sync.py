@@ -15,17 +15,26 @@ now holds. How the weights travel is the transport's business (common/transport/
   restarted; one that failed on its own (its engine's workers died) is. An engine that cannot
   load the weights stops the job. A tensor-parallel generator's engine workers are ranks of the
   group of their own (``ranks_per_generator``: generator ``i``'s first is ``1 + i * size``).
+
+Through the object store, a generator that has not loaded the weights within
+``weight_sync.timeout_s`` (after what it was doing before) is killed and restarted, and loads them
+anew (``ActorPool.call_all``). Published weights that are gone from the object store
+(``OwnerDiedError``, ``ObjectLostError``: ``weights_lost``) mean that their owner, learner rank 0,
+died: that is the learner's failure (``ActorWaitError``: the job restarts the learner, publishes
+again and syncs again), not the engine's.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass, replace
 from typing import Any
 
 import ray
 
+from rlfleet.common import waits
 from rlfleet.common.config import JobConfig, WeightSyncConfig
 from rlfleet.common.errors import error_line
 from rlfleet.common.transport import (
@@ -38,7 +47,7 @@ from rlfleet.common.transport import (
     transport,
 )
 from rlfleet.job.pool import ActorPool
-from rlfleet.learner.rank_group import ActorWaitError
+from rlfleet.learner.rank_group import LEARNER_RANK, ActorWaitError
 
 logger = logging.getLogger(__name__)
 
@@ -76,14 +85,44 @@ class Outcome:
         return isinstance(self.error, ray.exceptions.RayActorError)
 
 
+LOST_OBJECT = re.compile(
+    r"\b(OwnerDiedError|ObjectLostError|ObjectFetchTimedOutError|ReferenceCountingAssertionError"
+    r"|ObjectReconstructionFailed\w*Error)\b"
+)
+"""Ray's errors for an object gone from the object store (``ray.exceptions.ObjectLostError`` and
+its subclasses), by name: for an error that names one in its text (a generator's
+``WeightLoadError`` around what its ``ray.get`` raised)."""
+
+
+def weights_lost(error: BaseException) -> bool:
+    """Whether ``error``, or an error it wraps, says that an object is gone from the object
+    store: for published weights, that their owner (learner rank 0) died."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ray.exceptions.ObjectLostError) or LOST_OBJECT.search(str(current)):
+            return True
+        if isinstance(current, ray.exceptions.RayTaskError) and current.cause is not current:
+            current = current.cause
+        else:
+            current = current.__cause__ or current.__context__
+    return False
+
+
+def lost_weights_error(error: BaseException, doing: str) -> ActorWaitError:
+    """The learner's failure that ``error`` (``weights_lost``) stands for, naming rank 0."""
+    return ActorWaitError(
+        f"weight sync: the published weights were lost {doing}: their owner, learner rank 0, "
+        f"died ({error_line(error)})",
+        [f"{LEARNER_RANK} 0"],
+    )
+
+
 def wait_outcomes(refs: list[Any], deadline: float) -> list[Outcome]:
-    """Each ref's outcome once it finished or the deadline passed (``time.monotonic()``)."""
-    pending = list(refs)
-    while pending:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            break
-        _, pending = ray.wait(pending, num_returns=len(pending), timeout=left)
+    """Each ref's outcome once it finished or the deadline passed (``time.monotonic()``),
+    waiting in slices (``common.waits``)."""
+    _, pending = waits.wait(refs, deadline)
     outcomes = []
     for ref in refs:
         if ref in pending:
@@ -148,7 +187,7 @@ def serve_weight_group(
     job), and the spec members join it with."""
     from datetime import timedelta
 
-    from rlfleet.common.transport.collective import listening_store
+    from rlfleet.common.transport.rendezvous import listening_store
 
     host = ray.util.get_node_ip_address()
     store = listening_store(
@@ -207,7 +246,18 @@ class WeightSync:
             self._sync_until_done(generators)
             return
         self.handle = self.learner.publish_weights()
-        for index, version in enumerate(generators.call_all("load_weights", self.handle)):
+        try:
+            versions = generators.call_all(
+                "load_weights",
+                self.handle,
+                timeout_s=self.config.timeout_s,
+                source="weight_sync.timeout_s",
+            )
+        except Exception as exc:
+            if weights_lost(exc):
+                raise lost_weights_error(exc, "while the generators loaded them") from exc
+            raise
+        for index, version in enumerate(versions):
             if version is not None:
                 self._check_version(index, version)
 
@@ -218,7 +268,19 @@ class WeightSync:
         if self.handle is None:
             return
         if not self.concurrent:
-            self._check_version(index, ray.get(generator.load_weights.remote(self.handle)))
+            timeout_s = self.config.timeout_s
+            try:
+                version = waits.get(generator.load_weights.remote(self.handle), timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                raise RuntimeError(
+                    f"generator {index} was restarted and did not load the published weights "
+                    f"within weight_sync.timeout_s ({timeout_s:g} s)"
+                ) from None
+            except Exception as exc:
+                if weights_lost(exc):
+                    raise lost_weights_error(exc, "as a restarted generator loaded them") from exc
+                raise
+            self._check_version(index, version)
         elif not self._syncing and self._generators is not None:
             self._sync_until_done(self._generators)
 
@@ -312,6 +374,8 @@ class WeightSync:
         blame; one that failed while every other member succeeded is too. An engine that could
         not load the weights, and a learner that failed on its own, stop the job."""
         for outcome in generators:
+            if outcome.error is not None and weights_lost(outcome.error):
+                raise lost_weights_error(outcome.error, doing) from outcome.error
             if isinstance(outcome.error, WeightLoadError):
                 raise RuntimeError(f"weight sync: {outcome.error}") from outcome.error
         if (

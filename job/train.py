@@ -14,6 +14,12 @@ does a ``--resume-from`` with no checkpoint there. A job whose checkpoint is alr
 iteration says it is complete and exits 0. ``checkpoint.resume: never`` starts from the model
 whatever ``checkpoint.uri`` holds.
 
+One run at a time writes a job's ``output_dir`` and ``checkpoint.uri``: each gets a lease
+(``job/lease.py``) once the config is checked, and a second run while the first lives exits
+with status 2 and one line naming the owner (pid, host, start). The lease of a killed run is
+taken over (at once on the same machine, once its heartbeat is stale elsewhere) and the job
+resumes.
+
 SIGTERM (a scheduler stopping the job) and Ctrl-C stop a running job cleanly: its actors are
 stopped, its Prometheus discovery file is removed, one line says how to continue, and the exit
 status is 128 + the signal's number (143, 130).
@@ -22,11 +28,12 @@ status is 128 + the signal's number (143, 130).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import signal
 import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +44,11 @@ from pydantic import ValidationError
 from rlfleet.checkpoint import load as checkpoint
 from rlfleet.checkpoint.identity import CheckpointIdentity
 from rlfleet.checkpoint.shards import CheckpointError
+from rlfleet.common import waits
 from rlfleet.common.config import JobConfig, load_job_config, shown
 from rlfleet.common.errors import error_line, first_line, one_line
 from rlfleet.job.checks import ConfigError
-from rlfleet.job.cluster import init_ray
+from rlfleet.job.cluster import RayUnreachable, init_ray
 from rlfleet.job.data import checked_rows
 from rlfleet.job.evaluation import Evaluation
 from rlfleet.job.lease import JobLeases, LeaseError
@@ -170,13 +178,21 @@ def run_leased(args: argparse.Namespace, leases: JobLeases) -> int:
         if start.finished(config):
             return 0
     try:
-        init_ray(config)
-        with stopped_by_signals():
+        with stopped_by_signals() as reinstall:
+            init_ray(config)
+            reinstall()  # ray.init put its own SIGTERM handler (sys.exit(15)) in place
             result = run_job(config, start.uri if start else None, rows=rows)
     except JobStopped as stop:
         print(f"rlfleet train: stopped by {stop.name}; {again_hint(config)}", file=sys.stderr)
         return 128 + stop.signum
+    except RayUnreachable as exc:
+        print(f"rlfleet train: {exc}", file=sys.stderr)
+        return 1
     except Exception as exc:  # noqa: BLE001 - any failure of a running job becomes one line
+        stop = stopped_by(exc)
+        if stop is not None:  # a stop that a C extension turned into another error
+            print(f"rlfleet train: stopped by {stop.name}; {again_hint(config)}", file=sys.stderr)
+            return 128 + stop.signum
         log = write_error_log(Path(config.output_dir), exc)
         print(f"rlfleet train: {job_error_line(exc)}; {what_to_do(config, log)}", file=sys.stderr)
         if args.verbose:
@@ -247,15 +263,28 @@ def job_error_line(exc: BaseException) -> str:
     return error_line(exc)
 
 
-def write_error_log(output_dir: Path, exc: BaseException) -> Path:
-    """Writes the full traceback to ``output_dir/error.log``; returns its path."""
-    output_dir.mkdir(parents=True, exist_ok=True)
+def write_error_log(output_dir: Path, exc: BaseException) -> Path | OSError:
+    """Writes the full traceback to ``output_dir/error.log``; returns its path, or the error
+    that kept it from being written (a full disk, often the job's error too: no empty or cut
+    log is left behind)."""
     path = output_dir / "error.log"
-    path.write_text("".join(traceback.format_exception(exc)))
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(traceback.format_exception(exc)))
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        return error
     return path
 
 
-def what_to_do(config: JobConfig, log: Path) -> str:
+def what_to_do(config: JobConfig, log: Path | OSError) -> str:
+    if isinstance(log, OSError):
+        path = Path(config.output_dir) / "error.log"
+        return (
+            f"its traceback could not be written to {path} ({one_line(log)}): rerun with "
+            f"--verbose to see it; fix the cause, then {again_hint(config)}"
+        )
     return f"traceback in {log} (or rerun with --verbose); fix the cause, then {again_hint(config)}"
 
 
@@ -284,21 +313,49 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 @contextmanager
-def stopped_by_signals() -> Iterator[None]:
+def stopped_by_signals() -> Iterator[Callable[[], None]]:
     """Inside the block, the first SIGTERM or SIGINT raises ``JobStopped`` (once: a second
-    one acts as it did before, e.g. Ctrl-C twice interrupts the clean-up). Ray's own SIGTERM
-    handler (``sys.exit(15)``, installed by ``ray.init``) is replaced while the block runs."""
+    one acts as it did before, e.g. Ctrl-C twice interrupts the clean-up). A signal that lands
+    inside a Ray call cannot raise there (Ray would turn it into a ``SystemError``): the wait
+    under way raises it between two of its slices, within about a second (``common.waits``).
+    The block's value puts the handlers back in place after ``ray.init`` put Ray's own SIGTERM
+    handler (``sys.exit(15)``) there; the handlers from before the block are restored after
+    it."""
     previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    stopped: list[JobStopped] = []
 
     def stop(signum: int, frame: Any) -> None:
         for other, handler in previous.items():
             signal.signal(other, handler)
-        raise JobStopped(signum)
+        stopped.append(JobStopped(signum))
+        if waits.in_ray_call(frame):
+            waits.interrupt(stopped[-1])
+            return
+        raise stopped[-1]
 
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, stop)
+    def install() -> None:
+        if not stopped:
+            for signum in STOP_SIGNALS:
+                signal.signal(signum, stop)
+
+    install()
     try:
-        yield
+        yield install
+        waits.raise_if_interrupted()
     finally:
+        waits.interrupt(None)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def stopped_by(error: BaseException) -> JobStopped | None:
+    """The ``JobStopped`` that ``error`` was raised from, if any (a signal handler's exception
+    that a C extension turned into another error)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, JobStopped):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None

@@ -8,7 +8,9 @@ a weight publication or a checkpoint) and rank 0's answer is the group's.
 
 No wait on the ranks is unbounded: every call has a deadline (``learner.timeout_s``, the ranks'
 own collective deadline, plus ``DEADLINE_MARGIN_S``), and a rank that dies fails the call at once
-with one line naming it (``ActorWaitError``).
+with one line naming it (``ActorWaitError``). With ``learner.liveness_timeout_s`` the ranks are
+pinged while a call is out (``common.waits.Pings``), so a rank that is alive but silent (stopped,
+frozen) fails it within that time instead of at the deadline.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from rlfleet.common import waits
 from rlfleet.common.errors import first_line
 from rlfleet.common.metrics import MetricsTarget
 
@@ -65,19 +68,34 @@ class ActorWaitError(RuntimeError):
         return any(name.startswith(LEARNER_RANK) for name in self.actors)
 
 
-def wait_all(calls: Sequence[tuple[str, Any]], timeout_s: float, doing: str) -> list[Any]:
+def wait_all(
+    calls: Sequence[tuple[str, Any]],
+    timeout_s: float,
+    doing: str,
+    pings: waits.Pings | None = None,
+) -> list[Any]:
     """The results of ``calls`` (``(actor name, object ref)``) in their order, waiting at most
-    ``timeout_s`` for all of them. An actor that died fails the wait at once, naming it; at the
-    deadline, every actor that has not answered is named. An error the call itself raised (a
-    ``RayTaskError``) is raised as it is."""
+    ``timeout_s`` for all of them (in slices: ``common.waits``). An actor that died fails the
+    wait at once, naming it; at the deadline, every actor that has not answered is named. With
+    ``pings`` (keyed by the same names), an actor that stops answering them fails the wait as
+    soon as it is ``pings.timeout_s`` late. An error the call itself raised (a ``RayTaskError``)
+    is raised as it is."""
     deadline = time.monotonic() + timeout_s
     names = {ref: name for name, ref in calls}
     results: dict[Any, Any] = {}
     waiting = [ref for _, ref in calls]
+
+    def check_liveness() -> None:
+        stalled = pings.check(names[ref] for ref in waiting) if pings else []
+        if stalled:
+            raise ActorWaitError(
+                f"{', '.join(stalled)}: stalled {doing}: no answer to a liveness ping within "
+                f"{pings.timeout_s:g} s (learner.liveness_timeout_s)",
+                stalled,
+            )
+
     while waiting:
-        done, waiting = ray.wait(
-            waiting, num_returns=1, timeout=max(0.0, deadline - time.monotonic())
-        )
+        done, waiting = waits.wait(waiting, deadline, num_returns=1, between=check_liveness)
         if not done:
             late = [names[ref] for ref in waiting]
             raise ActorWaitError(
@@ -111,11 +129,16 @@ class LearnerGroup:
         timeout_s: float,
         placement: PlacementGroup | None = None,
         margin_s: float = DEADLINE_MARGIN_S,
+        liveness_timeout_s: float | None = None,
     ) -> None:
+        """``liveness_timeout_s``: ping the ranks while a call is outstanding, and fail it when
+        one does not answer within that time (``common.waits.Pings``: the ranks' class must be
+        made with ``common.waits.LIVENESS_GROUPS``); None: no pings."""
         self.ranks = list(ranks)
         self.timeout_s = timeout_s
         self.placement = placement
         self.margin_s = margin_s
+        self.liveness_timeout_s = liveness_timeout_s
 
     @property
     def deadline_s(self) -> float:
@@ -130,9 +153,15 @@ class LearnerGroup:
         return PendingCall(method, [getattr(rank, method).remote(*args) for rank in self.ranks])
 
     def wait(self, pending: PendingCall) -> Any:
-        """Rank 0's result of ``pending`` once every rank has answered (see ``wait_all``)."""
+        """Rank 0's result of ``pending`` once every rank has answered (see ``wait_all``); a
+        rank that stops answering liveness pings fails it (not ``ready``: a rank that is still
+        starting answers nothing)."""
         calls = [(f"{LEARNER_RANK} {i}", ref) for i, ref in enumerate(pending.refs)]
-        return wait_all(calls, self.deadline_s, f"in {pending.method}")[0]
+        pings = None
+        if self.liveness_timeout_s is not None and pending.method != "ready":
+            ranks = {name: rank for (name, _), rank in zip(calls, self.ranks, strict=False)}
+            pings = waits.Pings(ranks, self.liveness_timeout_s)
+        return wait_all(calls, self.deadline_s, f"in {pending.method}", pings)[0]
 
     def run(self, method: str, *args: Any) -> Any:
         """``method(*args)`` on every rank; rank 0's result."""
@@ -246,7 +275,11 @@ def bundle_nodes(placement: PlacementGroup) -> list[str]:
 
 
 def start_learner_group(
-    create: RankFactory, placement: PlacementGroup, num_ranks: int, timeout_s: float
+    create: RankFactory,
+    placement: PlacementGroup,
+    num_ranks: int,
+    timeout_s: float,
+    liveness_timeout_s: float | None = None,
 ) -> LearnerGroup:
     """Starts ``num_ranks`` ranks, rank i in bundle i of ``placement`` (created with
     ``create_placement``), without waiting for them to load (``LearnerGroup.ready_calls``).
@@ -266,4 +299,4 @@ def start_learner_group(
         )
         for rank in range(num_ranks)
     ]
-    return LearnerGroup(ranks, timeout_s, placement)
+    return LearnerGroup(ranks, timeout_s, placement, liveness_timeout_s=liveness_timeout_s)

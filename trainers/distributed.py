@@ -40,7 +40,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
-from rlfleet.common.transport.collective import listening_store, local_address, pin_gloo_to
+from rlfleet.common.transport.rendezvous import listening_store, local_address, pin_gloo_to
 
 
 def init_process_group(

@@ -27,6 +27,7 @@ import pytest
 import yaml
 from support.ports import free_ports
 
+from rlfleet.cli import main
 from rlfleet.job.submit import auth_token, runtime_env, train_entrypoint
 
 REPO = Path(__file__).resolve().parents[2]
@@ -204,6 +205,57 @@ def test_a_token_cluster_refuses_a_submission_without_the_token_and_runs_one_wit
     assert "Authentication required" in refused.stderr
     assert accepted.returncode == 0, accepted.stdout + accepted.stderr
     assert "done: 2 iterations (1..2), 16 rollouts" in accepted.stdout
+
+
+def test_a_submission_to_an_address_nobody_answers_is_one_line_and_exit_2(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Used to be a 91-line traceback from Ray's client."""
+    job_dir = tiny_job_dir(tmp_path, tiny_model_dir, tmp_path / "out")
+    address = f"http://127.0.0.1:{free_ports(1)[0]}"
+    args = ["submit", "--address", address, "--working-dir", str(job_dir), "--config", "job.yaml"]
+    assert main(args) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"rlfleet submit: --address: cannot reach a Ray dashboard at {address} (Failed to "
+        f"connect to Ray at address: {address}.); check the address (http://HEAD:8265) and that "
+        "the cluster is up"
+    ]
+
+
+def test_a_cluster_that_refuses_the_token_is_one_line_and_exit_2(
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What Ray's client raises for a 401 (the real cluster's answer: the slow test above)."""
+    from ray.exceptions import AuthenticationError
+
+    from rlfleet.job import submit
+
+    def refused(address: str, token_file: str | None = None) -> None:
+        raise AuthenticationError("Authentication required: Unauthorized\n\nSet RAY_AUTH_TOKEN")
+
+    monkeypatch.setattr(submit, "job_client", refused)
+    job_dir = tiny_job_dir(tmp_path, tiny_model_dir, tmp_path / "out")
+    args = ["--address", "http://head:8265", "--working-dir", str(job_dir), "--config", "job.yaml"]
+    assert main(["submit", *args]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "rlfleet submit: the cluster at http://head:8265 refused the submission: Authentication "
+        "required: Unauthorized; check --token-file (or RAY_AUTH_TOKEN) when it needs a token"
+    ]
+
+
+def test_an_invalid_config_is_one_line_and_exit_2_before_any_connection(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    job_dir = tiny_job_dir(tmp_path, tiny_model_dir, tmp_path / "out")
+    args = ["submit", "--address", "http://127.0.0.1:1", "--working-dir", str(job_dir)]
+    assert main([*args, "--config", "job.yaml", "--set", "generators.num_actors=[1,2]"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"rlfleet submit: invalid job config {job_dir / 'job.yaml'}: generators.num_actors: "
+        "Input should be a valid integer (got [1, 2])"
+    ]
 
 
 def test_the_entrypoint_repeats_the_train_arguments() -> None:

@@ -23,6 +23,8 @@ import ray.cloudpickle
 from rlfleet.common.config import CheckpointConfig, JobConfig
 from rlfleet.common.metrics import MetricsTarget
 from rlfleet.common.schema import prompt_batch, with_columns
+from rlfleet.common.transport import WeightLoadError
+from rlfleet.common.waits import LIVENESS_GROUPS
 from rlfleet.job.roles import ActorFactories
 from rlfleet.learner.rank_group import LearnerGroup
 
@@ -52,10 +54,18 @@ CRITIC_FREE_LEARNER_STATS = {
 
 @dataclass(frozen=True)
 class FakeWeights:
-    """A published policy version (the real handles come from common/transport/)."""
+    """A published policy version (the real handles come from common/transport/); ``ref``: an
+    object the publishing learner rank owns (``FakeLearner(..., publish_objects=True)``), that
+    a generator fetches to load the weights, as through the object store."""
 
     version: int
     nbytes: int = 0
+    ref: Any = None
+
+
+def process_id(actor: Any) -> int:
+    """For ``actor.__ray_call__.remote(process_id)``: the actor's process id."""
+    return os.getpid()
 
 
 def prompts(n: int, first_id: int = 0) -> pa.RecordBatch:
@@ -69,16 +79,25 @@ def fake_target(job: str, role: str, index: int) -> MetricsTarget:
     return MetricsTarget(f"{role}-{os.getpid()}.invalid", 9000, job, role, index)
 
 
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=0, concurrency_groups=LIVENESS_GROUPS)
 class FakeLearner:
     """Trains nothing; checks rollout ids and policy lag as the real learner does, counts
-    versions, keeps checkpoints as ``<uri>/step-<version>.json``."""
+    versions, keeps checkpoints as ``<uri>/step-<version>.json``; answers liveness pings as the
+    real one does (job/roles.py). With ``publish_objects`` its weights are an object it owns."""
 
-    def __init__(self, job: str, max_policy_lag: int, metrics: bool, stats: dict[str, float]):
+    def __init__(
+        self,
+        job: str,
+        max_policy_lag: int,
+        metrics: bool,
+        stats: dict[str, float],
+        publish_objects: bool = False,
+    ):
         self.job = job
         self.max_policy_lag = max_policy_lag
         self.metrics = metrics
         self.stats = stats
+        self.publish_objects = publish_objects
         self.version = 0
         self.consumed: list[int] = []
         self.published: list[int] = []
@@ -113,7 +132,8 @@ class FakeLearner:
 
     def publish_weights(self) -> FakeWeights:
         self.published.append(self.version)
-        return FakeWeights(self.version)
+        ref = [ray.put(self.version)] if self.publish_objects else None
+        return FakeWeights(self.version, ref=ref)
 
     def published_versions(self) -> list[int]:
         return list(self.published)
@@ -189,7 +209,17 @@ class FakeGenerator:
         return list(self.events)
 
     def load_weights(self, handle: FakeWeights) -> int:
+        """Holds ``handle``'s version; fetches its object first, if it has one, failing as the
+        real generator does (a ``WeightLoadError`` around what ``ray.get`` raised)."""
         self._check_awake("load_weights")
+        if handle.ref is not None:
+            try:
+                ray.get(handle.ref[0], timeout=30)
+            except Exception as exc:
+                raise WeightLoadError(
+                    f"generator {self.index}: its fake engine could not load the published "
+                    f"weights: {type(exc).__name__}: {exc}"
+                ) from exc
         self.version = handle.version if self.stuck is None else self.stuck
         return self.version
 
@@ -240,11 +270,14 @@ class FakeReward:
 
 
 def fake_factories(
-    config: JobConfig, die_on_call: dict[tuple[str, int], int] | None = None
+    config: JobConfig,
+    die_on_call: dict[tuple[str, int], int] | None = None,
+    publish_objects: bool = False,
 ) -> ActorFactories:
     """Starts the fakes for ``config``'s job, ``learner.num_ranks`` fake learner ranks (rank 0
-    serves metrics); ``die_on_call[(role, index)] = n``: the first generator or reward actor
-    ``index`` exits on its n-th call (its replacement does not)."""
+    serves metrics) pinged for liveness as the real ones are; ``die_on_call[(role, index)] = n``:
+    the first generator or reward actor ``index`` exits on its n-th call (its replacement does
+    not); ``publish_objects``: the learner's weights are objects it owns (see ``FakeWeights``)."""
     job, metrics = config.name, config.metrics.enabled
     stats = LEARNER_STATS if config.algorithm == "ppo" else CRITIC_FREE_LEARNER_STATS
     started: set[tuple[str, int]] = set()
@@ -256,10 +289,13 @@ def fake_factories(
 
     def learner() -> LearnerGroup:
         ranks = [
-            FakeLearner.remote(job, config.max_policy_lag, metrics and rank == 0, stats)
+            FakeLearner.remote(
+                job, config.max_policy_lag, metrics and rank == 0, stats, publish_objects
+            )
             for rank in range(config.learner.num_ranks)
         ]
-        return LearnerGroup(ranks, config.learner.timeout_s)
+        liveness_s = config.learner.liveness_timeout_s
+        return LearnerGroup(ranks, config.learner.timeout_s, liveness_timeout_s=liveness_s)
 
     return ActorFactories(
         learner=learner,
@@ -297,3 +333,9 @@ class ShardWorker:
         if self.die:
             os._exit(1)
         return self.index
+
+
+def nap(actor: Any, seconds: float = 5.0) -> float:
+    """For ``actor.__ray_call__.remote(nap)``: a call that keeps the actor busy for ``seconds``."""
+    time.sleep(seconds)
+    return seconds

@@ -170,3 +170,39 @@ def test_gpus_asked_of_a_local_ray_instance_without_any_fail_before_start(
     check_local_gpus(job, gpus=1)
     check_local_gpus(job.model_copy(update={"ray_address": "ray://head:1"}), gpus=0)
     check_local_gpus(config(tmp_path), gpus=0)
+
+
+def test_lora_target_modules_are_matched_as_peft_matches_them(tiny_model_dir: Path) -> None:
+    """A name is a module's name or its last dotted parts; a near miss is suggested first."""
+    from support.job_configs import small_job
+
+    from rlfleet.job.checks import check_lora_target_modules
+
+    def job(targets: list[str]) -> JobConfig:
+        return small_job(tiny_model_dir, Path("/unused"), lora={"target_modules": targets})
+
+    check_lora_target_modules(job(["c_attn", "attn.c_proj", "transformer.h.0.mlp.c_fc"]))
+    check_lora_target_modules(job(["lm_head", "wte"]))
+    with pytest.raises(
+        ConfigError,
+        match=r"^lora\.target_modules: 'lm_haed' names no module of .* that LoRA can adapt; its "
+        r"modules are named lm_head, c_attn, c_fc, c_proj, wpe, wte \(or all-linear\)$",
+    ):
+        check_lora_target_modules(job(["c_proj", "lm_haed"]))
+    with pytest.raises(ConfigError, match=r"'h\.9\.attn\.c_attn' names no module"):
+        check_lora_target_modules(job(["h.9.attn.c_attn"]))  # the tiny model has 2 blocks
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused_naming_the_model(tmp_path: Path) -> None:
+    from rlfleet.job.checks import check_tokenizer_fits_model
+
+    job = config(tmp_path, model_config={"vocab_size": 300})
+    check_tokenizer_fits_model("model", job.model, list(range(300)))
+    with pytest.raises(
+        ConfigError,
+        match=rf"^model: the tokenizer in {re.escape(job.model)} has 301 tokens but the model's "
+        r"embedding has 300 ",
+    ):
+        check_tokenizer_fits_model("model", job.model, list(range(301)))
+    unknown = config(tmp_path, model_config={})
+    check_tokenizer_fits_model("model", unknown.model, list(range(301)))  # no vocab_size: no check

@@ -68,6 +68,31 @@ def test_bad_datasets_name_the_key_the_file_and_the_line_or_row(
         read_prompt_rows(path, "prompt")
 
 
+def test_a_field_that_cannot_travel_with_its_prompt_names_the_row_and_field(
+    tmp_path: Path,
+) -> None:
+    """Every field travels with its prompt (the prompt as Arrow text, the others as JSON
+    metadata): one that cannot is refused when the rows are read, not in the first batch."""
+    parquet = tmp_path / "p.parquet"
+    when = pa.array([0, 86_400_000_000], pa.timestamp("us"))
+    pq.write_table(pa.table({"prompt": ["a", "b"], "when": when}), parquet)
+    with pytest.raises(
+        ConfigError,
+        match=r"^dataset\.path: row 0 of .*p\.parquet, field 'when': a datetime value "
+        r"\(datetime\.datetime\(1970, 1, 1, 0, 0\)\), which JSON cannot hold; fix the row or "
+        r"drop it$",
+    ):
+        read_prompt_rows(parquet, "prompt")
+    lines = ['{"prompt": "a", "tags": []}', '{"prompt": "b", "tags": ["z\\ud83d"]}']
+    jsonl = write_jsonl(tmp_path / "p.jsonl", lines)
+    with pytest.raises(
+        ConfigError,
+        match=r"^dataset\.path: row 1 of .*p\.jsonl, field 'tags': text with a lone surrogate "
+        r"\('\\ud83d' near .*\), which is not valid Unicode; fix the row or drop it$",
+    ):
+        read_prompt_rows(jsonl, "prompt")
+
+
 def test_a_missing_file_names_the_key_and_the_path(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"dataset\.path: no such file: .*nope\.jsonl"):
         read_prompt_rows(tmp_path / "nope.jsonl", "prompt")

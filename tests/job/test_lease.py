@@ -1,7 +1,7 @@
 """The lease that keeps a second run off a live run's ``output_dir`` and checkpoint prefix
 (job/lease.py): taken atomically, refused with one line while its owner lives, taken over once
 the owner is gone (its process here, its heartbeat elsewhere), released at the end. Local
-files here; S3 (the real SeaweedFS server, conditional requests and the settled fallback) in
+files here; S3 (the real SeaweedFS server, conditional requests) in
 the slow tests at the end."""
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from rlfleet.job.lease import (
     Lease,
     LeaseHeld,
     LocalLeaseStore,
-    SettledLeaseStore,
     local_lease,
     s3_lease_store,
 )
@@ -258,21 +257,15 @@ def test_the_job_leases_its_output_dir_and_a_local_checkpoint_dir_once_each(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("conditional", [True, False], ids=["if-none-match", "settled"])
-def test_an_s3_checkpoint_prefix_is_leased_exactly_once(
-    s3_env: S3Server, conditional: bool
-) -> None:
+def test_an_s3_checkpoint_prefix_is_leased_exactly_once(s3_env: S3Server) -> None:
     """SeaweedFS honours ``If-None-Match: *`` and ``If-Match`` (a PUT that loses answers 412):
-    of runs that start at once exactly one holds the prefix; the settled fallback (no
-    botocore) too, when none stalls for longer than its settle time."""
-    uri = f"s3://{s3_env.bucket}/lease-{'conditional' if conditional else 'settled'}"
+    of runs that start at once exactly one holds the prefix."""
+    uri = f"s3://{s3_env.bucket}/lease-conditional"
 
     def store():
         found = s3_lease_store(uri, None)
-        if conditional:
-            assert type(found).__name__ == "S3LeaseStore"
-            return found
-        return SettledLeaseStore(found_storage(uri), settle_s=0.5)
+        assert type(found).__name__ == "S3LeaseStore"
+        return found
 
     leases = [Lease("checkpoint.uri", uri, store(), **FAST) for _ in range(6)]
     won: list[Lease] = []
@@ -309,9 +302,3 @@ def test_an_s3_checkpoint_prefix_is_leased_exactly_once(
     assert taker.acquire() == gone
     taker.release()
     assert store().read() is None
-
-
-def found_storage(uri: str):
-    from rlfleet.common.storage import open_storage
-
-    return open_storage(uri)

@@ -1,7 +1,8 @@
 """Two ``rlfleet train`` runs of one job (real processes, local Ray, the tiny model): while the
 first lives, the second is refused with one line and exit 2, before Ray starts and without
 touching the first's files; once the first is killed (SIGKILL, its lease left behind), the
-same command takes the lease over and resumes, and stats.jsonl holds every iteration once."""
+same command (with fewer iterations, to end soon) takes the lease over and resumes, and
+stats.jsonl holds every iteration once."""
 
 from __future__ import annotations
 
@@ -23,13 +24,15 @@ from support.job_configs import small_job, write_config
 from rlfleet.checkpoint.load import latest_checkpoint
 from rlfleet.job.lease import LEASE_NAME
 
-ITERATIONS = 5
+ITERATIONS = 1000
+"""The first run's: it is still training when the second one starts."""
 
 
-def rlfleet_train(config: Path, tmpdir: Path) -> subprocess.Popen:
+def rlfleet_train(config: Path, tmpdir: Path, *extra: str) -> subprocess.Popen:
     """``rlfleet train`` in its own process group (its local Ray instance included)."""
+    rlfleet = str(Path(sys.executable).with_name("rlfleet"))
     return subprocess.Popen(
-        [str(Path(sys.executable).with_name("rlfleet")), "train", "--config", str(config)],
+        [rlfleet, "train", "--config", str(config), *extra],
         env={**os.environ, "RAY_ADDRESS": "", "TMPDIR": str(tmpdir)},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -77,8 +80,8 @@ def test_a_second_run_is_refused_while_the_first_lives_and_takes_over_once_it_is
         stats_before = (out / "stats.jsonl").read_text()
 
         second = rlfleet_train(config, short_tmpdir)
-        _, stderr = second.communicate(timeout=300)
-        assert second.returncode == 2, stderr
+        stdout, stderr = second.communicate(timeout=300)
+        assert second.returncode == 2, stdout + stderr
         assert first.poll() is None  # still training
         lines = stderr.strip().splitlines()
         assert len(lines) == 1, stderr
@@ -96,7 +99,8 @@ def test_a_second_run_is_refused_while_the_first_lives_and_takes_over_once_it_is
     assert 1 <= killed_at < ITERATIONS
     assert (out / LEASE_NAME).exists()  # left behind by the killed run
 
-    rerun = rlfleet_train(config, short_tmpdir)
+    last = killed_at + 2
+    rerun = rlfleet_train(config, short_tmpdir, "--set", f"iterations={last}")
     stdout, stderr = rerun.communicate(timeout=900)
     assert rerun.returncode == 0, stdout[-3000:] + stderr[-3000:]
     assert re.search(
@@ -107,11 +111,11 @@ def test_a_second_run_is_refused_while_the_first_lives_and_takes_over_once_it_is
     ), stdout
     assert re.search(
         rf"^resuming job 'rlfleet' from checkpoint {re.escape(str(checkpoints))}/step-\d+ "
-        rf"\(iteration \d+ of {ITERATIONS}\)$",
+        rf"\(iteration {killed_at} of {last}\)$",
         stdout,
         re.MULTILINE,
     ), stdout
     stats = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
-    assert [line["iteration"] for line in stats] == list(range(1, ITERATIONS + 1))
+    assert [line["iteration"] for line in stats] == list(range(1, last + 1))
     assert not (out / LEASE_NAME).exists()  # released at the end
     assert not (checkpoints / LEASE_NAME).exists()

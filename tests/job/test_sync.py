@@ -141,3 +141,25 @@ def test_the_learner_outcome_is_its_first_failing_rank_else_rank_0() -> None:
     assert learner_outcome([Outcome(done=True, result=1), failed]) is failed
     assert learner_outcome([Outcome(done=True, result=1), Outcome()]).done is False
     assert learner_outcome([Outcome(done=True, result=1), Outcome(done=True)]).result == 1
+
+
+def test_weights_lost_with_their_owner_are_the_learners_failure_not_the_engines() -> None:
+    """A generator's ``WeightLoadError`` around ``OwnerDiedError``: learner rank 0, the
+    published object's owner, died; the job restarts the learner (job/loop.py)."""
+    sync = collective_sync()
+    ok = Outcome(done=True, result=1)
+    lost = Outcome(
+        done=True,
+        error=WeightLoadError(
+            "generator 1: its vllm engine could not load the published weights: "
+            "OwnerDiedError: Failed to retrieve object 00ff"
+        ),
+    )
+    with pytest.raises(ActorWaitError) as failure:
+        sync._judge(ok, ok, lost, doing="syncing weights")
+    assert failure.value.learner_failed
+    assert str(failure.value) == (
+        "weight sync: the published weights were lost syncing weights: their owner, learner "
+        "rank 0, died (WeightLoadError: generator 1: its vllm engine could not load the "
+        "published weights: OwnerDiedError: Failed to retrieve object 00ff)"
+    )

@@ -22,13 +22,8 @@ from support.spawned import run_spawned
 from torch.distributed import TCPStore
 
 from rlfleet.common.transport import GroupSpec
-from rlfleet.common.transport.collective import (
-    CollectivePublisher,
-    CollectiveReceiver,
-    interface_of,
-    listening_store,
-    local_address,
-)
+from rlfleet.common.transport.collective import CollectivePublisher, CollectiveReceiver
+from rlfleet.common.transport.rendezvous import interface_of, listening_store, local_address
 from rlfleet.trainers.distributed import init_process_group
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/net/tcp").exists(), reason="needs /proc")
