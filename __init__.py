@@ -19,9 +19,9 @@ from typing import Any
 
 _EXPORTS = {
     "AutoModelForCausalLMWithValueHead": "rlfleet.trainers.value_head",
-    "CriticFreeConfig": "rlfleet.common.config",
+    "CriticFreeConfig": "rlfleet.common.trainer_configs",
     "CriticFreeTrainer": "rlfleet.trainers.critic_free",
-    "PPOConfig": "rlfleet.common.config",
+    "PPOConfig": "rlfleet.common.trainer_configs",
     "PPOTrainer": "rlfleet.trainers.ppo",
     "create_reference_model": "rlfleet.trainers.ppo",
     "set_seed": "rlfleet.core",

@@ -29,7 +29,7 @@ def median_parts(stats: list[dict]) -> dict[str, float]:
 def bench(config_path: str, generators: list[int], iterations: int, overrides: list[str]):
     import ray
 
-    from rlfleet.common.config import load_job_config
+    from rlfleet.common.config_file import load_job_config
     from rlfleet.job.cluster import init_ray, required_cpus
     from rlfleet.job.train import run_job
 
@@ -80,7 +80,7 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from rlfleet.common.config import load_job_config
+    from rlfleet.common.config_file import load_job_config
 
     samples = load_job_config(args.config, args.overrides).ppo.batch_size
     print_table(bench(args.config, args.generators, args.iterations, args.overrides), samples)

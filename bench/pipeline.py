@@ -92,7 +92,8 @@ def read_prompts(path: Path) -> list[str]:
 
 
 def rlfleet_config(args: argparse.Namespace, work: Path):
-    from rlfleet.common.config import JobConfig, apply_overrides
+    from rlfleet.common.config import JobConfig
+    from rlfleet.common.config_file import apply_overrides
 
     learner: dict[str, Any] = {"dtype": args.dtype}
     if args.learner_num_cpus is not None:

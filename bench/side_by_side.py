@@ -33,11 +33,20 @@ def machine() -> str:
     return f"{os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), {model}"
 
 
-def run_side(python: Path, script: str, impl: str, steps: int) -> dict[str, Any]:
-    """Runs ``script --impl impl --json --steps steps`` with ``python``; its last JSON line."""
+def run_side(
+    python: Path,
+    script: str | Path,
+    impl: str,
+    steps: int,
+    env: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Runs ``script --impl impl --json --steps steps`` with ``python`` (in ``env``, by default
+    this process's); its last JSON line."""
     command = [str(python), str(Path(script).resolve()), "--impl", impl, "--json"]
     command += ["--steps", str(steps)]
-    output = subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT).stdout
+    output = subprocess.run(
+        command, check=True, capture_output=True, text=True, cwd=ROOT, env=env
+    ).stdout
     return json.loads(output.strip().splitlines()[-1])
 
 

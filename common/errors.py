@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import reprlib
+from typing import Any
+
 
 def original_error(error: BaseException) -> BaseException:
     """The error a remote call raised, when ``error`` is Ray's ``RayTaskError`` around it (what
@@ -40,3 +43,17 @@ def one_line(error: BaseException) -> str:
     """An error's whole message on one line (whitespace runs, newlines included, become one
     space); its type's name when it has no message."""
     return " ".join(str(error).split()) or type(error).__name__
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` for a message, at most ``limit`` characters: a user's value is never
+    written out whole (a long string or a deep structure is cut, without building its whole
+    repr first)."""
+    text = _SHORT_REPR.repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlevel = 3
+_SHORT_REPR.maxstring = _SHORT_REPR.maxother = _SHORT_REPR.maxlong = 80
+_SHORT_REPR.maxdict = _SHORT_REPR.maxlist = _SHORT_REPR.maxtuple = _SHORT_REPR.maxset = 6

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from rlfleet.common.config import masked_argument, masked_config
+from rlfleet.common.secrets import masked_argument, masked_config
 
 TRACKER_NAMES = ("tensorboard", "wandb")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from rlfleet.common.config import CheckpointConfig, JobConfig, RewardConfig
-from rlfleet.common.errors import one_line
+from rlfleet.common.errors import first_line, one_line
 from rlfleet.trainers.lora import check_lora_job
 
 logger = logging.getLogger(__name__)
@@ -35,7 +35,8 @@ class ConfigError(ValueError):
 
 def check_config(config: JobConfig) -> None:
     """Raises ``ConfigError`` for what would otherwise fail after the actors started: a model
-    directory without weights config or tokenizer, GPUs asked of a local Ray instance on a
+    directory without weights config or tokenizer, or with a ``model_type`` transformers cannot
+    load (without ``trust_remote_code``), GPUs asked of a local Ray instance on a
     machine without any, a generation budget (or eval's) that fills the context,
     a model the generators' engine cannot serve, a reward function or model (or eval's) that
     cannot be loaded, a checkpoint location, ``output_dir`` or ``metrics.file_sd_dir``
@@ -43,6 +44,7 @@ def check_config(config: JobConfig) -> None:
     job that cannot run (peft missing, a ``lora.target_modules`` name the model lacks). Warns
     (once, at start) of actors a batch leaves idle."""
     check_model_dir("model", config.model)
+    check_model_type_known("model", config.model, config.trust_remote_code)
     check_local_gpus(config)
     check_generation_fits_context(config)
     check_engine_serves_model(config)
@@ -252,7 +254,7 @@ def check_url_accepts_connections(key: str, url: str, timeout_s: float) -> None:
     import urllib.parse
     import urllib.request
 
-    from rlfleet.reward.scorers import redacted_url
+    from rlfleet.common.secrets import masked_url
 
     parts = urllib.parse.urlsplit(url)
     host = parts.hostname or ""
@@ -267,7 +269,7 @@ def check_url_accepts_connections(key: str, url: str, timeout_s: float) -> None:
         except OSError as exc:
             if time.monotonic() >= deadline:
                 raise ConfigError(
-                    f"{key}: cannot connect to {redacted_url(url)} within {timeout_s:g} s "
+                    f"{key}: cannot connect to {masked_url(url)} within {timeout_s:g} s "
                     f"(reward.timeout_s): {exc}; start the scorer or fix the URL"
                 ) from exc
             time.sleep(min(1.0, timeout_s))
@@ -286,6 +288,40 @@ def check_model_dir(key: str, path: str) -> None:
             f"{key}: {path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save one "
             f"there with tokenizer.save_pretrained({path!r})"
         )
+
+
+def check_model_type_known(key: str, model_dir: str, trust_remote_code: bool) -> None:
+    """transformers must load the config of the ``model_type`` that the model's config.json
+    names (``AutoConfig``) without running the directory's own code: a type it does not know
+    fails every actor's start, and each restart. A config.json that names its own code
+    (``auto_map``) loads only with ``trust_remote_code``, which lets that code run in the
+    actors (not here)."""
+    try:
+        raw = json.loads((Path(model_dir) / "config.json").read_text())
+    except ValueError:
+        return  # not JSON: context_length says so
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    own_code = bool(raw.get("auto_map")) if isinstance(raw, dict) else False
+    if not model_type or (trust_remote_code and own_code):
+        return
+    import transformers
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    except (ValueError, OSError, KeyError) as exc:
+        known = f"transformers {transformers.__version__}"
+        if own_code:
+            raise ConfigError(
+                f"{key}: {model_dir} has model_type {model_type!r}, which {known} does not "
+                "know, and its config.json names its own code (auto_map), which runs only with "
+                "trust_remote_code: true; set trust_remote_code: true if you trust that code, "
+                "or use a model transformers supports"
+            ) from exc
+        raise ConfigError(
+            f"{key}: {known} cannot load the config of {model_dir} (model_type "
+            f"{model_type!r}): {first_line(exc)}"
+        ) from exc
 
 
 def context_length(model_dir: str) -> int:

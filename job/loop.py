@@ -40,27 +40,18 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import ray
 
-from rlfleet.common import waits
 from rlfleet.common.config import CheckpointConfig, JobConfig
-from rlfleet.common.metrics import (
-    file_sd_owners,
-    file_sd_path,
-    remove_orphaned_file_sd,
-    remove_own_file_sd,
-    write_file_sd,
-)
-from rlfleet.common.processes import owner_tag
 from rlfleet.common.schema import concat_batches
+from rlfleet.common.start_errors import stop_if_repeated
 from rlfleet.common.transport import resolved_weight_sync
 from rlfleet.job.data import PromptBatches, checked_rows
 from rlfleet.job.evaluation import Evaluation, eval_postfix
-from rlfleet.job.metrics import JobMetrics
+from rlfleet.job.metrics import JobMetrics, MetricsTargets
 from rlfleet.job.pool import ActorPool, PendingShards, id_range, split_batch
 from rlfleet.job.reporting import JobReport
 from rlfleet.job.roles import (
@@ -81,10 +72,6 @@ DispatchHook = Callable[[str, int, list[Any]], None]
 LEARNER_STAT_PREFIXES = ("objective/", "ppo/", "critic_free/", "rollout/")
 """The learner's stats that go into each stats.jsonl line as they are (learner/actor.py names
 them: PPO's TRL keys, the critic-free trainer's under ``critic_free/``)."""
-
-METRICS_TARGET_TIMEOUT_S = 30.0
-"""How long the driver waits for new actors to say where they serve their metrics (they are idle
-then: just started, or restarted); one that does not answer is asked again at the next update."""
 
 KL_STATS = ("objective/kl", "critic_free/kl", "critic_free/kl_in_reward")
 """Where a stats line keeps the KL to the reference: PPO's, the critic-free loss's (``beta``),
@@ -186,6 +173,8 @@ class TrainingJob:
         self.initial_cursor = self.prompts.state()
         self.iteration = 0
         self.learner_restarts = 0
+        self.learner_start_error: str | None = None
+        """How the learner's latest start failed in a rank's constructor (None: it did not)."""
         self.checkpoints: list[str] = []
         """This run's newest checkpoints, oldest first: the one it resumed from or its last
         save, and the save after it (which may not be committed yet)."""
@@ -207,8 +196,7 @@ class TrainingJob:
         (``evaluation.Evaluation``): a bad one stops the job before any actor starts."""
         config, factories = self.config, self.factories
         self.evaluation = Evaluation.from_config(config)
-        self._metrics_targets: dict[Any, Any] = {}
-        """Each actor's metrics endpoint (an actor's never changes), by actor handle."""
+        self.metrics_targets = MetricsTargets(config)
         self.generators = ActorPool(
             "generator",
             factories.generator,
@@ -258,21 +246,34 @@ class TrainingJob:
 
     def wait_until_ready(self) -> None:
         """Waits for the learner's ranks, the generators and the reward actors together (they
-        start at once), at most the learner's deadline; names any that died or is late. A
-        learner rank that dies or is late restarts the learner (``replace_learner``); the
-        generators and reward actors are then waited for."""
-        pools = [
-            (f"{pool.kind} {i}", actor.ready.remote())
+        start at once), at most the learner's deadline each time one fails; names any that is
+        late. A learner rank that dies or is late restarts the learner (``replace_learner``); a
+        generator or reward actor that dies is started again (``ActorPool.replace``); the
+        others are then waited for. One whose constructor fails twice alike stops the job with
+        that error (``common.start_errors``)."""
+        members = {
+            f"{pool.kind} {i}": (pool, i, actor.ready.remote())
             for pool in self._pools()
             for i, actor in enumerate(pool.actors)
-        ]
-        try:
-            wait_all([*self.learner.ready_calls(), *pools], self.learner.deadline_s, "at start-up")
-        except ActorWaitError as failure:
-            if not failure.learner_failed:
-                raise
-            self.with_learner_restarts(lambda: None, failure)
-            wait_all(pools, self.learner.deadline_s, "at start-up")
+        }
+        calls = [*self.learner.ready_calls(), *((name, m[2]) for name, m in members.items())]
+        while calls:
+            try:
+                wait_all(calls, self.learner.deadline_s, "at start-up")
+                return
+            except ActorWaitError as failure:
+                died = isinstance(failure.__cause__, ray.exceptions.RayActorError)
+                if failure.learner_failed:
+                    self.with_learner_restarts(lambda: None, failure)
+                elif died and failure.actors[0] in members:
+                    pool, index, _ = members.pop(failure.actors[0])
+                    pool.replace(index, failure.start_error)
+                    self.metrics.record_actor_restart(
+                        "generator" if pool is self.generators else "reward"
+                    )
+                else:
+                    raise
+                calls = [(name, ref) for name, ref in calls if name in members]
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -532,7 +533,11 @@ class TrainingJob:
 
     def replace_learner(self, failure: ActorWaitError) -> None:
         """New learner ranks, from the model directory, in place of those of ``failure``,
-        counted against ``learner.max_restarts``."""
+        counted against ``learner.max_restarts``; a rank whose constructor failed as in the
+        start before raises ``ActorCannotStart`` at once (``common.start_errors``)."""
+        rank = failure.actors[0] if failure.actors else "the learner"
+        stop_if_repeated(rank, failure.start_error, self.learner_start_error)
+        self.learner_start_error = failure.start_error
         limit = self.config.learner.max_restarts
         if self.learner_restarts >= limit:
             raise LearnerRestartsExhausted(
@@ -549,47 +554,17 @@ class TrainingJob:
         wait_all(self.learner.ready_calls(), self.learner.deadline_s, "at restart")
 
     def publish_metrics_targets(self) -> None:
-        """Writes the metrics endpoints of the driver and of every actor to the job's Prometheus
-        file_sd file (see common/metrics.py), labelled with this driver's host and pid; again
-        after a restart. The files of killed drivers of this host go first. Nothing when
-        disabled."""
-        if not self.config.metrics.enabled:
-            return
-        remove_orphaned_file_sd(self.file_sd_path.parent)
-        others = file_sd_owners(self.file_sd_path) - {owner_tag()}
-        if others:
-            logger.warning(
-                "%s was written by another driver of a job named %r (%s): both jobs now report "
-                "under that name; give one of them another name",
-                self.file_sd_path,
-                self.config.name,
-                ", ".join(sorted(others)),
-            )
-        targets = [self.metrics.target, self.learner.metrics_target()]
-        actors = [actor for pool in self._pools() for actor in pool.actors]
-        cached = self._metrics_targets
-        known = {actor: cached[actor] for actor in actors if actor in cached}
-        asked = {actor.metrics_target.remote(): actor for actor in actors if actor not in known}
-        answered, _ = waits.wait(list(asked), time.monotonic() + METRICS_TARGET_TIMEOUT_S)
-        for ref in answered:
-            try:
-                known[asked[ref]] = ray.get(ref)
-            except ray.exceptions.RayActorError:
-                continue  # a dead actor is listed again once its pool has restarted it
-        self._metrics_targets = known
-        targets += [known[actor] for actor in actors if actor in known]
-        targets = [target for target in targets if target is not None]
-        write_file_sd(self.file_sd_path, targets, owner=owner_tag())
-
-    @property
-    def file_sd_path(self) -> Path:
-        return file_sd_path(self.config.name, self.config.metrics.file_sd_dir)
+        """Lists the driver's, the learner's and every actor's metrics endpoint for Prometheus
+        (again after a restart)."""
+        if self.metrics_targets.enabled:
+            own = [self.metrics.target, self.learner.metrics_target()]
+            actors = [actor for pool in self._pools() for actor in pool.actors]
+            self.metrics_targets.publish(own, actors)
 
     def shutdown(self) -> None:
         """Stops every actor; Prometheus is first told to forget the job's endpoints (unless
         another job of the same name wrote the discovery file since)."""
-        if self.config.metrics.enabled:
-            remove_own_file_sd(self.file_sd_path, owner_tag())
+        self.metrics_targets.remove()
         self.learner.kill()
         self._kill_pools()
         self.metrics.close()

@@ -6,19 +6,33 @@ The driver serves ``JobMetrics`` and writes the discovery file of the whole job
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Mapping
+from typing import Any
 
+import ray
 from prometheus_client import Counter, Gauge, Histogram
 
 from rlfleet.actors.metrics import GeneratorMetrics
+from rlfleet.common import waits
+from rlfleet.common.config import JobConfig
 from rlfleet.common.metrics import (
     LATENCY_BUCKETS,
     ROLE_LABELS,
     MetricSet,
     check_non_negative,
+    file_sd_owners,
+    file_sd_path,
+    remove_orphaned_file_sd,
+    remove_own_file_sd,
+    write_file_sd,
 )
+from rlfleet.common.processes import owner_tag
 from rlfleet.learner.metrics import LearnerMetrics
 from rlfleet.reward.metrics import RewardMetrics
+
+logger = logging.getLogger(__name__)
 
 ACTOR_ROLES = ("generator", "reward", "learner")
 STAGES = ("generate", "score", "train", "sync")
@@ -157,3 +171,53 @@ METRIC_SETS: tuple[type[MetricSet], ...] = (
     LearnerMetrics,
     JobMetrics,
 )
+
+
+METRICS_TARGET_TIMEOUT_S = 30.0
+"""How long the driver waits for new actors to say where they serve their metrics (they are idle
+then: just started, or restarted); one that does not answer is asked again at the next update."""
+
+
+class MetricsTargets:
+    """The job's Prometheus file_sd file (common/metrics.py): where the driver and every actor
+    serve their metrics, labelled with this driver's host and pid. Nothing when metrics are
+    disabled."""
+
+    def __init__(self, config: JobConfig) -> None:
+        self.enabled = config.metrics.enabled
+        self.path = file_sd_path(config.name, config.metrics.file_sd_dir)
+        self.name = config.name
+        self.cached: dict[Any, Any] = {}
+        """Each actor's metrics endpoint (an actor's never changes), by actor handle."""
+
+    def publish(self, targets: list[Any], actors: list[Any]) -> None:
+        """Writes ``targets`` (the driver's and the learner's; None for none) and each of
+        ``actors``' endpoint, asked once per actor, to the file. The files of killed drivers of
+        this host go first."""
+        remove_orphaned_file_sd(self.path.parent)
+        others = file_sd_owners(self.path) - {owner_tag()}
+        if others:
+            logger.warning(
+                "%s was written by another driver of a job named %r (%s): both jobs now report "
+                "under that name; give one of them another name",
+                self.path,
+                self.name,
+                ", ".join(sorted(others)),
+            )
+        known = {actor: self.cached[actor] for actor in actors if actor in self.cached}
+        asked = {actor.metrics_target.remote(): actor for actor in actors if actor not in known}
+        answered, _ = waits.wait(list(asked), time.monotonic() + METRICS_TARGET_TIMEOUT_S)
+        for ref in answered:
+            try:
+                known[asked[ref]] = ray.get(ref)
+            except ray.exceptions.RayActorError:
+                continue  # a dead actor is listed again once its pool has restarted it
+        self.cached = known
+        targets = [*targets, *(known[actor] for actor in actors if actor in known)]
+        write_file_sd(self.path, [t for t in targets if t is not None], owner=owner_tag())
+
+    def remove(self) -> None:
+        """Tells Prometheus to forget the job's endpoints (unless another job of the same name
+        wrote the file since)."""
+        if self.enabled:
+            remove_own_file_sd(self.path, owner_tag())

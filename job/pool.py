@@ -11,6 +11,11 @@ another is due that long after the one before it. An actor past its deadline is 
 (stalled: stopped, frozen, or hung): one line names it and the deadline, it is killed and
 restarted, and its shard is sent again. Every wait runs in slices (``common.waits``), so that a
 stop signal takes effect within about a second.
+
+A replacement that dies while it starts is started again, at most ``MAX_START_ATTEMPTS`` times
+in a row; one whose constructor fails as the start before it did stops the job at once with that
+error, naming the actor (``common.start_errors``): a start that fails twice alike would fail
+every time.
 """
 
 from __future__ import annotations
@@ -27,11 +32,22 @@ import pyarrow as pa
 import ray
 
 from rlfleet.common import waits
+from rlfleet.common.errors import first_line
+from rlfleet.common.start_errors import (
+    ActorCannotStart,
+    creation_error,
+    stop_if_repeated,
+    strip_ansi,
+)
 
 logger = logging.getLogger(__name__)
 
 MAX_DISPATCH_ATTEMPTS = 3
 """A shard is dispatched at most this often before the job gives up."""
+
+MAX_START_ATTEMPTS = 3
+"""An actor is started at most this often in a row (each start that dies is followed by another)
+before the job gives up."""
 
 START_TIMEOUT_S = 660.0
 """How long a pool waits for a new actor to be ready, unless told otherwise."""
@@ -96,6 +112,7 @@ class ActorPool:
         self.start_timeout_s = start_timeout_s
         self.actors = [create(index) for index in range(size)]
         self.restarts = 0
+        """Actors replaced (one whose replacement needed several starts counts once)."""
         self._queued: list[dict[Any, float]] = [{} for _ in range(size)]
         """Each actor's calls not known to be done: ref -> when it is due."""
 
@@ -111,23 +128,51 @@ class ActorPool:
             )
         ray.get(refs)
 
-    def restart(self, index: int) -> None:
-        """Replaces actor ``index`` (killing what is left of it) and waits until the new one is
-        ready, at most ``start_timeout_s``."""
-        ray.kill(self.actors[index], no_restart=True)
-        actor = self.create(index)
-        self.actors[index] = actor  # from now on, stopping the job stops it too
-        self._queued[index] = {}
-        try:
-            waits.get(actor.ready.remote(), self.start_timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            raise RuntimeError(
-                f"{self.kind} actor {index}: its replacement was not ready within "
-                f"{self.start_timeout_s:g} s"
-            ) from None
-        self.restarts += 1
+    def restart(self, index: int, start_error: str | None = None) -> None:
+        """Replaces actor ``index`` (``replace``), then ``on_restart`` brings the new one up to
+        date."""
+        self.replace(index, start_error)
         if self.on_restart:
-            self.on_restart(index, actor)
+            self.on_restart(index, self.actors[index])
+
+    def replace(self, index: int, start_error: str | None = None) -> None:
+        """Replaces actor ``index`` (killing what is left of it) and waits until the new one is
+        ready, at most ``start_timeout_s``. A new one that dies starting is replaced in turn, at
+        most ``MAX_START_ATTEMPTS`` starts in all; one whose constructor fails as the start
+        before it did (``start_error``: how actor ``index``'s own constructor failed, if it did)
+        raises ``ActorCannotStart`` with that error at once."""
+        name = f"{self.kind} actor {index}"
+        for attempt in range(1, MAX_START_ATTEMPTS + 1):
+            ray.kill(self.actors[index], no_restart=True)
+            actor = self.create(index)
+            self.actors[index] = actor  # from now on, stopping the job stops it too
+            self._queued[index] = {}
+            try:
+                waits.get(actor.ready.remote(), self.start_timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                raise RuntimeError(
+                    f"{name}: its replacement was not ready within {self.start_timeout_s:g} s"
+                ) from None
+            except ray.exceptions.RayActorError as exc:
+                failed = creation_error(exc)
+                stop_if_repeated(name, failed, start_error)
+                cause = failed or strip_ansi(first_line(exc))
+                if attempt == MAX_START_ATTEMPTS:
+                    raise ActorCannotStart(
+                        f"{name} cannot start: {MAX_START_ATTEMPTS} starts in a row died, the "
+                        f"last with {cause}"
+                    ) from exc
+                logger.warning(
+                    "%s died while it started (%s): starting it again (%d of %d starts)",
+                    name,
+                    cause,
+                    attempt + 1,
+                    MAX_START_ATTEMPTS,
+                )
+                start_error = failed
+                continue
+            self.restarts += 1
+            return
 
     def dispatch(self, method: str, shards: Sequence[pa.RecordBatch]) -> PendingShards:
         """Sends ``method(shard i)`` to actor i; ``collect`` gathers the results."""

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from rlfleet.common.config import load_job_config
+from rlfleet.common.config_file import load_job_config
 from rlfleet.common.errors import first_line
 
 TERMINAL_STATES = {"SUCCEEDED", "FAILED", "STOPPED"}

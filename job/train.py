@@ -45,8 +45,10 @@ from rlfleet.checkpoint import load as checkpoint
 from rlfleet.checkpoint.identity import CheckpointIdentity
 from rlfleet.checkpoint.shards import CheckpointError
 from rlfleet.common import waits
-from rlfleet.common.config import JobConfig, load_job_config, shown
-from rlfleet.common.errors import error_line, first_line, one_line
+from rlfleet.common.config import JobConfig
+from rlfleet.common.config_file import load_job_config
+from rlfleet.common.errors import error_line, first_line, one_line, shown
+from rlfleet.common.start_errors import ActorCannotStart
 from rlfleet.job.checks import ConfigError
 from rlfleet.job.cluster import RayUnreachable, init_ray
 from rlfleet.job.data import checked_rows
@@ -250,8 +252,11 @@ def validation_error_line(error: dict[str, Any]) -> str:
 
 def job_error_line(exc: BaseException) -> str:
     """A running job's error as one line: the actor method that raised it, when an actor did,
-    and the first line of the original error."""
+    and the first line of the original error; an actor that cannot start, as it says so."""
     import ray.exceptions
+
+    if isinstance(exc, ActorCannotStart):
+        return str(exc)  # names the actor and its constructor's error
 
     if isinstance(exc, ray.exceptions.RayTaskError):
         task = re.search(r"ray::([\w.]+)\(", str(exc))  # the only place a dual instance keeps it

@@ -28,6 +28,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from rlfleet.common import waits
 from rlfleet.common.errors import first_line
 from rlfleet.common.metrics import MetricsTarget
+from rlfleet.common.start_errors import creation_error, strip_ansi
 
 DEADLINE_MARGIN_S = 60.0
 """Added to ``learner.timeout_s`` for the driver's deadline on a call to the ranks: a rank's own
@@ -53,14 +54,18 @@ LEARNER_RANK = "learner rank"
 
 class ActorWaitError(RuntimeError):
     """An actor waited on (a learner rank, or an actor started with the ranks) died or missed
-    its deadline; ``actors`` names the ones that did."""
+    its deadline; ``actors`` names the ones that did. ``start_error``: the error the actor's
+    constructor raised (``common.start_errors.creation_error``), when that is how it died."""
 
-    def __init__(self, message: str, actors: Sequence[str] = ()) -> None:
+    def __init__(
+        self, message: str, actors: Sequence[str] = (), start_error: str | None = None
+    ) -> None:
         super().__init__(message)
         self.actors = tuple(actors)
+        self.start_error = start_error
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return type(self), (str(self), self.actors)
+        return type(self), (str(self), self.actors, self.start_error)
 
     @property
     def learner_failed(self) -> bool:
@@ -78,8 +83,9 @@ def wait_all(
     ``timeout_s`` for all of them (in slices: ``common.waits``). An actor that died fails the
     wait at once, naming it; at the deadline, every actor that has not answered is named. With
     ``pings`` (keyed by the same names), an actor that stops answering them fails the wait as
-    soon as it is ``pings.timeout_s`` late. An error the call itself raised (a ``RayTaskError``)
-    is raised as it is."""
+    soon as it is ``pings.timeout_s`` late. An actor whose constructor raised is named with that
+    error's line (``start_error``). An error the call itself raised (a ``RayTaskError``) is
+    raised as it is."""
     deadline = time.monotonic() + timeout_s
     names = {ref: name for name, ref in calls}
     results: dict[Any, Any] = {}
@@ -105,8 +111,11 @@ def wait_all(
         try:
             results[ref] = ray.get(ref)
         except ray.exceptions.RayActorError as exc:
+            start_error = creation_error(exc)
             raise ActorWaitError(
-                f"{names[ref]} died {doing}: {first_line(exc)}", [names[ref]]
+                f"{names[ref]} died {doing}: {start_error or strip_ansi(first_line(exc))}",
+                [names[ref]],
+                start_error,
             ) from exc
     return [results[ref] for _, ref in calls]
 

@@ -9,7 +9,7 @@ its config's type, how a scored batch becomes the trainer's ``step`` arguments a
 learner's stats, which stats set the learner's gauges, and the advice a non-finite guard gives.
 
 Adding an algorithm is registering its functions: a critic-free one is an advantage estimator
-(algorithms/advantages.py) and its name in ``CriticFreeAlgorithm`` (common/config.py), the
+(algorithms/advantages.py) and its name in ``CriticFreeAlgorithm`` (common/trainer_configs.py), the
 ``CriticFreeTrainer`` spec is registered for every such name below; an algorithm whose update
 differs brings its trainer and registers a ``TrainerSpec`` of its own here.
 """

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from rlfleet.common.config import RewardComponent, RewardConfig
+from rlfleet.common.secrets import masked_url
 from rlfleet.reward.worker import (
     BadScores,
     FunctionRaised,
@@ -60,21 +61,6 @@ MAX_ABS_SCORE = 1e6
 sum of components, included). Rewards are meant to be of order 1: a score beyond this bound
 would overflow the policy loss and surface later as a NaN loss far from its cause, so it is an
 error naming the reward source and the sample; scale the reward down (or change this bound)."""
-
-
-def redacted_url(url: str) -> str:
-    """``url`` without its credentials (user:password@ and query values), for messages."""
-    parts = urllib.parse.urlsplit(url)
-    netloc = parts.hostname or ""
-    if parts.port:
-        netloc = f"{netloc}:{parts.port}"
-    if parts.username or parts.password:
-        netloc = f"***@{netloc}"
-    query = urllib.parse.urlencode(
-        [(key, "***") for key, _ in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)],
-        safe="*",
-    )
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
 def check_scores(scores: Any, count: int, source: str) -> list[float]:
@@ -312,7 +298,7 @@ class RemoteScorer(Scorer):
             userinfo += urllib.parse.unquote(parts.password or "")
             self.headers["Authorization"] = "Basic " + base64.b64encode(userinfo.encode()).decode()
         self.timeout_s = timeout_s
-        self.source = f"reward url {redacted_url(url)!r}"
+        self.source = f"reward url {masked_url(url)!r}"
 
     def _score(self, prompts, responses, metadata):
         body = json.dumps({"prompts": prompts, "responses": responses, "metadata": metadata})

@@ -21,6 +21,7 @@ from actors.generator_reference import (
     load_model,
     reference_greedy,
 )
+from support.batches import ppo_step_batch
 from support.job_configs import small_job
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -78,11 +79,14 @@ def perturbed(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
 
 
 def random_batch(vocab_size: int, seed: int = 0):
-    generator = torch.Generator().manual_seed(seed)
-    queries = [torch.randint(1, vocab_size, (3 + i,), generator=generator) for i in range(BATCH)]
-    responses = [torch.randint(1, vocab_size, (2 + i,), generator=generator) for i in range(BATCH)]
-    scores = [torch.tensor(float(i % 2)) for i in range(BATCH)]
-    return queries, responses, scores
+    return ppo_step_batch(
+        seed,
+        BATCH,
+        vocab=vocab_size,
+        query_lengths=lambda i: 3 + i,
+        response_lengths=lambda i: 2 + i,
+        scores=[i % 2 for i in range(BATCH)],
+    )
 
 
 def ppo_trainer(model_dir: Path, tokenizer) -> PPOTrainer:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import pytest
 import torch
 from safetensors.torch import save_file
+from support.batches import ppo_step_batch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlfleet.checkpoint.command import pull_checkpoint
@@ -57,14 +58,6 @@ def build_trainer(model_dir: Path, init_seed: int) -> PPOTrainer:
     )
 
 
-def ppo_batch(seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    generator = torch.Generator().manual_seed(seed)
-    queries = [torch.randint(1, 600, (5,), generator=generator) for _ in range(BATCH)]
-    responses = [torch.randint(1, 600, (3 + i,), generator=generator) for i in range(BATCH)]
-    scores = [torch.randn((), generator=generator) for _ in range(BATCH)]
-    return queries, responses, scores
-
-
 def weights(trainer: PPOTrainer) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in trainer.model.state_dict().items()}
 
@@ -87,7 +80,7 @@ def assert_same_optimizer(a: PPOTrainer, b: PPOTrainer) -> None:
 @pytest.fixture
 def trained(tiny_model_dir: Path) -> PPOTrainer:
     trainer = build_trainer(tiny_model_dir, init_seed=0)
-    trainer.step(*ppo_batch(1))
+    trainer.step(*ppo_step_batch(1))
     return trainer
 
 
@@ -115,7 +108,7 @@ def test_round_trip_then_one_more_step_gives_identical_training(
     assert fresh.lr_scheduler.state_dict() == trained.lr_scheduler.state_dict()
     assert fresh.training_state() == trained.training_state()
 
-    stats_a, stats_b = trained.step(*ppo_batch(2)), fresh.step(*ppo_batch(2))
+    stats_a, stats_b = trained.step(*ppo_step_batch(2)), fresh.step(*ppo_step_batch(2))
     assert_same_weights(weights(fresh), weights(trained))
     assert_same_optimizer(fresh, trained)
     assert stats_a["objective/kl"] == stats_b["objective/kl"]
@@ -181,16 +174,17 @@ def test_exception_mid_save_leaves_previous_checkpoint_latest(
 KILLED_SAVE = textwrap.dedent(
     """
     import os, signal, sys
-    sys.path.insert(0, {test_dir!r})
-    from test_checkpoint import build_trainer, ppo_batch
+    sys.path[:0] = [{test_dir!r}, {tests_dir!r}]
+    from support.batches import ppo_step_batch
+    from test_checkpoint import build_trainer
     from rlfleet.common.storage import Storage
     from rlfleet.checkpoint.saver import save_checkpoint
 
     uri, model_dir, where = sys.argv[1:]
     trainer = build_trainer(model_dir, init_seed=0)
-    trainer.step(*ppo_batch(1))
+    trainer.step(*ppo_step_batch(1))
     save_checkpoint(uri, 1, trainer, {{"step": 1}}, keep_last=3)
-    trainer.step(*ppo_batch(2))
+    trainer.step(*ppo_step_batch(2))
 
     def die(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
@@ -221,7 +215,8 @@ def test_process_killed_mid_save_leaves_previous_checkpoint_latest(
 ) -> None:
     """SIGKILL half-way through writing step 2: locally between two files, or on S3 once every
     file is uploaded but before the manifest."""
-    script = KILLED_SAVE.format(test_dir=str(Path(__file__).parent))
+    here = Path(__file__).parent
+    script = KILLED_SAVE.format(test_dir=str(here), tests_dir=str(here.parent))
     child = subprocess.run(
         [sys.executable, "-c", script, checkpoint_uri, str(tiny_model_dir), where],
         env=os.environ.copy(),
@@ -337,7 +332,7 @@ def test_background_upload_snapshots_the_weights_at_save(
     at_save = weights(trained)
     with CheckpointSaver(uri, keep_last=2, staging_dir=tmp_path / "staging") as saver:
         assert saver.save(1, trained, {"step": 1}) == f"{uri}/step-00000001"
-        trained.step(*ppo_batch(2))
+        trained.step(*ppo_step_batch(2))
         assert saver.wait() == f"{uri}/step-00000001"
         saver.save(2, trained, {"step": 2})
     assert list(tmp_path.joinpath("staging").iterdir()) == []
@@ -422,7 +417,7 @@ def test_critic_free_round_trip_then_one_more_step_gives_identical_training(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     trained = build_critic_free_trainer(tiny_model_dir)
-    trained.step(*ppo_batch(1), GROUP_IDS)
+    trained.step(*ppo_step_batch(1), GROUP_IDS)
     step_dir = Path(save_checkpoint(str(tmp_path), 1, trained, JOB_STATE, keep_last=1))
     manifest = json.loads((step_dir / MANIFEST).read_text())
     assert manifest["value_head"] is False and "value_head.safetensors" not in manifest["files"]
@@ -435,8 +430,8 @@ def test_critic_free_round_trip_then_one_more_step_gives_identical_training(
     assert_same_optimizer(fresh, trained)
     assert fresh.training_state() == trained.training_state()
 
-    stats_a = trained.step(*ppo_batch(2), GROUP_IDS)
-    stats_b = fresh.step(*ppo_batch(2), GROUP_IDS)
+    stats_a = trained.step(*ppo_step_batch(2), GROUP_IDS)
+    stats_b = fresh.step(*ppo_step_batch(2), GROUP_IDS)
     assert_same_weights(weights(fresh), weights(trained))
     assert stats_a["loss"] == stats_b["loss"] and stats_a["kl"] == stats_b["kl"]
     assert fresh.training_state() == trained.training_state()

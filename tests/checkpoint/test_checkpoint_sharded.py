@@ -23,6 +23,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+from support.batches import ppo_step_batch
 from support.ports import free_ports
 from support.spawned import run_spawned
 from torch.distributed.fsdp import fully_shard
@@ -194,14 +195,14 @@ def ppo_on_rank(rank: int, model_dir: Path, out: Path) -> None:
     resumed from that checkpoint taking the same step."""
     parallel = DataParallel.current(torch.device("cpu"))
     trainer = ppo_trainer(model_dir, parallel)
-    trainer.step(*ppo_batch(1))
+    trainer.step(*ppo_step_batch(1))
     save_checkpoint(str(out / "checkpoints"), 1, trainer, {"step": 1}, keep_last=1)
     saved, saved_state = whole_weights(trainer), trainer.training_state()
-    trainer.step(*ppo_batch(2))
+    trainer.step(*ppo_step_batch(2))
     after = whole_weights(trainer)
     resumed = ppo_trainer(model_dir, parallel)
     assert load_checkpoint(str(out / "checkpoints"), resumed) == {"step": 1}
-    resumed.step(*ppo_batch(2))
+    resumed.step(*ppo_step_batch(2))
     after_resumed = whole_weights(resumed)
     if rank == 0:
         for name, weights in ("saved", saved), ("after", after), ("resumed", after_resumed):
@@ -213,14 +214,6 @@ def ppo_trainer(model_dir: Path, parallel: DataParallel | None) -> PPOTrainer:
     model = AutoModelForCausalLMWithValueHead.from_pretrained(model_dir)
     config = PPOConfig(batch_size=4, mini_batch_size=2, ppo_epochs=2, learning_rate=1e-3, seed=0)
     return PPOTrainer(config, model, parallel=parallel)
-
-
-def ppo_batch(seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    generator = torch.Generator().manual_seed(seed)
-    queries = [torch.randint(1, 600, (5,), generator=generator) for _ in range(4)]
-    responses = [torch.randint(1, 600, (3 + i,), generator=generator) for i in range(4)]
-    scores = [torch.randn((), generator=generator) for _ in range(4)]
-    return queries, responses, scores
 
 
 def whole_weights(trainer: PPOTrainer) -> dict[str, torch.Tensor]:

@@ -7,17 +7,11 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from rlfleet.common import config as config_module
-from rlfleet.common.config import (
-    JobConfig,
-    PPOConfig,
-    RewardConfig,
-    load_job_config,
-    masked_argument,
-    masked_config,
-    masked_url,
-    names_secret,
-    shown,
-)
+from rlfleet.common import trainer_configs as trainer_configs_module
+from rlfleet.common.config import JobConfig, PPOConfig, RewardConfig
+from rlfleet.common.config_file import load_job_config
+from rlfleet.common.errors import shown
+from rlfleet.common.secrets import masked_argument, masked_config, masked_url, names_secret
 
 MINIMAL_JOB = """
 model: models/demo
@@ -411,10 +405,11 @@ def test_a_value_in_a_message_is_cut_to_80_characters():
 def config_models() -> list[type[BaseModel]]:
     return [
         value
-        for value in vars(config_module).values()
+        for module in (config_module, trainer_configs_module)
+        for value in vars(module).values()
         if isinstance(value, type)
         and issubclass(value, BaseModel)
-        and value.__module__ == config_module.__name__
+        and value.__module__ == module.__name__
     ]
 
 

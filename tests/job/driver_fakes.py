@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,7 +84,8 @@ def fake_target(job: str, role: str, index: int) -> MetricsTarget:
 class FakeLearner:
     """Trains nothing; checks rollout ids and policy lag as the real learner does, counts
     versions, keeps checkpoints as ``<uri>/step-<version>.json``; answers liveness pings as the
-    real one does (job/roles.py). With ``publish_objects`` its weights are an object it owns."""
+    real one does (job/roles.py). With ``publish_objects`` its weights are an object it owns;
+    with ``fail_start`` its constructor raises that error."""
 
     def __init__(
         self,
@@ -92,7 +94,10 @@ class FakeLearner:
         metrics: bool,
         stats: dict[str, float],
         publish_objects: bool = False,
+        fail_start: BaseException | None = None,
     ):
+        if fail_start is not None:
+            raise fail_start
         self.job = job
         self.max_policy_lag = max_policy_lag
         self.metrics = metrics
@@ -172,8 +177,8 @@ class FakeLearner:
 class FakeGenerator:
     """Answers every prompt with three tokens, sampled with the version it holds; one
     ``stuck`` at a version loads nothing newer; one told to die exits on that ``generate``
-    call (1: the first). Asleep (``sleep``, until ``wake_up``) it refuses to generate or load
-    weights."""
+    call (1: the first); one given ``fail_start`` raises it in its constructor. Asleep
+    (``sleep``, until ``wake_up``) it refuses to generate or load weights."""
 
     def __init__(
         self,
@@ -182,7 +187,10 @@ class FakeGenerator:
         metrics: bool,
         stuck: int | None = None,
         die_on_call: int | None = None,
+        fail_start: BaseException | None = None,
     ) -> None:
+        if fail_start is not None:
+            raise fail_start
         self.job = job
         self.index = index
         self.metrics = metrics
@@ -246,9 +254,19 @@ class FakeGenerator:
 
 @ray.remote(num_cpus=0)
 class FakeReward:
-    """Scores rollout id ``i`` with ``i % 3``; one told to die exits on that ``score`` call."""
+    """Scores rollout id ``i`` with ``i % 3``; one told to die exits on that ``score`` call; one
+    given ``fail_start`` raises it in its constructor."""
 
-    def __init__(self, job: str, index: int, metrics: bool, die_on_call: int | None = None):
+    def __init__(
+        self,
+        job: str,
+        index: int,
+        metrics: bool,
+        die_on_call: int | None = None,
+        fail_start: BaseException | None = None,
+    ):
+        if fail_start is not None:
+            raise fail_start
         self.job = job
         self.index = index
         self.metrics = metrics
@@ -273,24 +291,39 @@ def fake_factories(
     config: JobConfig,
     die_on_call: dict[tuple[str, int], int] | None = None,
     publish_objects: bool = False,
+    fail_start: dict[tuple[str, int], list[BaseException | None]] | None = None,
+    starts: Counter[tuple[str, int]] | None = None,
 ) -> ActorFactories:
     """Starts the fakes for ``config``'s job, ``learner.num_ranks`` fake learner ranks (rank 0
     serves metrics) pinged for liveness as the real ones are; ``die_on_call[(role, index)] = n``:
     the first generator or reward actor ``index`` exits on its n-th call (its replacement does
-    not); ``publish_objects``: the learner's weights are objects it owns (see ``FakeWeights``)."""
+    not); ``publish_objects``: the learner's weights are objects it owns (see ``FakeWeights``);
+    ``fail_start[(role, index)]``: the error the constructor of each start of that actor raises
+    in turn (None: none; no more once the list is used up), role ``learner`` with the rank's
+    index too. ``starts``, when given, counts the starts of each ``(role, index)``."""
     job, metrics = config.name, config.metrics.enabled
     stats = LEARNER_STATS if config.algorithm == "ppo" else CRITIC_FREE_LEARNER_STATS
-    started: set[tuple[str, int]] = set()
+    started: Counter[tuple[str, int]] = Counter() if starts is None else starts
 
-    def dies(role: str, index: int) -> int | None:
-        first = (role, index) not in started
-        started.add((role, index))
-        return (die_on_call or {}).get((role, index)) if first else None
+    def start(role: str, index: int) -> dict[str, Any]:
+        """The start's ``die_on_call`` (its first start only) and ``fail_start``."""
+        started[(role, index)] += 1
+        count = started[(role, index)]
+        failures = (fail_start or {}).get((role, index), [])
+        return {
+            "die_on_call": (die_on_call or {}).get((role, index)) if count == 1 else None,
+            "fail_start": failures[count - 1] if count <= len(failures) else None,
+        }
 
     def learner() -> LearnerGroup:
         ranks = [
             FakeLearner.remote(
-                job, config.max_policy_lag, metrics and rank == 0, stats, publish_objects
+                job,
+                config.max_policy_lag,
+                metrics and rank == 0,
+                stats,
+                publish_objects,
+                start("learner", rank)["fail_start"],
             )
             for rank in range(config.learner.num_ranks)
         ]
@@ -299,17 +332,26 @@ def fake_factories(
 
     return ActorFactories(
         learner=learner,
-        generator=lambda i: FakeGenerator.remote(job, i, metrics, die_on_call=dies("generator", i)),
-        reward=lambda i: FakeReward.remote(job, i, metrics, die_on_call=dies("reward", i)),
+        generator=lambda i: FakeGenerator.remote(job, i, metrics, **start("generator", i)),
+        reward=lambda i: FakeReward.remote(job, i, metrics, **start("reward", i)),
     )
 
 
 @ray.remote(num_cpus=0)
 class ShardWorker:
     """A pool member: ``work`` scores each rollout with the worker's index after ``delay_s``;
-    with ``die`` it exits on its first call instead."""
+    with ``die`` it exits on its first call instead; with ``fail_start`` its constructor raises
+    that error."""
 
-    def __init__(self, index: int, die: bool = False, delay_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        index: int,
+        die: bool = False,
+        delay_s: float = 0.0,
+        fail_start: BaseException | None = None,
+    ) -> None:
+        if fail_start is not None:
+            raise fail_start
         self.index = index
         self.die = die
         self.delay_s = delay_s

@@ -1,19 +1,19 @@
 """Chaos on a real job (local Ray, HF-engine generators, the sentiment reward, a real learner):
 a generator killed every few iterations, a reward actor now and then, and the learner once after
-a checkpoint exists. The job completes and stats.jsonl holds every iteration and every rollout
-id exactly once."""
+a checkpoint exists, each with SIGKILL. The job completes and stats.jsonl holds every iteration
+and every rollout id exactly once. bench/chaos.py runs the same job with kills at random moments,
+the learner's mid weight-sync too."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-import ray
-from support.job_configs import read_stats, small_job
+from support.chaos import ITERATIONS, Killer, chaos_job, trained_ids
+from support.job_configs import read_stats
 
 from rlfleet.job.loop import TrainingJob
 
-ITERATIONS = 30
 GENERATOR_KILLS = {3, 8, 13, 18, 23, 28}
 """Iterations whose batch a generator dies sampling (generator ``iteration % 2``)."""
 REWARD_KILLS = {10, 20}
@@ -32,50 +32,29 @@ def short_tmpdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_job_survives_dying_generators_reward_actors_and_learner(
     ray_local, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    config = small_job(
-        tiny_model_dir,
-        tmp_path / "run",
-        iterations=ITERATIONS,
-        generators={"num_actors": 2, "engine": "hf"},
-        reward={"num_actors": 2},
-        checkpoint={"uri": str(tmp_path / "checkpoints"), "every": 3},
-        metrics={"enabled": False},
-    )
+    config = chaos_job(tiny_model_dir, tmp_path / "run", tmp_path / "checkpoints")
     plan = {
         **{("generator", i): "generator" for i in GENERATOR_KILLS},
         **{("reward", i): "reward" for i in REWARD_KILLS},
         ("reward", LEARNER_KILL - 1): "learner",
     }
-    killed: list[tuple[str, int]] = []
-
-    def kill(kind: str, iteration: int, actors: list) -> None:
-        """Kills each planned victim once (a batch trained again after the learner's restore
-        goes out again with the same iteration)."""
-        victim = plan.pop((kind, iteration), None)
-        if victim == "learner":
-            ray.kill(job.learner.ranks[0], no_restart=True)
-        elif victim is not None:
-            ray.kill(actors[iteration % len(actors)], no_restart=True)
-        if victim is not None:
-            killed.append((victim, iteration + 1))
-
-    job = TrainingJob(config, on_dispatch=kill)
+    killer = Killer(plan)
+    job = TrainingJob(config, on_dispatch=killer)
+    killer.job = job
     try:
         result = job.train()
     finally:
         job.shutdown()
 
-    assert plan == {}
-    assert sorted(killed) == sorted(
+    assert killer.plan == {}
+    assert sorted(killer.killed) == sorted(
         [("generator", i + 1) for i in GENERATOR_KILLS]
         + [("reward", i + 1) for i in REWARD_KILLS]
         + [("learner", LEARNER_KILL)]
     )
     stats = read_stats(tmp_path / "run")
     assert [line["iteration"] for line in stats] == list(range(1, ITERATIONS + 1))
-    trained = [
-        i for line in stats for i in range(line["rollout_ids"][0], line["rollout_ids"][1] + 1)
-    ]
+    trained = trained_ids(stats)
     assert trained == list(range(8 * ITERATIONS))
     assert [line["samples"] for line in stats] == [8] * ITERATIONS
     assert result.consumed_rollout_ids == list(range(8 * ITERATIONS))

@@ -206,3 +206,43 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused_naming_the_model(tmp_p
         check_tokenizer_fits_model("model", job.model, list(range(301)))
     unknown = config(tmp_path, model_config={})
     check_tokenizer_fits_model("model", unknown.model, list(range(301)))  # no vocab_size: no check
+
+
+MYSTERY = {
+    "model_type": "mystery",
+    "auto_map": {
+        "AutoConfig": "configuration_mystery.MysteryConfig",
+        "AutoModelForCausalLM": "modeling_mystery.MysteryForCausalLM",
+    },
+}
+"""A config.json of a type transformers does not know, that names the directory's own code."""
+
+
+def test_a_model_type_transformers_does_not_know_is_refused_naming_trust_remote_code(
+    tmp_path: Path,
+) -> None:
+    job = config(tmp_path, model_config=MYSTERY)
+    with pytest.raises(ConfigError) as error:
+        check_config(job)
+    assert re.fullmatch(
+        rf"model: {re.escape(job.model)} has model_type 'mystery', which transformers [\d.]+ "
+        r"does not know, and its config\.json names its own code \(auto_map\), which runs only "
+        r"with trust_remote_code: true; set trust_remote_code: true if you trust that code, or "
+        r"use a model transformers supports",
+        str(error.value),
+    )
+    # with trust_remote_code its own code runs in the actors: not here
+    check_config(job.model_copy(update={"trust_remote_code": True}))
+
+
+def test_a_model_type_without_code_of_its_own_is_refused_with_transformers_reason(
+    tmp_path: Path,
+) -> None:
+    job = config(tmp_path, model_config={"model_type": "mystery"}, trust_remote_code=True)
+    with pytest.raises(
+        ConfigError,
+        match=rf"^model: transformers [\d.]+ cannot load the config of {re.escape(job.model)} "
+        r"\(model_type 'mystery'\): The checkpoint you are trying to load has model type "
+        r"`mystery` but Transformers does not recognize this architecture\.",
+    ):
+        check_config(job)

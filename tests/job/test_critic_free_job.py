@@ -32,8 +32,7 @@ def test_a_grpo_job_trains_on_groups_syncs_exact_weights_and_resumes(
 ) -> None:
     """2 prompts x 4 samples an iteration over 2 generators; a reward that varies with the
     response's length, so that every group has an advantage to learn from."""
-    from job_probes import learner_greedy
-    from support.probes import generator_greedy, generator_version
+    from support.probes import generator_greedy, generator_version, job_learner_greedy
 
     from rlfleet.checkpoint.load import list_checkpoints
     from rlfleet.job.loop import TrainingJob
@@ -61,12 +60,12 @@ def test_a_grpo_job_trains_on_groups_syncs_exact_weights_and_resumes(
     job.score = lambda rollouts: scored.append(score(rollouts)) or scored[-1]
     stats = []
     try:
-        before = learner_greedy(job, probe, 8)
+        before = job_learner_greedy(job, probe, 8)
         in_flight = job.dispatch_next_batch()
         while in_flight is not None:
             line, in_flight = job.train_iteration(in_flight)
             stats.append(line)
-            learner = learner_greedy(job, probe, 8)
+            learner = job_learner_greedy(job, probe, 8)
             for generator in job.generators.actors:
                 assert generator_version(generator) == job.iteration
                 for mine, theirs in zip(

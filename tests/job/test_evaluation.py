@@ -15,12 +15,13 @@ import pytest
 import ray
 from driver_fakes import FakeReward, fake_factories
 from pydantic import ValidationError
-from support.job_configs import PROMPTS, read_stats, small_job
+from support.batches import scored_batch
+from support.job_configs import PROMPTS, quiet_job, read_stats, small_job
 
 from rlfleet.actors.engine import SamplingOverride, SamplingSpec
 from rlfleet.actors.generator import rollout_seed
 from rlfleet.common.config import EvalConfig, JobConfig
-from rlfleet.common.schema import prompt_batch, with_columns
+from rlfleet.common.schema import prompt_batch
 from rlfleet.job.checks import ConfigError, check_config
 from rlfleet.job.data import PromptBatches, read_prompt_rows
 from rlfleet.job.evaluation import (
@@ -38,7 +39,7 @@ ROWS = read_prompt_rows(PROMPTS, "prompt")
 
 def eval_job(model_dir: Path, out: Path, eval_section: dict[str, Any] | None, **fields: Any):
     """``small_job`` with metrics off and the given ``eval`` section (the demo prompts)."""
-    config = small_job(model_dir, out, metrics={"enabled": False}, **fields)
+    config = quiet_job(model_dir, out, **fields)
     if eval_section is None:
         return config
     section = EvalConfig.model_validate({"dataset": {"path": str(PROMPTS)}, **eval_section})
@@ -136,13 +137,13 @@ def test_eval_budget_and_reward_are_checked_before_anything_starts(
 
 def scored(scores: list[float], groups: list[int], components=None) -> pa.RecordBatch:
     n = len(scores)
-    ids = [-1 - i for i in range(n)]
-    return with_columns(
-        prompt_batch(ids, ["p"] * n, [[1]] * n, group_ids=groups),
-        response=["r"] * n,
+    return scored_batch(
+        [-1 - i for i in range(n)],
+        scores,
+        policy_version=3,
+        group_ids=groups,
+        prompt_ids=[[1]] * n,
         response_ids=[[1] * (i + 1) for i in range(n)],
-        policy_version=[3] * n,
-        score=scores,
         score_components=components or [None] * n,
     )
 

@@ -46,6 +46,18 @@ def model_with_vocab(tmp_path: Path, model: Path, vocab_size: int) -> Path:
     return smaller
 
 
+def model_with_own_code(tmp_path: Path, model: Path) -> Path:
+    """The tiny model with a config.json of a type transformers does not know, that names the
+    directory's own code (``auto_map``; the code itself is not there)."""
+    mystery = tmp_path / "mystery-model"
+    shutil.copytree(model, mystery)
+    config = json.loads((mystery / "config.json").read_text())
+    auto_map = {"AutoConfig": "configuration_mystery.MysteryConfig"}
+    config.update(model_type="mystery", auto_map=auto_map)
+    (mystery / "config.json").write_text(json.dumps(config))
+    return mystery
+
+
 def binary_file(tmp_path: Path, name: str, data: bytes) -> Path:
     path = tmp_path / name
     path.write_bytes(data)
@@ -167,6 +179,13 @@ CASES = {
         r"has 300 \(vocab_size in its config\.json\), so ids 300\.\.701 have none; save the "
         r"model's own tokenizer there, or resize the embedding "
         r"\(model\.resize_token_embeddings\(702\)\) and save the model$",
+    ),
+    "a model of a type transformers does not know, with its own code": (
+        lambda tmp, model: [f"model={model_with_own_code(tmp, model)}"],
+        r"model: .*mystery-model has model_type 'mystery', which transformers [\d.]+ does not "
+        r"know, and its config\.json names its own code \(auto_map\), which runs only with "
+        r"trust_remote_code: true; set trust_remote_code: true if you trust that code, or use a "
+        r"model transformers supports$",
     ),
     "a LoRA target module the model lacks, beside one it has": (
         lambda tmp, model: ["lora.target_modules=[c_attn,nonexistent_proj]"],

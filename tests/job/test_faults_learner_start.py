@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import ray
 from driver_fakes import fake_factories
-from support.job_configs import PROMPTS, read_stats, small_job
+from support.job_configs import PROMPTS, quiet_job, read_stats
 
 from rlfleet.common.config import JobConfig
 from rlfleet.job.data import read_prompt_rows
@@ -36,15 +36,11 @@ def learners_dying_at_start(config: JobConfig, deaths: int) -> ActorFactories:
     return dataclasses.replace(factories, learner=learner)
 
 
-def config_for(model_dir: Path, out: Path, **fields) -> JobConfig:
-    return small_job(model_dir, out, metrics={"enabled": False}, **fields)
-
-
 def test_a_learner_rank_that_dies_at_start_up_is_restarted(
     ray_local, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "run"
-    config = config_for(tiny_model_dir, out, iterations=2)
+    config = quiet_job(tiny_model_dir, out, iterations=2)
     job = TrainingJob(config, ROWS, None, learners_dying_at_start(config, deaths=1))
     try:
         result = job.train()
@@ -58,7 +54,7 @@ def test_a_learner_rank_that_dies_at_start_up_is_restarted(
 def test_a_learner_that_keeps_dying_at_start_up_ends_at_the_limit(
     ray_local, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    config = config_for(tiny_model_dir, tmp_path / "run", learner={"max_restarts": 2})
+    config = quiet_job(tiny_model_dir, tmp_path / "run", learner={"max_restarts": 2})
     with pytest.raises(LearnerRestartsExhausted) as error:
         TrainingJob(config, ROWS, None, learners_dying_at_start(config, deaths=3))
     assert str(error.value).startswith(
@@ -72,7 +68,7 @@ def test_a_learner_rank_that_dies_while_loading_the_resumed_checkpoint_is_restar
     """Rank 0 dies in load_checkpoint: the new learner loads the same checkpoint (not the
     model), and the resumed run trains iterations 3 and 4 only."""
     out, uri = tmp_path / "run", tmp_path / "checkpoints"
-    config = config_for(tiny_model_dir, out, iterations=2, checkpoint={"uri": str(uri), "every": 1})
+    config = quiet_job(tiny_model_dir, out, iterations=2, checkpoint={"uri": str(uri), "every": 1})
     first = TrainingJob(config, ROWS, None, fake_factories(config))
     try:
         first.train()

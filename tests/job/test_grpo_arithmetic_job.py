@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from support.job_configs import REPO
 
-from rlfleet.common.config import load_job_config
+from rlfleet.common.config_file import load_job_config
 
 GRPO_CONFIG = REPO / "examples" / "grpo_arithmetic.yaml"
 

@@ -16,7 +16,7 @@ import pytest
 import ray
 from driver_fakes import fake_factories
 from placeholder_checkpoints import commit_placeholder
-from support.job_configs import PROMPTS, read_stats, small_job
+from support.job_configs import PROMPTS, quiet_job, read_stats, small_job
 
 from rlfleet.checkpoint.commit import step_dir_name
 from rlfleet.common.config import CheckpointConfig, JobConfig, MetricsConfig, PPOConfig
@@ -25,10 +25,6 @@ from rlfleet.job.loop import JobResult, LearnerRestartsExhausted, TrainingJob
 from rlfleet.learner.actor import LearnerActor, LearnerSettings
 
 ROWS = read_prompt_rows(PROMPTS, "prompt")
-
-
-def fake_job(model_dir: Path, out: Path, **fields: Any) -> JobConfig:
-    return small_job(model_dir, out, **{"metrics": {"enabled": False}, **fields})
 
 
 def kill_learner_rank(
@@ -103,7 +99,7 @@ def test_a_dead_learner_rank_restarts_the_learner_from_the_newest_checkpoint(
     the new learner restores step 4, batches 5 and 6 are sampled again with their ids, line 5 is
     written once, and the generators sample with the restored policy."""
     out = tmp_path / "run"
-    config = fake_job(
+    config = quiet_job(
         tiny_model_dir,
         out,
         iterations=7,
@@ -126,7 +122,7 @@ def test_without_a_checkpoint_the_learner_restarts_from_the_model_at_iteration_0
     ray_local, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "run"
-    config = fake_job(tiny_model_dir, out, iterations=3)
+    config = quiet_job(tiny_model_dir, out, iterations=3)
     assert config.checkpoint.uri is None
     result, job, killed = train_killing(config, {("reward", 2)})
 
@@ -141,7 +137,7 @@ def test_a_save_the_dead_learner_did_not_commit_is_passed_over(
 ) -> None:
     """Checkpoint 4 is gone (as a save whose ranks died before the manifest): step 2 it is."""
     out, uri = tmp_path / "run", tmp_path / "checkpoints"
-    config = fake_job(tiny_model_dir, out, iterations=5, checkpoint={"uri": str(uri), "every": 2})
+    config = quiet_job(tiny_model_dir, out, iterations=5, checkpoint={"uri": str(uri), "every": 2})
 
     def lose_checkpoint_4(job: TrainingJob) -> None:
         (uri / "step-00000004.json").unlink()
@@ -156,7 +152,7 @@ def test_a_save_the_dead_learner_did_not_commit_is_passed_over(
 def test_a_learner_that_keeps_failing_ends_the_job_at_the_limit(
     ray_local, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    config = fake_job(tiny_model_dir, tmp_path / "run", iterations=3, learner={"max_restarts": 1})
+    config = quiet_job(tiny_model_dir, tmp_path / "run", iterations=3, learner={"max_restarts": 1})
     with pytest.raises(LearnerRestartsExhausted) as error:
         train_killing(config, {("reward", 1)}, every_time=True)
     assert str(error.value).startswith(
@@ -176,7 +172,7 @@ def test_the_stats_line_is_on_disk_before_its_checkpoint_so_a_resume_leaves_no_g
     """The driver dies right after checkpoint 4 is saved: line 4 is already in stats.jsonl (it
     used to be written after the save, and a resume from step 4 lacked it)."""
     out, uri = tmp_path / "run", tmp_path / "checkpoints"
-    config = fake_job(tiny_model_dir, out, iterations=6, checkpoint={"uri": str(uri), "every": 2})
+    config = quiet_job(tiny_model_dir, out, iterations=6, checkpoint={"uri": str(uri), "every": 2})
     job = TrainingJob(config, ROWS, None, fake_factories(config))
     save = job.save_checkpoint
 
@@ -209,7 +205,7 @@ def test_a_resume_names_the_stats_lines_that_are_missing(
     ray_local, tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     out, uri = tmp_path / "run", tmp_path / "checkpoints"
-    config = fake_job(tiny_model_dir, out, iterations=2, checkpoint={"uri": str(uri), "every": 1})
+    config = quiet_job(tiny_model_dir, out, iterations=2, checkpoint={"uri": str(uri), "every": 1})
     job = TrainingJob(config, ROWS, None, fake_factories(config))
     try:
         job.train()

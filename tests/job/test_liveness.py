@@ -28,7 +28,7 @@ from driver_fakes import (
     process_id,
     prompts,
 )
-from support.job_configs import PROMPTS, read_stats, small_job, write_config
+from support.job_configs import PROMPTS, quiet_job, read_stats, write_config
 
 from rlfleet.cli import main
 from rlfleet.common import waits
@@ -94,10 +94,6 @@ def test_a_busy_learner_rank_answers_its_pings_and_is_not_taken_for_stalled(ray_
         group.kill()
 
 
-def fake_job(model_dir: Path, out: Path, **fields: Any) -> JobConfig:
-    return small_job(model_dir, out, **{"metrics": {"enabled": False}, **fields})
-
-
 def assert_every_rollout_once(out: Path, result: JobResult, iterations: int) -> None:
     stats = read_stats(out)
     assert [line["iteration"] for line in stats] == list(range(1, iterations + 1))
@@ -111,7 +107,7 @@ def test_a_job_whose_learner_rank_is_stopped_restarts_the_learner_and_trains_eve
     ray_local, tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     out = tmp_path / "run"
-    config = fake_job(
+    config = quiet_job(
         tiny_model_dir,
         out,
         iterations=4,
@@ -154,7 +150,7 @@ def test_a_generator_stopped_before_a_sync_misses_its_weight_load_deadline_and_i
     scored, so it never loads version 2; weight_sync.timeout_s 3 later it is restarted (and
     loads it), and the job goes on."""
     out = tmp_path / "run"
-    config = fake_job(
+    config = quiet_job(
         tiny_model_dir,
         out,
         iterations=3,
@@ -220,7 +216,7 @@ def test_weights_lost_with_the_learner_mid_sync_restart_the_learner_and_resync(
     restarts the learner from checkpoint 1 (2 was not saved yet), publishes and syncs again,
     and trains every rollout id once."""
     out = tmp_path / "run"
-    config = fake_job(
+    config = quiet_job(
         tiny_model_dir,
         out,
         iterations=4,
@@ -315,7 +311,7 @@ def test_sigterm_stops_rlfleet_train_blocked_on_a_stopped_generator_within_secon
     """Generator 0 is stopped with SIGSTOP while batch 1 is scored (it is idle then); the job
     then waits on it to load the new weights (due in weight_sync.timeout_s, minutes away), and
     SIGTERM a second later stops the job with its one line and 143."""
-    config = fake_job(tiny_model_dir, tmp_path / "run", iterations=5)
+    config = quiet_job(tiny_model_dir, tmp_path / "run", iterations=5)
     jobs: list[TrainingJob] = []
     stops: list[tuple[int, float]] = []
 
@@ -378,7 +374,7 @@ def test_rlfleet_train_with_an_unreachable_ray_address_exits_1_with_one_line(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture,
 ) -> None:
-    config = fake_job(tiny_model_dir, tmp_path / "run", ray_address="127.0.0.1:1")
+    config = quiet_job(tiny_model_dir, tmp_path / "run", ray_address="127.0.0.1:1")
     monkeypatch.setattr(cluster, "CONNECT_TIMEOUT_S", 2.0)
     monkeypatch.setattr(cluster.ray, "is_initialized", lambda: False)
     started = time.monotonic()
@@ -399,7 +395,7 @@ def test_sigterm_stops_rlfleet_train_while_it_tries_to_reach_the_cluster(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture,
 ) -> None:
-    config = fake_job(tiny_model_dir, tmp_path / "run", ray_address="127.0.0.1:1")
+    config = quiet_job(tiny_model_dir, tmp_path / "run", ray_address="127.0.0.1:1")
     monkeypatch.setattr(cluster.ray, "is_initialized", lambda: False)
     check_reachable = cluster.check_reachable
     sent: list[float] = []
@@ -441,7 +437,7 @@ def test_a_learner_start_after_its_placement_group_was_removed_places_it_in_a_ne
     from rlfleet.job.roles import Layout
     from rlfleet.learner.rank_group import wait_placed
 
-    config = fake_job(tiny_model_dir, tmp_path / "run")
+    config = quiet_job(tiny_model_dir, tmp_path / "run")
     layout = Layout(config, resolved_weight_sync(config))
     removed = layout.placement
     assert layout.placement is removed  # made once, while it exists

@@ -13,10 +13,10 @@ import pyarrow as pa
 import pytest
 import ray
 from driver_fakes import CRITIC_FREE_LEARNER_STATS, LEARNER_STATS, fake_factories
-from support.job_configs import PROMPTS, read_stats, small_job
+from support.batches import scored_batch
+from support.job_configs import PROMPTS, quiet_job, read_stats
 
 from rlfleet.common.config import CheckpointConfig, JobConfig
-from rlfleet.common.schema import prompt_batch, with_columns
 from rlfleet.common.transport import resolved_weight_sync
 from rlfleet.job.data import read_prompt_rows
 from rlfleet.job.loop import (
@@ -61,11 +61,6 @@ def test_stage_timer_adds_up_each_stage_for_the_stats_line() -> None:
     assert timer.stats() == {f"time/{k}_s": v for k, v in timer.seconds.items()}
 
 
-def fake_job(model_dir: Path, out: Path, **fields: Any) -> JobConfig:
-    """``small_job`` with metrics off unless asked; the fakes ignore models and rewards."""
-    return small_job(model_dir, out, **{"metrics": {"enabled": False}, **fields})
-
-
 def train(
     config: JobConfig, on_dispatch=None, resume_from: str | None = None
 ) -> tuple[JobResult, TrainingJob]:
@@ -86,7 +81,7 @@ def job_metric(job: TrainingJob, name: str, **labels: str) -> float | None:
 def test_each_batch_is_trained_once_with_stats_and_metrics_from_one_timing(
     ray_local, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    config = fake_job(
+    config = quiet_job(
         tiny_model_dir,
         tmp_path / "run",
         iterations=3,
@@ -146,7 +141,7 @@ def test_generators_sample_with_the_policy_that_lag_and_overlap_allow(
     published: list[int],
     dispatches: str,
 ) -> None:
-    config = fake_job(
+    config = quiet_job(
         tiny_model_dir,
         tmp_path / "run",
         iterations=4,
@@ -183,7 +178,7 @@ def test_restarted_actors_get_the_current_weights_and_a_new_discovery_file(
             ray.kill(generator_1, no_restart=True)
             killed.append(generator_1)
 
-    config = fake_job(
+    config = quiet_job(
         tiny_model_dir,
         tmp_path / "run",
         name=f"fake-restarts-{os.getpid()}",
@@ -196,7 +191,7 @@ def test_restarted_actors_get_the_current_weights_and_a_new_discovery_file(
     job = TrainingJob(config, ROWS, kill_idle_generator_1, factories)
     try:
         result = job.train()
-        listed = {group["targets"][0] for group in json.loads(job.file_sd_path.read_text())}
+        listed = {group["targets"][0] for group in json.loads(job.metrics_targets.path.read_text())}
         actors = [job.learner.ranks[0], *job.generators.actors, *job.rewards.actors]
         targets = [job.metrics.target, *ray.get([a.metrics_target.remote() for a in actors])]
     finally:
@@ -204,7 +199,7 @@ def test_restarted_actors_get_the_current_weights_and_a_new_discovery_file(
 
     assert len(killed) == 1
     assert listed == {target.address for target in targets}
-    assert not job.file_sd_path.exists()
+    assert not job.metrics_targets.path.exists()
     assert (result.generator_restarts, result.reward_restarts) == (2, 1)
     assert [line["generator_restarts"] for line in result.stats] == [1, 2, 2]
     assert [line["reward_restarts"] for line in result.stats] == [1, 1, 1]
@@ -222,7 +217,7 @@ def test_checkpoints_hold_the_first_untrained_batch_and_a_resumed_job_continues_
     """Checkpoint 2 is saved while batch 3 may already be out with the generators: a job resumed
     from it samples batch 3 again, and stats.jsonl drops the first run's line 3."""
     uri = tmp_path / "checkpoints"
-    config = fake_job(
+    config = quiet_job(
         tiny_model_dir,
         tmp_path / "run",
         iterations=3,
@@ -274,7 +269,7 @@ def test_a_critic_free_job_trains_on_whole_groups_of_samples_with_unique_group_i
     split over 2 generators and 2 reward actors, whole groups again at the learner; group ids
     go on across a resume."""
     uri = tmp_path / "checkpoints"
-    config = fake_job(
+    config = quiet_job(
         tiny_model_dir,
         tmp_path / "run",
         algorithm="grpo",
@@ -320,13 +315,11 @@ def test_the_progress_bar_shows_the_kl_to_the_reference_of_either_trainer() -> N
 
 def scored_with_components(parts: list[dict[str, float] | None]) -> pa.RecordBatch:
     n = len(parts)
-    batch = prompt_batch(list(range(n)), ["p"] * n, [[1]] * n)
-    return with_columns(
-        batch,
-        response=["r"] * n,
+    return scored_batch(
+        range(n),
+        [sum((row or {}).values()) for row in parts],
+        prompt_ids=[[1]] * n,
         response_ids=[[2, 3]] * n,
-        policy_version=[0] * n,
-        score=[sum((row or {}).values()) for row in parts],
         score_components=parts,
     )
 
@@ -357,7 +350,7 @@ def test_each_reward_component_gets_its_mean_in_the_stats_line() -> None:
 def test_generators_sharing_the_learners_gpus_sleep_while_it_trains(
     ray_local, tiny_model_dir: Path, tmp_path: Path, placement: str, slept: bool
 ) -> None:
-    config = fake_job(
+    config = quiet_job(
         tiny_model_dir,
         tmp_path / "run",
         iterations=2,
@@ -399,7 +392,7 @@ def test_weight_sync_auto_is_resolved_once_for_the_learner_generators_and_sync(
         return resolved_weight_sync(config)
 
     monkeypatch.setattr(loop, "resolved_weight_sync", resolve_once)
-    config = fake_job(
+    config = quiet_job(
         tiny_model_dir,
         tmp_path / "run",
         learner={"num_gpus": gpus},

@@ -8,11 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from job_probes import learner_greedy
 from support.job_configs import REPO
-from support.probes import generator_greedy, generator_version
+from support.probes import generator_greedy, generator_version, job_learner_greedy
 
-from rlfleet.common.config import load_job_config
+from rlfleet.common.config_file import load_job_config
 from rlfleet.job.loop import TrainingJob
 
 GRPO_CONFIG = REPO / "examples" / "grpo_arithmetic.yaml"
@@ -32,7 +31,7 @@ def vllm_tmpdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def check_generators_hold_the_merged_policy(job: TrainingJob, probe: list[list[int]]) -> list[dict]:
-    learner = learner_greedy(job, probe, PROBE_TOKENS)
+    learner = job_learner_greedy(job, probe, PROBE_TOKENS)
     for generator in job.generators.actors:
         assert generator_version(generator) == job.iteration
         for mine, theirs in zip(
@@ -74,7 +73,7 @@ def test_a_lora_job_raises_the_reward_and_syncs_the_merged_policy(
     probe = [job.prompts.renderer.encode(row["prompt"]) for row in job.prompts.dataset.rows[:3]]
     stats = []
     try:
-        before = learner_greedy(job, probe, PROBE_TOKENS)
+        before = job_learner_greedy(job, probe, PROBE_TOKENS)
         in_flight = job.dispatch_next_batch()
         while in_flight is not None:
             line, in_flight = job.train_iteration(in_flight)

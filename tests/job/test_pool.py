@@ -17,7 +17,15 @@ import pytest
 import ray
 from driver_fakes import ShardWorker, process_id, prompts
 
-from rlfleet.job.pool import MAX_DISPATCH_ATTEMPTS, ActorPool, Deadline, id_range, split_batch
+from rlfleet.common.start_errors import ActorCannotStart
+from rlfleet.job.pool import (
+    MAX_DISPATCH_ATTEMPTS,
+    MAX_START_ATTEMPTS,
+    ActorPool,
+    Deadline,
+    id_range,
+    split_batch,
+)
 
 STALL_S = 3600.0
 """A stalled worker's delay: longer than any test."""
@@ -45,7 +53,8 @@ def test_id_range_names_the_first_and_last_rollout() -> None:
 
 
 class Workers:
-    """Creates pool members: ``die(index, creation)`` says which ones exit on their first call;
+    """Creates pool members: ``die(index, creation)`` says which ones exit on their first call,
+    ``fail_start(index, creation)`` the error a member's constructor raises (None: none);
     remembers what it created and what ``on_restart`` was told."""
 
     def __init__(
@@ -53,10 +62,12 @@ class Workers:
         die=lambda index, creation: False,
         delays: dict[int, float] | None = None,
         stall=lambda index, creation: False,
+        fail_start=lambda index, creation: None,
     ):
         self.die = die
         self.delays = delays or {}
         self.stall = stall
+        self.fail_start = fail_start
         self.created: Counter[int] = Counter()
         self.restarted: list[tuple[int, Any]] = []
 
@@ -64,7 +75,8 @@ class Workers:
         self.created[index] += 1
         die = self.die(index, self.created[index])
         stalled = self.stall(index, self.created[index])
-        return ShardWorker.remote(index, die, STALL_S if stalled else self.delays.get(index, 0.0))
+        delay_s = STALL_S if stalled else self.delays.get(index, 0.0)
+        return ShardWorker.remote(index, die, delay_s, self.fail_start(index, self.created[index]))
 
     def pool(self, size: int, deadline: Deadline | None = None) -> ActorPool:
         pool = ActorPool(
@@ -227,3 +239,58 @@ def test_a_shard_whose_actor_was_replaced_meanwhile_goes_to_the_new_one(ray_loca
     assert [ids(result) for result in results] == [[0, 1], [2, 3]]
     assert pool.restarts == 1
     assert workers.created == {0: 1, 1: 2}
+
+
+def test_a_replacement_whose_constructor_fails_twice_alike_stops_at_once_naming_actor_and_error(
+    ray_local, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Actor 0 dies on its shard; each replacement's constructor raises the same error (in
+    colour, over two lines): the second one ends it, with the error's first line."""
+    workers = Workers(
+        die=lambda index, creation: index == 0 and creation == 1,
+        fail_start=lambda index, creation: (
+            ValueError("\x1b[1mno GPU\x1b[0m left\nsee the log") if creation > 1 else None
+        ),
+    )
+    pool = ActorPool("scorer", workers.create, 2, start_timeout_s=60)
+    with caplog.at_level(logging.WARNING, logger="rlfleet.job.pool"):
+        with pytest.raises(ActorCannotStart) as stop:
+            pool.collect(pool.dispatch("work", split_batch(prompts(4), 2)))
+    assert str(stop.value) == "scorer actor 0 cannot start: ValueError: no GPU left"
+    assert workers.created == {0: 3, 1: 1}  # the first one, and two replacements
+    assert [r.getMessage() for r in caplog.records] == [
+        "scorer actor 0 died while it started (ValueError: no GPU left): starting it again "
+        f"(2 of {MAX_START_ATTEMPTS} starts)"
+    ]
+
+
+def test_replacements_that_fail_differently_are_started_again_until_one_starts(
+    ray_local,
+) -> None:
+    errors = {2: OSError("port taken"), 3: RuntimeError("no GPU left")}
+    workers = Workers(
+        die=lambda index, creation: index == 1 and creation == 1,
+        fail_start=lambda index, creation: errors.get(creation) if index == 1 else None,
+    )
+    pool = ActorPool("scorer", workers.create, 2, start_timeout_s=60)
+    results = pool.collect(pool.dispatch("work", split_batch(prompts(4), 2)))
+    assert [ids(result) for result in results] == [[0, 1], [2, 3]]
+    assert workers.created == {0: 1, 1: 4}
+    assert pool.restarts == 1
+
+
+def test_replacements_that_keep_failing_differently_stop_after_the_last_start(ray_local) -> None:
+    workers = Workers(
+        die=lambda index, creation: index == 0 and creation == 1,
+        fail_start=lambda index, creation: (
+            OSError(f"try {'x' * creation}") if creation > 1 else None
+        ),
+    )
+    pool = ActorPool("scorer", workers.create, 1, start_timeout_s=60)
+    with pytest.raises(ActorCannotStart) as stop:
+        pool.collect(pool.dispatch("work", [prompts(2)]))
+    assert str(stop.value) == (
+        f"scorer actor 0 cannot start: {MAX_START_ATTEMPTS} starts in a row died, the last with "
+        f"OSError: try {'x' * (MAX_START_ATTEMPTS + 1)}"
+    )
+    assert workers.created == {0: 1 + MAX_START_ATTEMPTS}

@@ -7,9 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from job_probes import learner_greedy
 from support.job_configs import small_job
-from support.probes import generator_greedy, generator_version
+from support.probes import generator_greedy, generator_version, job_learner_greedy
 
 from rlfleet.common.config import JobConfig
 from rlfleet.job.loop import TrainingJob
@@ -24,7 +23,7 @@ def vllm_tmpdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def check_generators_match_learner(
     job: TrainingJob, probe: list[list[int]], tolerance: float
 ) -> None:
-    learner = learner_greedy(job, probe, 6)
+    learner = job_learner_greedy(job, probe, 6)
     for generator in job.generators.actors:
         assert generator_version(generator) == job.iteration
         for mine, theirs in zip(learner, generator_greedy(generator, probe, 6), strict=True):
@@ -39,13 +38,13 @@ def run_checking_sync(config: JobConfig, tolerance: float) -> tuple[TrainingJob,
     probe = job.prompts.next_batch(3).column("prompt_ids").to_pylist()
     lines = []
     try:
-        before = learner_greedy(job, probe, 6)
+        before = job_learner_greedy(job, probe, 6)
         in_flight = job.dispatch_next_batch()
         while in_flight is not None:
             line, in_flight = job.train_iteration(in_flight)
             lines.append(line)
             check_generators_match_learner(job, probe, tolerance)
-        after = learner_greedy(job, probe, 6)
+        after = job_learner_greedy(job, probe, 6)
     finally:
         job.shutdown()
     moved = [a["logprobs"] != b["logprobs"] for a, b in zip(before, after, strict=True)]

@@ -14,11 +14,11 @@ import pyarrow as pa
 import pytest
 from driver_fakes import fake_factories
 from pydantic import ValidationError
+from support.batches import scored_batch
 from support.job_configs import PROMPTS, read_stats, small_job
 from support.tensorboard_files import tensorboard_scalars
 from support.wandb_files import finished_run_dir, isolate_wandb, wandb_history
 
-from rlfleet.common.schema import prompt_batch, with_columns
 from rlfleet.common.trackers import TensorBoardTracker, Trackers
 from rlfleet.job.checks import ConfigError
 from rlfleet.job.data import read_prompt_rows
@@ -28,23 +28,17 @@ from rlfleet.job.reporting import JobReport, tracker_scalars
 ROWS = read_prompt_rows(PROMPTS, "prompt")
 
 
-def scored_batch(rollout_ids: list[int], chat: bool = False) -> pa.RecordBatch:
+def numbered_batch(rollout_ids: list[int], chat: bool = False) -> pa.RecordBatch:
     """Rollouts as the reward actors return them; rollout id ``i`` has reward ``i / 10``, a
     component ``length`` of ``i`` and policy version ``i // 4``."""
-    n = len(rollout_ids)
     messages = [{"role": "user", "content": f"question {i}"} for i in rollout_ids]
-    batch = prompt_batch(
+    return scored_batch(
         rollout_ids,
-        [f"prompt {i}" for i in rollout_ids],
-        [[1, 2]] * n,
-        [{"messages": [m]} if chat else {} for m in messages],
-    )
-    return with_columns(
-        batch,
-        response=[f"response {i}" for i in rollout_ids],
-        response_ids=[[3]] * n,
+        [i / 10 for i in rollout_ids],
         policy_version=[i // 4 for i in rollout_ids],
-        score=[i / 10 for i in rollout_ids],
+        prompts=[f"prompt {i}" for i in rollout_ids],
+        responses=[f"response {i}" for i in rollout_ids],
+        metadata=[{"messages": [m]} if chat else {} for m in messages],
         score_components=[[("length", float(i))] for i in rollout_ids],
     )
 
@@ -71,8 +65,8 @@ def report(out: Path, samples: int = 3, chat: bool = False, trackers: list | Non
 
 def test_samples_are_the_lowest_rollout_ids_whatever_the_batch_order(tmp_path: Path):
     job_report = report(tmp_path)
-    job_report.record(stats_line(1), scored_batch([5, 2, 7, 0, 3, 1, 6, 4]))
-    job_report.record(stats_line(2), scored_batch([12, 9, 8, 15, 10, 11, 14, 13]))
+    job_report.record(stats_line(1), numbered_batch([5, 2, 7, 0, 3, 1, 6, 4]))
+    job_report.record(stats_line(2), numbered_batch([12, 9, 8, 15, 10, 11, 14, 13]))
 
     samples = read_lines(job_report.samples_path)
     assert [(s["iteration"], s["rollout_id"]) for s in samples] == [
@@ -98,7 +92,7 @@ def test_samples_are_the_lowest_rollout_ids_whatever_the_batch_order(tmp_path: P
 
 def test_a_chat_sample_has_the_messages_beside_the_rendered_prompt(tmp_path: Path):
     job_report = report(tmp_path, samples=1, chat=True)
-    job_report.record(stats_line(1), scored_batch([0, 1], chat=True))
+    job_report.record(stats_line(1), numbered_batch([0, 1], chat=True))
     [sample] = read_lines(job_report.samples_path)
     assert sample["prompt"] == "prompt 0"
     assert sample["messages"] == [{"role": "user", "content": "question 0"}]
@@ -106,7 +100,7 @@ def test_a_chat_sample_has_the_messages_beside_the_rendered_prompt(tmp_path: Pat
 
 def test_no_samples_with_a_count_of_0_or_without_rollouts(tmp_path: Path):
     job_report = report(tmp_path, samples=0)
-    job_report.record(stats_line(1), scored_batch([0, 1]))
+    job_report.record(stats_line(1), numbered_batch([0, 1]))
     job_report.record(stats_line(2))
     assert not job_report.samples_path.exists()
     assert [line["iteration"] for line in read_lines(job_report.stats_path)] == [1, 2]
@@ -116,21 +110,21 @@ def test_a_durable_record_syncs_both_files(tmp_path: Path, monkeypatch: pytest.M
     synced: list[str] = []
     monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")))
     job_report = report(tmp_path)
-    job_report.record(stats_line(1), scored_batch([0, 1]))
+    job_report.record(stats_line(1), numbered_batch([0, 1]))
     assert synced == []
-    job_report.record(stats_line(2), scored_batch([8, 9]), durable=True)
+    job_report.record(stats_line(2), numbered_batch([8, 9]), durable=True)
     assert synced == [str(job_report.samples_path), str(job_report.stats_path)]
 
 
 def test_keep_through_drops_the_later_lines_of_both_files(tmp_path: Path):
     job_report = report(tmp_path, samples=2)
     for iteration in (1, 2, 3):
-        job_report.record(stats_line(iteration), scored_batch([8 * iteration, 8 * iteration + 1]))
+        job_report.record(stats_line(iteration), numbered_batch([8 * iteration, 8 * iteration + 1]))
 
     resumed = report(tmp_path, samples=2)
     assert resumed.keep_through(1) == [1]
     assert [line["iteration"] for line in read_lines(resumed.samples_path)] == [1, 1]
-    resumed.record(stats_line(2), scored_batch([8, 9]))
+    resumed.record(stats_line(2), numbered_batch([8, 9]))
     assert [line["iteration"] for line in read_lines(resumed.stats_path)] == [1, 2]
     assert resumed.stats_lines == [stats_line(2)]
 
@@ -172,13 +166,10 @@ def test_tensorboard_shows_the_stats_lines_once_each_after_a_resume(tmp_path: Pa
     assert scalars["eval/reward_mean"] == [(1, 0.75), (2, 0.75), (3, 0.75)]
 
 
-def job_config(tmp_path: Path, **logging: Any):
-    return small_job(Path("no-model"), tmp_path / "run", logging=logging)
-
-
 def test_a_wandb_run_gets_the_stats_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     isolate_wandb(monkeypatch, tmp_path / "wandb-home")
-    config = job_config(tmp_path, wandb={"project": "rlfleet-test", "dir": str(tmp_path / "wb")})
+    wandb = {"project": "rlfleet-test", "dir": str(tmp_path / "wb")}
+    config = small_job(Path("no-model"), tmp_path / "run", logging={"wandb": wandb})
     job_report = JobReport.open(config)
     job_report.record(stats_line(1, reward=1.0))
     job_report.record(stats_line(2, reward=2.0))
@@ -193,7 +184,9 @@ def test_wandb_without_the_package_is_one_clear_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     monkeypatch.setitem(sys.modules, "wandb", None)
-    config = job_config(tmp_path, wandb={"project": "rlfleet-test"})
+    config = small_job(
+        Path("no-model"), tmp_path / "run", logging={"wandb": {"project": "rlfleet-test"}}
+    )
     with pytest.raises(ConfigError) as error:
         JobReport.open(config)
     assert str(error.value) == (
@@ -252,4 +245,4 @@ def test_a_resumed_job_writes_each_iteration_once_to_every_report(
 )
 def test_an_empty_tracker_setting_is_refused(tmp_path: Path, logging: dict[str, Any]):
     with pytest.raises(ValidationError, match="at least 1 character"):
-        job_config(tmp_path, **logging)
+        small_job(Path("no-model"), tmp_path / "run", logging=logging)

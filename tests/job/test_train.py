@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from support.job_configs import DEMO_CONFIG, read_stats, small_job, write_config
 
-from rlfleet.common.config import load_job_config
+from rlfleet.common.config_file import load_job_config
 from rlfleet.job import train
 from rlfleet.job.checks import ConfigError
 from rlfleet.job.loop import JobResult
@@ -363,8 +363,7 @@ def test_killed_actors_mid_batch_have_their_shards_redispatched_and_nothing_coun
 def test_after_every_sync_the_generators_greedy_tokens_and_logprobs_match_the_learner(
     ray_local, demo_model_dir: Path, tmp_path: Path
 ) -> None:
-    from job_probes import learner_greedy
-    from support.probes import generator_greedy, generator_version
+    from support.probes import generator_greedy, generator_version, job_learner_greedy
 
     from rlfleet.job.loop import TrainingJob
 
@@ -378,11 +377,11 @@ def test_after_every_sync_the_generators_greedy_tokens_and_logprobs_match_the_le
     job = TrainingJob(config)
     probe = job.prompts.next_batch(4).column("prompt_ids").to_pylist()
     try:
-        before = learner_greedy(job, probe, 8)
+        before = job_learner_greedy(job, probe, 8)
         in_flight = job.dispatch_next_batch()
         for _ in range(config.iterations):
             _, in_flight = job.train_iteration(in_flight)
-            learner = learner_greedy(job, probe, 8)
+            learner = job_learner_greedy(job, probe, 8)
             for generator in job.generators.actors:
                 assert generator_version(generator) == job.iteration
                 completions = generator_greedy(generator, probe, 8)

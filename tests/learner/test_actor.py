@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from support.batches import scored_batch
 from support.probes import generator_greedy, learner_greedy, learner_version
 
 from rlfleet.common.config import (
@@ -31,21 +32,18 @@ from rlfleet.trainers.guards import NonFiniteError
 BATCH = 4
 
 
-def scored_batch(
+def learner_batch(
     first_id: int, version: int = 0, score: float = 0.5, size: int = BATCH
 ) -> pa.RecordBatch:
     """``size`` rollouts with fixed token ids (the tiny vocabulary has > 40 tokens)."""
-    ids = list(range(first_id, first_id + size))
-    prompts = [[5 + i, 9, 17] for i in range(size)]
-    batch = prompt_batch(ids, ["p"] * size, prompts)
-    return with_columns(
-        batch,
-        response=["r"] * size,
+    return scored_batch(
+        range(first_id, first_id + size),
+        [score + 0.1 * i for i in range(size)],
+        policy_version=version,
+        prompt_ids=[[5 + i, 9, 17] for i in range(size)],
         response_ids=[[11, 23 + i, 31, 40] for i in range(size)],
         response_logprobs=[[-1.0] * 4] * size,
         finish_reason=["length"] * size,
-        policy_version=[version] * size,
-        score=[score + 0.1 * i for i in range(size)],
     )
 
 
@@ -75,10 +73,10 @@ def test_generator_mismatch_stats_read_a_one_token_batch_whose_old_logprobs_are_
 
 
 def test_rollouts_without_a_logprob_per_response_token_are_named():
-    batch = with_columns(scored_batch(0), response_logprobs=[[-1.0] * 4] * 3 + [[-1.0] * 3])
+    batch = with_columns(learner_batch(0), response_logprobs=[[-1.0] * 4] * 3 + [[-1.0] * 3])
     with pytest.raises(ValueError, match="rollout 3: 3 response_logprobs for 4 tokens"):
         rollout_tensors(batch)
-    batch = with_columns(scored_batch(0), response_logprobs=[None] + [[-1.0] * 4] * 3)
+    batch = with_columns(learner_batch(0), response_logprobs=[None] + [[-1.0] * 4] * 3)
     with pytest.raises(ValueError, match="rollout 0: no response_logprobs for 4 tokens"):
         rollout_tensors(batch)
 
@@ -111,7 +109,7 @@ GRPO = CriticFreeConfig(algorithm="grpo", batch_size=8, learning_rate=1e-2, max_
 def grouped_batch(first_id: int = 0, version: int = 0) -> pa.RecordBatch:
     """8 rollouts of 2 prompts (groups ``first_id`` and ``first_id + 4``), as two shards that
     each hold half of both groups came back: the groups interleave."""
-    batch = scored_batch(first_id, version, size=8)
+    batch = learner_batch(first_id, version, size=8)
     order = [0, 1, 4, 5, 2, 3, 6, 7]
     batch = batch.take(pa.array(order))
     rollout_ids = batch.column("rollout_id").to_pylist()
@@ -192,7 +190,7 @@ def test_a_ppo_step_gets_the_generators_logprobs_for_truncated_importance_sampli
     step = learner.trainer.step
     learner.trainer.step = lambda *args, **kwargs: calls.append(kwargs) or step(*args, **kwargs)
     batch = with_columns(
-        scored_batch(0), response_logprobs=[[-1.0, -2.0, -0.5, -1.5 - i] for i in range(BATCH)]
+        learner_batch(0), response_logprobs=[[-1.0, -2.0, -0.5, -1.5 - i] for i in range(BATCH)]
     )
 
     stats = learner.step(batch)
@@ -280,7 +278,7 @@ def test_the_learner_refuses_non_finite_weights_before_publishing_or_counting(ti
 
     learner.trainer.optimizer.step = step_to_nan
     with pytest.raises(NonFiniteError, match=r"^step 1 \(rollouts 0\.\.3\): weight .* not fin"):
-        learner.step(scored_batch(0))
+        learner.step(learner_batch(0))
     assert learner.version == 0
     assert learner.consumed_rollout_ids() == []
 
@@ -289,7 +287,7 @@ def test_skipped_steps_are_in_the_learner_stats(tiny_model_dir):
     config = PPOConfig(batch_size=4, mini_batch_size=2, ppo_epochs=1, nonfinite="skip")
     learner = in_process_learner(tiny_model_dir, config)
     nan_gradients(learner.trainer)
-    stats = learner.step(scored_batch(0))
+    stats = learner.step(learner_batch(0))
     assert stats["ppo/nonfinite_skipped_steps"] == 2.0
     assert learner.version == 1
 
@@ -312,7 +310,7 @@ def learner(ray_local, tiny_model_dir: Path):
 def test_a_step_trains_once_on_every_rollout_and_bumps_the_policy_version(learner) -> None:
     import ray
 
-    stats = ray.get(learner.step.remote(scored_batch(0)))
+    stats = ray.get(learner.step.remote(learner_batch(0)))
 
     assert learner_version(learner) == 1
     assert ray.get(learner.consumed_rollout_ids.remote()) == [0, 1, 2, 3]
@@ -328,10 +326,10 @@ def test_a_step_trains_once_on_every_rollout_and_bumps_the_policy_version(learne
 def test_a_rollout_id_is_never_consumed_twice(learner) -> None:
     import ray
 
-    ray.get(learner.step.remote(scored_batch(0, version=0)))
+    ray.get(learner.step.remote(learner_batch(0, version=0)))
     with pytest.raises(ray.exceptions.RayTaskError, match="rollout 3 was already consumed"):
-        ray.get(learner.step.remote(scored_batch(3, version=1)))
-    duplicated = concat_batches([scored_batch(10, 1, size=2)] * 2)
+        ray.get(learner.step.remote(learner_batch(3, version=1)))
+    duplicated = concat_batches([learner_batch(10, 1, size=2)] * 2)
     with pytest.raises(ray.exceptions.RayTaskError, match="rollout 10 was already consumed"):
         ray.get(learner.step.remote(duplicated))
 
@@ -343,18 +341,18 @@ def test_a_rollout_id_is_never_consumed_twice(learner) -> None:
 def test_rollouts_sampled_with_a_stale_policy_are_refused_by_default(learner) -> None:
     import ray
 
-    ray.get(learner.step.remote(scored_batch(0, version=0)))
+    ray.get(learner.step.remote(learner_batch(0, version=0)))
     with pytest.raises(
         ray.exceptions.RayTaskError, match="rollout 4: sampled with policy version 0"
     ):
-        ray.get(learner.step.remote(scored_batch(4, version=0)))
+        ray.get(learner.step.remote(learner_batch(4, version=0)))
 
 
 @pytest.mark.slow
 def test_a_non_finite_score_names_its_rollout(learner) -> None:
     import ray
 
-    batch = scored_batch(0)
+    batch = learner_batch(0)
     batch = with_columns(batch, score=[0.1, float("nan"), 0.2, 0.3])
     with pytest.raises(ray.exceptions.RayTaskError, match="rollout 1: score is nan"):
         ray.get(learner.step.remote(batch))
@@ -377,7 +375,7 @@ def test_published_weights_load_into_a_generator_whose_greedy_output_matches_the
     probe = [[5, 9, 17], [6, 9, 17, 30]]
     try:
         before = learner_greedy(learner, probe, 6)
-        ray.get(learner.step.remote(scored_batch(0)))
+        ray.get(learner.step.remote(learner_batch(0)))
         handle = ray.get(learner.publish_weights.remote())
         assert handle.version == 1
         assert ray.get(generator.load_weights.remote(handle)) == 1

@@ -4,22 +4,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
+from support.batches import rollout_batch
 from support.prometheus_server import scrape
 
 from rlfleet.common.config import MetricsConfig, RewardConfig
-from rlfleet.common.schema import ROLLOUT_SCHEMA, prompt_batch, with_columns
+from rlfleet.common.schema import ROLLOUT_SCHEMA, with_columns
 from rlfleet.reward.actor import RewardActor
 from rlfleet.reward.functions import sentiment
 from rlfleet.reward.scorers import RewardError, RewardTimeoutError
-
-
-def rollout_batch(rollout_ids, prompts, responses, metadata=None) -> pa.RecordBatch:
-    """Generated rollouts waiting for their score."""
-    batch = prompt_batch(rollout_ids, prompts, [[1, 2]] * len(prompts), metadata)
-    return with_columns(batch, response=responses, response_ids=[[3]] * len(prompts))
-
 
 SENTIMENT = RewardConfig(function="rlfleet.reward.functions:sentiment", num_cpus=0.5)
 EXACT_MATCH = RewardConfig(

@@ -4,9 +4,10 @@ that name the component and the sample."""
 
 import pytest
 from conftest import served_scores
+from support.batches import rollout_batch
 
 from rlfleet.common.config import MetricsConfig, RewardConfig
-from rlfleet.common.schema import ROLLOUT_SCHEMA, prompt_batch, with_columns
+from rlfleet.common.schema import ROLLOUT_SCHEMA
 from rlfleet.reward.actor import RewardActor
 from rlfleet.reward.functions import arithmetic_correct, length_penalty
 from rlfleet.reward.metrics import RewardMetrics
@@ -106,14 +107,17 @@ def test_an_overflowing_weighted_sum_is_an_error(user_rewards):
         scorer.score(["a"], ["bb"], [{}])
 
 
-def rollout_batch(prompts, responses, metadata):
-    batch = prompt_batch(list(range(len(prompts))), prompts, [[1]] * len(prompts), metadata)
-    return with_columns(batch, response=responses, response_ids=[[2]] * len(prompts))
+def generated(prompts=PROMPTS, responses=RESPONSES, metadata=METADATA):
+    """Rollouts ``0..`` waiting for their score: prompt token ids ``[1]``, response ``[2]``."""
+    n = len(prompts)
+    return rollout_batch(
+        range(n), prompts, responses, metadata, prompt_ids=[[1]] * n, response_ids=[[2]] * n
+    )
 
 
 def test_the_actor_fills_score_components_and_the_metrics_per_component():
     actor = RewardActor(0, CORRECT_AND_SHORT, "demo", MetricsConfig(enabled=False))
-    scored = actor.score(rollout_batch(PROMPTS, RESPONSES, METADATA))
+    scored = actor.score(generated())
     assert scored.schema == ROLLOUT_SCHEMA
     rows = [dict(row) for row in scored.column("score_components").to_pylist()]
     expected = expected_parts()
@@ -132,9 +136,7 @@ def test_the_actor_fills_score_components_and_the_metrics_per_component():
 
 def test_a_single_source_actor_leaves_score_components_null():
     config = RewardConfig(function="rlfleet.reward.functions:arithmetic_correct")
-    scored = RewardActor(0, config, "demo", MetricsConfig(enabled=False)).score(
-        rollout_batch(PROMPTS, RESPONSES, METADATA)
-    )
+    scored = RewardActor(0, config, "demo", MetricsConfig(enabled=False)).score(generated())
     assert scored.column("score_components").null_count == 3
 
 
@@ -142,7 +144,7 @@ def test_the_actor_error_names_the_component_and_the_rollout(user_rewards):
     config = RewardConfig(components=[{"name": "picky", "function": f"{user_rewards}:fail_on_bad"}])
     actor = RewardActor(0, config, "demo", MetricsConfig(enabled=False))
     with pytest.raises(RewardError, match=r"rollout 1: reward component 'picky'.*'bad'"):
-        actor.score(rollout_batch(["p", "q"], ["ok", "bad"], [{}, {}]))
+        actor.score(generated(["p", "q"], ["ok", "bad"], [{}, {}]))
 
 
 def test_component_metrics_record_each_named_component():

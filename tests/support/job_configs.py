@@ -49,6 +49,13 @@ def small_job(model_dir: Path, out: Path, **fields: Any) -> JobConfig:
     return JobConfig.model_validate(raw)
 
 
+def quiet_job(model_dir: Path, out: Path, **fields: Any) -> JobConfig:
+    """``small_job`` with metrics off unless ``fields`` ask for them: no metrics endpoint or
+    discovery file (the fake actors of tests/job/driver_fakes.py ignore models and rewards, so
+    any ``model_dir`` does for them)."""
+    return small_job(model_dir, out, **{"metrics": {"enabled": False}, **fields})
+
+
 def read_stats(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
 

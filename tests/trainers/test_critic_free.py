@@ -26,6 +26,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
+from support.batches import ppo_step_batch
 from transformers import AutoModelForCausalLM
 
 from rlfleet.common.config import CriticFreeConfig
@@ -51,11 +52,13 @@ def fresh(model: AutoModelForCausalLM) -> AutoModelForCausalLM:
 
 
 def make_batch(seed: int = 0, batch: int = BATCH):
-    generator = torch.Generator().manual_seed(seed)
-    queries = [torch.randint(1, 500, (4 + i % 2,), generator=generator) for i in range(batch)]
-    responses = [torch.randint(1, 500, (3 + i % 4,), generator=generator) for i in range(batch)]
-    scores = [torch.randn((), generator=generator) for _ in range(batch)]
-    return queries, responses, scores
+    return ppo_step_batch(
+        seed,
+        batch,
+        vocab=500,
+        query_lengths=lambda i: 4 + i % 2,
+        response_lengths=lambda i: 3 + i % 4,
+    )
 
 
 def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from support.batches import ppo_step_batch
 from support.ports import free_ports
 from support.spawned import run_spawned
 from transformers import AutoModelForCausalLM
@@ -83,9 +84,13 @@ def is_ppo(case: str) -> bool:
 
 def make_batch(step: int) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(step)
-    queries = [torch.randint(1, 500, (3 + i % 3,), generator=generator) for i in range(BATCH)]
-    responses = [torch.randint(1, 500, (2 + i % 4,), generator=generator) for i in range(BATCH)]
-    scores = [torch.randn((), generator=generator) for _ in range(BATCH)]
+    queries, responses, scores = ppo_step_batch(
+        generator,
+        BATCH,
+        vocab=500,
+        query_lengths=lambda i: 3 + i % 3,
+        response_lengths=lambda i: 2 + i % 4,
+    )
     behaviour = [-torch.rand(len(r), generator=generator) - 4.0 for r in responses]
     return {
         "queries": queries,

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from support.batches import ppo_step_batch
 from test_distributed import spawn_ranks
 
 from rlfleet.common.config import PPOConfig
@@ -29,10 +30,10 @@ BATCH = 8
 
 def fixed_batch() -> dict[str, Any]:
     """One batch, trained on repeatedly: responses of score +1 and -1."""
-    generator = torch.Generator().manual_seed(0)
-    queries = [torch.randint(1, 500, (4,), generator=generator) for _ in range(BATCH)]
-    responses = [torch.randint(1, 500, (4,), generator=generator) for _ in range(BATCH)]
-    scores = [torch.tensor(1.0 if i % 2 == 0 else -1.0) for i in range(BATCH)]
+    signs = [1.0 if i % 2 == 0 else -1.0 for i in range(BATCH)]
+    queries, responses, scores = ppo_step_batch(
+        0, BATCH, vocab=500, query_lengths=4, response_lengths=4, scores=signs
+    )
     return {"queries": queries, "responses": responses, "scores": scores}
 
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from support.batches import ppo_step_batch
 from transformers import AutoTokenizer
 
 from rlfleet.common.config import PPOConfig
@@ -62,11 +62,7 @@ def make_trainer(model_dir: Path, **ppo) -> PPOTrainer:
 
 
 def batch(seed: int):
-    generator = np.random.default_rng(seed)
-    queries = [torch.tensor(generator.integers(1, 400, 4)) for _ in range(8)]
-    responses = [torch.tensor(generator.integers(1, 400, 6)) for _ in range(8)]
-    scores = [torch.tensor(float(s)) for s in generator.standard_normal(8)]
-    return queries, responses, scores
+    return ppo_step_batch(seed, 8, rng="numpy", vocab=400, query_lengths=4, response_lengths=6)
 
 
 def weights(trainer: PPOTrainer) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from support.batches import ppo_step_batch
 from transformers import AutoTokenizer
 
 from rlfleet.common.config import PPOConfig
@@ -94,17 +95,11 @@ def make_trainer(tiny_model_dir, tokenizer):
     return make
 
 
-def random_batch(size: int, seed: int = 0, vocab: int = 500, response_lengths=(1, 9)):
-    generator = np.random.default_rng(seed)
-    queries = [
-        torch.tensor(generator.integers(1, vocab, generator.integers(1, 7))) for _ in range(size)
-    ]
-    responses = [
-        torch.tensor(generator.integers(1, vocab, generator.integers(*response_lengths)))
-        for _ in range(size)
-    ]
-    scores = [torch.tensor(float(s)) for s in generator.standard_normal(size)]
-    return queries, responses, scores
+def random_batch(size: int, seed: int = 0, response_lengths: tuple[int, int] = (1, 9)):
+    """Queries of 1 to 6 tokens, responses of ``response_lengths``, ids below 500 (numpy)."""
+    return ppo_step_batch(
+        seed, size, rng="numpy", vocab=500, query_lengths=(1, 7), response_lengths=response_lengths
+    )
 
 
 def test_quickstart_runs_unchanged_but_for_the_import(tiny_model_dir, tmp_path):
