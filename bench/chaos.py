@@ -380,12 +380,14 @@ def main() -> None:
 
     import ray
 
+    from rlfleet.job.cluster import use_loopback_only
     from rlfleet.tasks.tiny_model import build_tiny_model
 
     scratch = Path(tempfile.mkdtemp(prefix="bench-chaos-"))
     os.environ["TMPDIR"] = str(scratch)  # short paths for the actors' sockets, as the test
     tempfile.tempdir = None
     model_dir = build_tiny_model(scratch / "tiny-model")
+    use_loopback_only()  # as a local job's Ray
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     reports = []
     try:

@@ -121,7 +121,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", message="KL divergence is starting to become negative")
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from s3_server import running_s3_server
+    from support.s3_server import running_s3_server
 
     with tempfile.TemporaryDirectory(prefix="bench-checkpoint-") as scratch:
         scratch_dir = Path(scratch)

@@ -302,12 +302,13 @@ class TrainingJob:
                         bar.n = self.iteration
                         bar.refresh()
                     self.train_remaining(bar)
+                    consumed = self.learner.consumed_rollout_ids()  # a death here restarts too
                     break
                 except ActorWaitError as error:
                     failure = error
         return JobResult(
             stats=self.report.stats_lines,
-            consumed_rollout_ids=self.learner.consumed_rollout_ids(),
+            consumed_rollout_ids=consumed,
             generator_restarts=self.generators.restarts,
             reward_restarts=self.rewards.restarts,
             learner_restarts=self.learner_restarts,

@@ -43,9 +43,13 @@ def arithmetic_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_local(tmp_path_factory: pytest.TempPathFactory):
-    """A real local Ray instance (4 logical CPUs on the 2-core machines) shared by the session."""
+    """A real local Ray instance (4 logical CPUs on the 2-core machines) shared by the session,
+    on loopback only, as a local job's."""
     import ray
 
+    from rlfleet.job.cluster import use_loopback_only
+
+    use_loopback_only()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -1,2 +1,2 @@
-"""Helpers the tests share: S3 and Prometheus servers, job configs, probes, spawned ranks,
-tracker files."""
+"""Helpers the tests share: S3 and Prometheus servers, job configs, rollout and trainer-step
+batches, probes, spawned ranks, tracker files."""
