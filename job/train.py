@@ -347,6 +347,11 @@ def stopped_by_signals() -> Iterator[Callable[[], None]]:
     try:
         yield install
         waits.raise_if_interrupted()
+    except SystemExit as exit_:
+        if exit_.code != signal.SIGTERM or stopped:
+            raise
+        # ray.init's own handler (sys.exit(15)), in place from its start until ``install``
+        raise JobStopped(signal.SIGTERM) from None
     finally:
         waits.interrupt(None)
         for signum, handler in previous.items():
