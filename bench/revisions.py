@@ -24,6 +24,7 @@ from side_by_side import ROOT, alternate, machine, median_ratio, run_side
 
 PYTHON = ROOT / ".venv" / "bin" / "python"
 FIGURES = ("median_step_s", "median_step_cpu_s", "median_step_peak_mib")
+"""The figures compared, those of them that the script reports (grpo_step.py: no memory)."""
 
 
 def export_revision(revision: str, directory: Path) -> Path:
@@ -36,6 +37,10 @@ def export_revision(revision: str, directory: Path) -> Path:
     ).stdout
     subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
     return tree
+
+
+def figures_of(result: dict[str, Any]) -> list[str]:
+    return [name for name in FIGURES if name in result]
 
 
 def main() -> int:
@@ -56,11 +61,11 @@ def main() -> int:
             return run_side(PYTHON, scripts[side], "rlfleet", args.steps, environments[side])
 
         def row(round_index: int, side: str, result: dict[str, Any]) -> str:
-            figures = " ".join(f"{result[name]:>20.3f}" for name in FIGURES)
+            figures = " ".join(f"{result[name]:>20.3f}" for name in figures_of(result))
             return f"{round_index:>5} {side:>5} {figures}"
 
         results = alternate(scripts, args.rounds, run, row)
-    for name in FIGURES:
+    for name in figures_of(results["this"][0]):
         ratio = median_ratio(results["this"], results["base"], name)
         print(f"median {name} ratio this/base: {ratio:.3f}")
     return 0
