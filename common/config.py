@@ -13,6 +13,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, Field, PositiveFloat, PositiveInt, model_validator
 
+from rlfleet.common.env_config import EnvConfig
 from rlfleet.common.trainer_configs import (
     REWARD_KL_COEF_DEFAULTS,
     STRICT_MODEL_CONFIG,
@@ -21,7 +22,13 @@ from rlfleet.common.trainer_configs import (
     PPOConfig,
 )
 
-__all__ = ["CriticFreeAlgorithm", "CriticFreeConfig", "PPOConfig", "REWARD_KL_COEF_DEFAULTS"]
+__all__ = [
+    "CriticFreeAlgorithm",
+    "CriticFreeConfig",
+    "EnvConfig",
+    "PPOConfig",
+    "REWARD_KL_COEF_DEFAULTS",
+]
 """Re-exported: a job's ``ppo`` and ``critic_free`` sections."""
 
 
@@ -372,6 +379,9 @@ class JobConfig(StrictModel):
     dataset: DatasetConfig
     generators: GeneratorConfig = Field(default_factory=GeneratorConfig)
     reward: RewardConfig
+    env: EnvConfig | None = None
+    """Multi-turn trajectories against an environment or tools (None: one completion per
+    prompt)."""
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     placement: Placement = "colocated"
     """Where generators run relative to the learner. colocated: they share its cores or GPUs

@@ -7,6 +7,16 @@ carries the dataset row's other fields as JSON (for example a reference answer) 
 functions can use them. ``score_components`` maps each named reward component to its raw score
 when the reward has components (``reward.components``; ``score`` is then their weighted sum),
 and is null otherwise.
+
+Multi-turn trajectories (an ``env:`` job, envs/) fill the agentic columns; single-turn rollouts
+leave them null. ``response_ids`` then holds every token after the prompt in order: the tokens
+the engine sampled and the tokens the environment's observations added between turns.
+``loss_mask`` marks each of them: 1 for a token the policy sampled (trained on), 0 for an
+observation token (context only; its ``response_logprobs`` entry is 0). ``turn_ends`` is the
+index in ``response_ids`` of the last sampled token of each turn, where that turn's
+``turn_rewards`` entry (the environment's reward for the turn, if any) is placed.
+``env_info`` is the environment's info of the last step as JSON, with rlfleet's counters
+(tool calls, tool errors, truncations).
 """
 
 from __future__ import annotations
@@ -31,6 +41,11 @@ ROLLOUT_SCHEMA = pa.schema(
         pa.field("metadata", pa.string()),
         pa.field("score", pa.float32()),
         pa.field("score_components", pa.map_(pa.string(), pa.float32())),
+        pa.field("loss_mask", pa.list_(pa.int8())),
+        pa.field("num_turns", pa.int32()),
+        pa.field("turn_ends", pa.list_(pa.int32())),
+        pa.field("turn_rewards", pa.list_(pa.float32())),
+        pa.field("env_info", pa.string()),
     ]
 )
 
