@@ -98,6 +98,9 @@ class SamplingOverride:
 
 
 class Engine(Protocol):
+    context: int
+    """The most tokens (prompt and completion) one sequence may hold."""
+
     def generate(self, prompt_ids: list[list[int]], params: SamplingSpec) -> list[Completion]: ...
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -141,3 +144,50 @@ def check_prompts(prompt_ids: Sequence[Sequence[int]], params: SamplingSpec, con
                 f"prompt {index} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} "
                 f"it exceeds the model's context of {context} tokens"
             )
+
+
+class RequestEngine(Protocol):
+    """Request-level generation, for the multi-turn loop (actors/rollout.py): a request joins
+    the running batch as soon as it is submitted and leaves it when done, so a trajectory's next
+    turn does not wait for the others' turns."""
+
+    def submit(self, key: str, prompt_ids: list[int], params: SamplingSpec) -> None:
+        """Start sampling one completion of ``prompt_ids`` (``params.seeds``: one seed or
+        None)."""
+
+    def poll(self) -> list[tuple[str, Completion]]:
+        """Advance the running requests (one engine step, or more) and return those that
+        finished, by key."""
+
+    def busy(self) -> bool:
+        """Whether any submitted request is unfinished."""
+
+
+class QueuedRequests:
+    """``RequestEngine`` over an engine that only generates whole batches (the plain
+    transformers engine): ``poll`` generates every request queued so far, one ``generate`` per
+    group of requests with the same settings."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._queue: list[tuple[str, list[int], SamplingSpec]] = []
+
+    def submit(self, key: str, prompt_ids: list[int], params: SamplingSpec) -> None:
+        self._queue.append((key, prompt_ids, params))
+
+    def poll(self) -> list[tuple[str, Completion]]:
+        queued, self._queue = self._queue, []
+        groups: dict[SamplingSpec, list[tuple[str, list[int], int | None]]] = {}
+        for key, ids, params in queued:
+            seed = params.seeds[0] if params.seeds else None
+            groups.setdefault(replace(params, seeds=None), []).append((key, ids, seed))
+        finished = []
+        for params, requests in groups.items():
+            seeds = [seed for _, _, seed in requests]
+            spec = params if None in seeds else replace(params, seeds=tuple(seeds))
+            completions = self._engine.generate([ids for _, ids, _ in requests], spec)
+            finished += [(key, c) for (key, _, _), c in zip(requests, completions, strict=True)]
+        return finished
+
+    def busy(self) -> bool:
+        return bool(self._queue)

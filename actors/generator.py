@@ -8,6 +8,7 @@ resources from the config: ``RemoteGenerator.options(**generator_options(config)
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from contextlib import closing
 from itertools import chain
@@ -16,8 +17,11 @@ from pathlib import Path
 import pyarrow as pa
 import ray
 
-from rlfleet.actors.engine import Engine, SamplingSpec
+from rlfleet.actors.engine import Engine, QueuedRequests, SamplingOverride, SamplingSpec
 from rlfleet.actors.metrics import GeneratorMetrics
+from rlfleet.actors.rollout import MultiTurnRollout, Trajectory
+from rlfleet.actors.trajectories import EnvSetup, trajectory_batch
+from rlfleet.actors.turns import TurnTokens
 from rlfleet.common.chat import stop_token_ids
 from rlfleet.common.config import GeneratorConfig, MetricsConfig, WeightSyncConfig
 from rlfleet.common.metrics import MetricsTarget
@@ -67,12 +71,14 @@ class GeneratorActor:
         metrics: MetricsConfig | None = None,
         weight_transport: WeightSyncConfig | str = DEFAULT_TRANSPORT,
         trust_remote_code: bool = False,
+        env: EnvSetup | None = None,
     ) -> None:
         """Load ``model_dir`` (policy version 0) into the engine ``config.engine`` names; serve
         this generator's Prometheus metrics as ``job_name`` unless ``metrics.enabled`` is off;
         receive new weights through ``weight_transport`` (the job's resolved ``weight_sync``,
         or a transport name; ``common/transport/``). The model directory's own code runs only
-        with ``trust_remote_code``.
+        with ``trust_remote_code``. With ``env`` (a multi-turn job) each rollout is a
+        trajectory against the environment actors (actors/rollout.py).
 
         Each rollout is sampled with its own seed derived from ``seed`` and its rollout id, so
         a rollout's sample is the same whichever generator draws it and in whatever batch: a
@@ -94,6 +100,8 @@ class GeneratorActor:
         )
         """A tensor-parallel vLLM engine's workers receive a collective sync themselves."""
         self._version = 0
+        self._env = env
+        self._turns = TurnTokens(self._tokenizer, env.tools) if env else None
         self._metrics = GeneratorMetrics.from_config(job_name, index, metrics or MetricsConfig())
 
     def ready(self) -> bool:
@@ -159,6 +167,8 @@ class GeneratorActor:
         """Fill the rollout columns of a ``common.schema.prompt_batch`` with sampled responses,
         sampled with this generator's settings or those the batch carries
         (``engine.SamplingOverride``: held-out evaluation's temperature and budget)."""
+        if self._env is not None and SamplingOverride.of(batch) is None:
+            return self._generate_trajectories(batch)
         prompt_ids = batch.column("prompt_ids").to_pylist()
         seeds = [rollout_seed(self._seed, rid) for rid in batch.column("rollout_id").to_pylist()]
         spec = SamplingSpec.from_config(self._config, seeds, self._stop_token_ids)
@@ -177,6 +187,30 @@ class GeneratorActor:
             finish_reason=[c.finish_reason for c in completions],
             policy_version=[self._version] * len(completions),
         )
+
+    def _generate_trajectories(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        """Multi-turn trajectories for the batch's prompts (``env``)."""
+        env = self._env
+        engine = self._engine if hasattr(self._engine, "submit") else QueuedRequests(self._engine)
+        spec = SamplingSpec.from_config(self._config, None, self._stop_token_ids)
+        loop = MultiTurnRollout(
+            engine, self._turns, env.actors, env.config, spec, self._engine.context
+        )
+        trajectories = [
+            Trajectory(rid, rollout_seed(self._seed, rid), json.loads(meta or "{}"), ids)
+            for rid, meta, ids in zip(
+                batch.column("rollout_id").to_pylist(),
+                batch.column("metadata").to_pylist(),
+                batch.column("prompt_ids").to_pylist(),
+                strict=True,
+            )
+        ]
+        started = time.perf_counter()
+        with self._metrics.busy():
+            loop.run(trajectories)
+        sampled = sum(sum(t.loss_mask) for t in trajectories)
+        self._metrics.record_generation(len(trajectories), sampled, time.perf_counter() - started)
+        return trajectory_batch(batch, trajectories, self._turns, self._version)
 
 
 RemoteGenerator = ray.remote(GeneratorActor)

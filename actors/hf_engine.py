@@ -56,6 +56,11 @@ class HFEngine:
         """Nothing to take back (see ``sleep``)."""
 
     @torch.inference_mode()
+    @property
+    def context(self) -> int:
+        """The most tokens (prompt and completion) one sequence may hold."""
+        return self._context
+
     def generate(self, prompt_ids: list[list[int]], params: SamplingSpec) -> list[Completion]:
         check_prompts(prompt_ids, params, self._context)
         if not prompt_ids:

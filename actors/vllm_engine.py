@@ -171,6 +171,13 @@ class VLLMEngine:
         if current_platform.is_cpu():
             self._llm.collective_rpc("rlfleet_rank_tokens_eagerly")
         self._context = self._llm.llm_engine.model_config.max_model_len
+        self._requests: set[str] = set()
+        """The keys of submitted, unfinished requests."""
+
+    @property
+    def context(self) -> int:
+        """The most tokens (prompt and completion) one sequence may hold."""
+        return self._context
 
     @property
     def receives_in_workers(self) -> bool:
@@ -191,6 +198,31 @@ class VLLMEngine:
             prompts, self._sampling_params(params, len(prompts)), use_tqdm=False
         )
         return [_completion(output.outputs[0]) for output in outputs]
+
+    def submit(self, key: str, prompt_ids: list[int], params: SamplingSpec) -> None:
+        """Adds one request to the running batch (``RequestEngine``; ``params.seeds``: one seed
+        or None); ``poll`` steps the engine."""
+        from vllm.inputs import TokensPrompt
+
+        self._check_awake("submit")
+        check_prompts([prompt_ids], params, self._context)
+        sampling = self._sampling_params(params, 1)
+        sampling = sampling[0] if isinstance(sampling, list) else sampling
+        engine = self._llm.llm_engine
+        engine.add_request(key, TokensPrompt(prompt_token_ids=list(prompt_ids)), sampling)
+        self._requests.add(key)
+
+    def poll(self) -> list[tuple[str, Completion]]:
+        """One engine step; the requests it finished."""
+        finished = []
+        for output in self._llm.llm_engine.step():
+            if output.finished:  # outputs carry the caller's request id
+                self._requests.discard(output.request_id)
+                finished.append((output.request_id, _completion(output.outputs[0])))
+        return finished
+
+    def busy(self) -> bool:
+        return bool(self._requests)
 
     @staticmethod
     def _sampling_params(spec: SamplingSpec, n: int):
