@@ -196,14 +196,15 @@ class GeneratorActor:
         loop = MultiTurnRollout(
             engine, self._turns, env.actors, env.config, spec, self._engine.context
         )
+        columns = batch.select(["rollout_id", "prompt", "metadata", "prompt_ids"]).to_pydict()
         trajectories = [
-            Trajectory(rid, rollout_seed(self._seed, rid), json.loads(meta or "{}"), ids)
-            for rid, meta, ids in zip(
-                batch.column("rollout_id").to_pylist(),
-                batch.column("metadata").to_pylist(),
-                batch.column("prompt_ids").to_pylist(),
-                strict=True,
+            Trajectory(
+                rid,
+                rollout_seed(self._seed, rid),
+                {"prompt": text, **json.loads(meta or "{}")},
+                ids,
             )
+            for rid, text, meta, ids in zip(*columns.values(), strict=True)
         ]
         started = time.perf_counter()
         with self._metrics.busy():

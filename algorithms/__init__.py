@@ -2,8 +2,10 @@
 ``core_algos.py``).
 
 Tensors are ``[batch, time]`` over response tokens, with a ``mask`` that is 1 on the tokens that
-count; callers zero their inputs where the mask is 0. Each kind of piece has one signature and a
-:class:`~rlfleet.algorithms.registry.Registry`:
+count; callers zero their inputs where the mask is 0. A multi-turn response's mask has holes (its
+environment tokens): the estimators that run along time (``masked_gae``, ``reinforce_pp``) skip
+them as veRL 0.9.1 does; the losses, aggregations and statistics count mask-1 tokens only.
+Each kind of piece has one signature and a :class:`~rlfleet.algorithms.registry.Registry`:
 
 - advantage estimators, :data:`~rlfleet.algorithms.advantages.ADVANTAGE_ESTIMATORS`:
   ``(rewards, mask, values, group_ids, config) -> (advantages, returns)``;

@@ -91,6 +91,37 @@ def gae(
     return advantages, returns
 
 
+@register_advantage_estimator("masked_gae")
+def masked_gae(
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    values: torch.Tensor | None,
+    group_ids: torch.Tensor | None,
+    config: AdvantageConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE over the mask-1 tokens only, veRL 0.9.1's ``compute_gae_advantage_return`` (before
+    its whitening): a mask-0 token (an environment observation inside a multi-turn response)
+    passes ``V_{t+1}`` and the running advantage through unchanged, so a turn's last sampled token
+    bootstraps from the value of the next turn's first sampled token. Its reward and value are
+    never read; on a mask-0 token the advantage is the one carried through it. On a mask without
+    holes this is :func:`gae` on every mask-1 token."""
+    if values is None:
+        raise ValueError("the masked_gae advantage estimator needs the critic's values")
+    gamma, lam = config.gamma, config.lam
+    next_values = torch.zeros_like(values[:, 0])
+    last_advantage = torch.zeros_like(values[:, 0])
+    advantages_reversed = []
+    for t in reversed(range(rewards.shape[-1])):
+        sampled = mask[:, t].bool()
+        delta = rewards[:, t] + gamma * next_values - values[:, t]
+        advantage = delta + gamma * lam * last_advantage
+        next_values = torch.where(sampled, values[:, t], next_values)
+        last_advantage = torch.where(sampled, advantage, last_advantage)
+        advantages_reversed.append(last_advantage)
+    advantages = torch.stack(advantages_reversed[::-1], dim=1)
+    return advantages, advantages + values
+
+
 def outcome_advantages_over_tokens(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """One advantage per sample ``[batch]`` on each of its response tokens ``[batch, time]``."""
     return advantages.unsqueeze(-1) * mask

@@ -110,6 +110,46 @@ minibatch's, so that the parts (over micro-batches and ranks) sum to the minibat
 MICRO_BATCH_SHARES.register("token-mean")(token_share)
 
 
+def present_rows(mask: torch.Tensor) -> torch.Tensor:
+    """1 for each row with any mask-1 token, 0 for a row the mask hides entirely, ``[rows]``."""
+    return (mask.sum(-1) > 0).float()
+
+
+def present_row_share(micro_mask: torch.Tensor, minibatch_mask: torch.Tensor) -> float:
+    """A mean over the rows with any token: the micro-batch's such rows over the minibatch's."""
+    return float(present_rows(micro_mask).sum()) / max(float(present_rows(minibatch_mask).sum()), 1)
+
+
+@register_loss_aggregation("seq-mean-token-sum")
+def sequence_mean_of_token_sums(losses: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """veRL 0.9.1's ``seq-mean-token-sum``: each row's sum over its mask-1 tokens, averaged over
+    the rows that have any (a row the mask hides entirely counts in neither sum nor count)."""
+    present = present_rows(mask)
+    return ((losses * mask).sum(-1) * present).sum() / present.sum()
+
+
+@register_loss_aggregation("seq-mean-token-sum-norm")
+def sequence_mean_of_token_sums_over_width(
+    losses: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """veRL 0.9.1's ``seq-mean-token-sum-norm`` (Dr. GRPO) with its default scale: the
+    ``seq-mean-token-sum`` over the padded width, a constant of the batch."""
+    return sequence_mean_of_token_sums(losses, mask) / mask.shape[-1]
+
+
+@register_loss_aggregation("seq-mean-token-mean")
+def sequence_mean_of_token_means(losses: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """veRL 0.9.1's ``seq-mean-token-mean``: each row's mean over its mask-1 tokens, averaged over
+    the rows that have any (its ``+ 1e-8`` in the row's count kept, for the same rounding)."""
+    counts = mask.sum(-1)
+    present = present_rows(mask)
+    return ((losses * mask).sum(-1) / (counts + 1e-8) * present).sum() / present.sum()
+
+
+for _name in ("seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean"):
+    MICRO_BATCH_SHARES.register(_name)(present_row_share)
+
+
 @register_policy_loss("clipped")
 def clipped_policy_loss(
     logprobs: torch.Tensor,

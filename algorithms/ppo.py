@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from rlfleet.algorithms.advantages import AdvantageConfig, gae
+from rlfleet.algorithms.advantages import AdvantageConfig, AdvantageEstimator, gae
 from rlfleet.algorithms.losses import POLICY_LOSSES, VALUE_LOSSES, LossConfig
 from rlfleet.algorithms.masked import masked_mean, masked_var, masked_whiten
 
@@ -28,10 +28,13 @@ def ppo_advantages(
     mask: torch.Tensor,
     config: AdvantageConfig,
     whiten_rewards: bool = False,
+    estimator: AdvantageEstimator = gae,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GAE on the masked rewards (whitened first if asked) and values, advantages whitened.
 
-    Returns ``(masked values, advantages, returns)``.
+    ``estimator``: TRL's :func:`~rlfleet.algorithms.advantages.gae` over every position (holes
+    in ``mask`` hold zeros), or ``masked_gae``, which skips the mask-0 tokens as veRL does with
+    multi-turn loss masks. Returns ``(masked values, advantages, returns)``.
     """
     values = values * mask
     rewards = rewards * mask
@@ -39,7 +42,7 @@ def ppo_advantages(
         # Re-masked: v0.11.4 left (0 - mean) * scale + mean on padding after each response,
         # which GAE then carried into the response, an amount that depended on the padding.
         rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
-    advantages, returns = gae(rewards, mask, values=values, group_ids=None, config=config)
+    advantages, returns = estimator(rewards, mask, values, None, config)
     return values, masked_whiten(advantages, mask), returns
 
 

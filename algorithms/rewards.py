@@ -74,9 +74,15 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
 
 
 def per_token_rewards(
-    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float
+    scores: torch.Tensor,
+    kl: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+    token_rewards: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rewards ``r_t = -beta * KL_t`` plus the score on each response's last token.
+    """Rewards ``r_t = -beta * KL_t`` plus the score on each response's last mask-1 token, plus
+    ``token_rewards`` ``[batch, time]`` where given (a multi-turn environment's reward for each
+    turn, on the turn's last sampled token), so ``rewards.sum(-1)`` is the whole return.
 
     Returns ``(rewards, non_score_rewards)``, both ``[batch, time]``.
     """
@@ -84,4 +90,6 @@ def per_token_rewards(
     rewards = non_score_rewards.clone()
     rows = torch.arange(rewards.shape[0], device=rewards.device)
     rewards[rows, last_token_index(mask)] += scores.to(rewards.dtype)
+    if token_rewards is not None:
+        rewards = rewards + token_rewards.to(rewards.dtype)
     return rewards, non_score_rewards

@@ -62,9 +62,14 @@ def check_chat_template(tokenizer: Any, model_dir: str | Path, field: str) -> No
         )
 
 
-def render_chat(tokenizer: Any, messages: list[Message]) -> str:
-    """The conversation as the prompt text, the assistant's turn opened."""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def render_chat(
+    tokenizer: Any, messages: list[Message], tools: list[dict[str, Any]] | None = None
+) -> str:
+    """The conversation as the prompt text, the assistant's turn opened; ``tools``: the JSON
+    schemas of the tools the model may call (a multi-turn job's ``env.tools``)."""
+    return tokenizer.apply_chat_template(
+        messages, tools=tools, tokenize=False, add_generation_prompt=True
+    )
 
 
 def stop_token_ids(model_dir: str | Path, tokenizer: Any = None) -> tuple[int, ...]:

@@ -538,16 +538,25 @@ class JobConfig(StrictModel):
                 "set placement: disaggregated"
             )
 
+    @property
+    def response_budget(self) -> tuple[str, int]:
+        """The most tokens after a prompt, and the key that sets it: ``env.max_total_tokens``
+        for a multi-turn job (sampled and observation tokens), else
+        ``generators.max_new_tokens``."""
+        if self.env is not None:
+            return "env.max_total_tokens", self.env.max_total_tokens
+        return "generators.max_new_tokens", self.generators.max_new_tokens
+
     def _check_completion_length(self, critic_free: CriticFreeConfig) -> None:
         """``critic_free.max_completion_length`` is the generation limit, as in TRL's GRPO:
-        ``generators.max_new_tokens`` unless given, and never below it (the trainer refuses a
-        longer response)."""
-        max_new_tokens = self.generators.max_new_tokens
+        the response budget (``response_budget``) unless given, and never below it (the
+        trainer refuses a longer response)."""
+        key, budget = self.response_budget
         if "max_completion_length" not in critic_free.model_fields_set:
-            critic_free.max_completion_length = max_new_tokens
-        elif (critic_free.max_completion_length or max_new_tokens) < max_new_tokens:
+            critic_free.max_completion_length = budget
+        elif (critic_free.max_completion_length or budget) < budget:
             raise ValueError(
                 f"critic_free.max_completion_length ({critic_free.max_completion_length}) is below "
-                f"generators.max_new_tokens ({max_new_tokens}): the learner would refuse the "
-                "longer responses; raise it or leave it unset (it defaults to max_new_tokens)"
+                f"{key} ({budget}): the learner would refuse the longer responses; raise it or "
+                "leave it unset (it defaults to that budget)"
             )

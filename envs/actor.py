@@ -69,6 +69,11 @@ class EnvActor:
     def ready(self) -> bool:
         return True
 
+    def metrics_target(self) -> None:
+        """Environment actors serve no metrics of their own: their trajectories' numbers reach
+        Prometheus through the driver (job/metrics.py ``EnvMetrics``)."""
+        return None
+
     def pid(self) -> int:
         """This actor's process id (tests kill it)."""
         return os.getpid()
@@ -102,16 +107,19 @@ class EnvActor:
         if reply.error is None and not reply.timed_out:
             reply = self._step_reply(trajectory, turn, reply)
         if reply.done or reply.error or reply.timed_out:
-            self.close(trajectory)
+            await self.close(trajectory)
         return reply
 
-    def close(self, trajectory: int) -> None:
-        """Drops ``trajectory``'s environment (calling its ``close()`` if it has one)."""
+    async def close(self, trajectory: int) -> None:
+        """Drops ``trajectory``'s environment (calling its ``close()`` if it has one, awaited
+        when it is ``async``)."""
         env = self._envs.pop(trajectory, None)
         closer = getattr(env, "close", None)
         if callable(closer):
             try:
-                closer()
+                result = closer()
+                if inspect.isawaitable(result):
+                    await result
             except Exception:  # noqa: BLE001 - a failing close loses nothing the job needs
                 pass
 
@@ -134,9 +142,10 @@ class EnvActor:
         return EnvReply(info={"_result": result}, seconds=time.perf_counter() - started)
 
     async def _run(self, method: Any, *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(self._threads)  # tools run plain methods in asyncio's pool
         if inspect.iscoroutinefunction(method):
             return await method(*args)
-        loop = asyncio.get_running_loop()
         result = await loop.run_in_executor(self._threads, method, *args)
         return await result if inspect.isawaitable(result) else result
 

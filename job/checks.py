@@ -51,6 +51,7 @@ def check_config(config: JobConfig) -> None:
     for key, source in reward_sources(config):
         check_reward_source(key, source, config.reward.timeout_s)
     check_eval(config)
+    check_env(config)
     if config.checkpoint.uri is not None:
         check_checkpoint_writable(config.checkpoint)
     check_writable_dir("output_dir", config.output_dir)
@@ -343,6 +344,38 @@ def check_budget_fits_context(key: str, max_new_tokens: int, config: JobConfig) 
             f"{key}: {max_new_tokens} leaves no room for a prompt in the model's context of "
             f"{context} tokens; set it to at most {context - 1}"
         )
+
+
+def check_env(config: JobConfig) -> None:
+    """A multi-turn job's environment (``env:``): importable, with the methods it needs, tools
+    whose schemas serialize, a known tool parser, a constructor that takes ``env.kwargs``, and
+    a chat template that renders the tools (envs/loading.py); and a total token budget that
+    fits the context."""
+    if config.env is None:
+        return
+    from rlfleet.envs.loading import (
+        EnvConfigError,
+        check_environment,
+        check_template_supports_tools,
+    )
+
+    check_budget_fits_context("env.max_total_tokens", config.env.max_total_tokens, config)
+    if config.env.tools is not None and config.dataset.messages_field is None:
+        raise ConfigError(
+            "env.tools: tools reach the model through the chat template, but the dataset's "
+            "prompts are text; set dataset.messages_field to the rows' conversations"
+        )
+    try:
+        schemas = check_environment(config.env)
+        if schemas is not None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(
+                config.model, trust_remote_code=config.trust_remote_code
+            )
+            check_template_supports_tools(tokenizer, config.model, schemas)
+    except EnvConfigError as error:
+        raise ConfigError(str(error)) from None
 
 
 def check_eval(config: JobConfig) -> None:

@@ -29,6 +29,7 @@ from rlfleet.common.chat import (
 from rlfleet.common.config import JobConfig
 from rlfleet.common.errors import one_line
 from rlfleet.common.schema import prompt_batch
+from rlfleet.envs.loading import tool_schemas_of
 from rlfleet.job.checks import (
     ConfigError,
     check_config,
@@ -205,8 +206,9 @@ def load_tokenizer(config: JobConfig):
 
 
 def max_prompt_tokens(config: JobConfig) -> int:
-    """The longest prompt that leaves room for ``generators.max_new_tokens`` in the context."""
-    return context_length(config.model) - config.generators.max_new_tokens
+    """The longest prompt that leaves room for the response (``generators.max_new_tokens``, or
+    a multi-turn job's ``env.max_total_tokens``) in the context."""
+    return context_length(config.model) - config.response_budget[1]
 
 
 class PromptRenderer:
@@ -241,10 +243,11 @@ class PromptRenderer:
             check_chat_template(tokenizer, config.model, dataset.messages_field)
         except ChatFormatError as exc:
             raise ConfigError(str(exc)) from exc
+        tools = tool_schemas_of(config.env)
         return cls(
             dataset.messages_field,
             lambda text: tokenizer.encode(text, add_special_tokens=False),
-            lambda messages: render_chat(tokenizer, messages),
+            lambda messages: render_chat(tokenizer, messages, tools),
             dataset.system_prompt,
         )
 

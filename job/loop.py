@@ -60,7 +60,7 @@ from rlfleet.job.roles import (
     reward_deadline,
     start_timeout_s,
 )
-from rlfleet.job.rollout_stats import reward_stats
+from rlfleet.job.rollout_stats import TrajectorySummary, reward_stats
 from rlfleet.job.sync import WeightSync, needs_sync
 from rlfleet.learner.rank_group import ActorWaitError, LearnerGroup, wait_all
 
@@ -197,6 +197,7 @@ class TrainingJob:
         config, factories = self.config, self.factories
         self.evaluation = Evaluation.from_config(config)
         self.metrics_targets = MetricsTargets(config)
+        self.envs = self.start_envs()
         self.generators = ActorPool(
             "generator",
             factories.generator,
@@ -220,6 +221,18 @@ class TrainingJob:
         except BaseException:
             self._kill_pools()
             raise
+
+    def start_envs(self) -> ActorPool | None:
+        """A multi-turn job's environment actors, before the generators (which are given
+        them); Ray restarts one that dies (envs/actor.py), so the pool only starts them."""
+        if self.config.env is None or self.factories.env is None:
+            return None
+        return ActorPool(
+            "env",
+            self.factories.env,
+            self.config.env.num_actors,
+            start_timeout_s=start_timeout_s(self.config),
+        )
 
     def start_eval_rewards(self) -> ActorPool | None:
         """Eval's own reward actors (``eval.reward``), after the job's in the metrics' actor
@@ -265,7 +278,11 @@ class TrainingJob:
                 died = isinstance(failure.__cause__, ray.exceptions.RayActorError)
                 if failure.learner_failed:
                     self.with_learner_restarts(lambda: None, failure)
-                elif died and failure.actors[0] in members:
+                elif (
+                    died
+                    and failure.actors[0] in members
+                    and members[failure.actors[0]][0] is not self.envs
+                ):
                     pool, index, _ = members.pop(failure.actors[0])
                     pool.replace(index, failure.start_error)
                     self.metrics.record_actor_restart(
@@ -445,6 +462,9 @@ class TrainingJob:
     ) -> None:
         tokens = sum(len(ids) for ids in scored.column("response_ids").to_pylist())
         self.metrics.record_iteration(scored.num_rows, tokens, seconds)
+        trajectories = TrajectorySummary.of(scored)
+        if trajectories is not None:
+            self.metrics.record_trajectories(trajectories)
         self.metrics.record_prompts(prompt_count(scored))
         self.metrics.set_inflight_rollouts(in_flight.batch.num_rows if in_flight else 0)
 
@@ -459,6 +479,7 @@ class TrainingJob:
             "rollout_ids": [min(ids), max(ids)],
             "sampled_with_versions": sorted(set(versions)),
             **reward_stats(scored),
+            **(summary.stats() if (summary := TrajectorySummary.of(scored)) else {}),
             "generator_restarts": self.generators.restarts,
             "reward_restarts": self.rewards.restarts,
             "learner_restarts": self.learner_restarts,
@@ -572,7 +593,8 @@ class TrainingJob:
         self.report.close()
 
     def _pools(self) -> list[ActorPool]:
-        return [self.generators, self.rewards, *([self.eval_rewards] if self.eval_rewards else [])]
+        optional = [pool for pool in (self.eval_rewards, self.envs) if pool is not None]
+        return [self.generators, self.rewards, *optional]
 
     def _kill_pools(self) -> None:
         for pool in self._pools():

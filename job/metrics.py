@@ -29,6 +29,7 @@ from rlfleet.common.metrics import (
     write_file_sd,
 )
 from rlfleet.common.processes import owner_tag
+from rlfleet.job.rollout_stats import COUNTED, FINISH_REASONS, TrajectorySummary
 from rlfleet.learner.metrics import LearnerMetrics
 from rlfleet.reward.metrics import RewardMetrics
 
@@ -107,6 +108,7 @@ class JobMetrics(MetricSet):
         }
         for gauge in self._eval.values():
             gauge.set(float("nan"))
+        self._env = EnvMetrics(self)
         self._eval_components = Gauge(
             "rlfleet_job_eval_reward_component_mean",
             "Mean of each reward component in the latest held-out evaluation.",
@@ -152,6 +154,11 @@ class JobMetrics(MetricSet):
         check_non_negative("seconds", seconds)
         self._checkpoint.observe(seconds)
 
+    def record_trajectories(self, summary: TrajectorySummary) -> None:
+        """A multi-turn iteration's trajectories: turns, environment latency, tool calls and
+        errors, how they ended, the share of observation tokens."""
+        self._env.record(summary)
+
     def record_eval(self, iteration: int, stats: Mapping[str, float]) -> None:
         """The held-out evaluation after ``iteration``: its ``eval/*`` stats (those of
         ``EVAL_GAUGES`` and each ``eval/reward/<component>_mean``; others are left out)."""
@@ -163,6 +170,80 @@ class JobMetrics(MetricSet):
             elif key.startswith(EVAL_COMPONENT_PREFIX) and key.endswith("_mean"):
                 component = key.removeprefix(EVAL_COMPONENT_PREFIX).removesuffix("_mean")
                 self._eval_components.labels(**self.labels, component=component).set(value)
+
+
+class EnvMetrics:
+    """A multi-turn job's trajectory metrics, served by the driver (``JobMetrics``)."""
+
+    def __init__(self, owner: JobMetrics) -> None:
+        labels, registry = ROLE_LABELS, owner.registry
+        self._labels = owner.labels
+        self.turns = Histogram(
+            "rlfleet_job_env_turns",
+            "Model turns per trajectory.",
+            labels,
+            registry=registry,
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32),
+        )
+        self.step_seconds = Histogram(
+            "rlfleet_job_env_step_seconds",
+            "Seconds per environment reset or step.",
+            labels,
+            registry=registry,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.tool_calls = Counter(
+            "rlfleet_job_env_tool_calls_total",
+            "Tool calls, per tool.",
+            (*labels, "tool"),
+            registry=registry,
+        )
+        self.tool_errors = Counter(
+            "rlfleet_job_env_tool_errors_total",
+            "Tool calls that failed (bad arguments, the tool raised), per tool.",
+            (*labels, "tool"),
+            registry=registry,
+        )
+        self.finished = Counter(
+            "rlfleet_job_env_trajectories_total",
+            "Trajectories trained on, per finish reason (stop, length: cut by the token budget, "
+            "max_turns, env_timeout, env_error).",
+            (*labels, "finish_reason"),
+            registry=registry,
+        )
+        self.events = Counter(
+            "rlfleet_job_env_events_total",
+            "Malformed tool calls, truncated observations, template re-render mismatches and "
+            "trajectory restarts (a dead environment actor).",
+            (*labels, "event"),
+            registry=registry,
+        )
+        self.masked = Gauge(
+            "rlfleet_job_env_masked_token_fraction",
+            "Share of the latest iteration's response tokens that are observations (loss mask 0).",
+            labels,
+            registry=registry,
+        )
+        for reason in FINISH_REASONS:
+            self.finished.labels(**self._labels, finish_reason=reason)
+        for event in COUNTED:
+            self.events.labels(**self._labels, event=event)
+
+    def record(self, summary: TrajectorySummary) -> None:
+        labels = self._labels
+        for turns in summary.turns:
+            self.turns.labels(**labels).observe(turns)
+        for seconds in summary.step_seconds:
+            self.step_seconds.labels(**labels).observe(seconds)
+        for tool, n in summary.tool_calls.items():
+            self.tool_calls.labels(**labels, tool=tool).inc(n)
+        for tool, n in summary.tool_errors.items():
+            self.tool_errors.labels(**labels, tool=tool).inc(n)
+        for reason, n in summary.finish_reasons.items():
+            self.finished.labels(**labels, finish_reason=reason).inc(n)
+        for event, n in summary.counters.items():
+            self.events.labels(**labels, event=event).inc(n)
+        self.masked.labels(**labels).set(summary.masked_tokens / max(summary.tokens, 1))
 
 
 METRIC_SETS: tuple[type[MetricSet], ...] = (

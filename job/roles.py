@@ -51,6 +51,8 @@ class ActorFactories:
     generator: Callable[[int], Any]
     reward: Callable[[int], Any]
     eval_reward: Callable[[int], Any] | None = None
+    env: Callable[[int], Any] | None = None
+    """Starts environment actor ``index`` of a multi-turn job (None: no ``env:``)."""
 
     @classmethod
     def from_config(cls, config: JobConfig, weight_sync: WeightSyncConfig) -> ActorFactories:
@@ -64,6 +66,7 @@ class ActorFactories:
             learner=layout.start_learner,
             generator=layout.start_generator,
             reward=reward_factory(config, config.reward),
+            env=layout.start_env if config.env else None,
             eval_reward=(
                 reward_factory(config, eval_reward, first_index=config.reward.num_actors)
                 if eval_reward
@@ -169,6 +172,9 @@ class Layout:
         self.config = config
         self.weight_sync = weight_sync
         self._placement: Any = None
+        self.env_actors: list[Any] = []
+        """The environment actors started so far, which every generator is given (Ray restarts
+        a dead one behind the same handle)."""
 
     @property
     def placement(self) -> Any:
@@ -220,7 +226,30 @@ class Layout:
             config.metrics,
             self.weight_sync,
             trust_remote_code=config.trust_remote_code,
+            env=self.env_setup(),
         )
+
+    def start_env(self, index: int) -> Any:
+        """Environment actor ``index`` (started before the generators, which are given it)."""
+        from rlfleet.envs.actor import EnvActor, env_actor_options
+
+        actor = (
+            ray.remote(EnvActor)
+            .options(**env_actor_options(self.config.env))
+            .remote(index, self.config.env)
+        )
+        del self.env_actors[index:]
+        self.env_actors.append(actor)
+        return actor
+
+    def env_setup(self) -> Any:
+        """What a generator of a multi-turn job runs its trajectories with (None: no ``env:``)."""
+        if self.config.env is None:
+            return None
+        from rlfleet.actors.trajectories import EnvSetup
+        from rlfleet.envs.loading import tool_schemas_of
+
+        return EnvSetup(self.config.env, list(self.env_actors), tool_schemas_of(self.config.env))
 
 
 def placement_removed(placement: Any) -> bool:

@@ -1,8 +1,12 @@
-"""The reward statistics of a scored rollout batch: the same math for the training iteration's
-stats line (``reward_mean`` ...) and for held-out evaluation's (``eval/reward_mean`` ...)."""
+"""The statistics of a scored rollout batch: its rewards, the same math for the training
+iteration's stats line (``reward_mean`` ...) and for held-out evaluation's
+(``eval/reward_mean`` ...); and a multi-turn batch's trajectories (``env/*``)."""
 
 from __future__ import annotations
 
+import json
+from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,3 +33,65 @@ def reward_stats(batch: pa.RecordBatch) -> dict[str, Any]:
         **component_means(batch),
         "response_length_mean": float(np.mean(lengths)),
     }
+
+
+FINISH_REASONS = ("stop", "length", "max_turns", "env_timeout", "env_error")
+"""How a multi-turn trajectory ends (actors/rollout.py)."""
+
+
+@dataclass
+class TrajectorySummary:
+    """A multi-turn batch's trajectories in numbers (``of``: None for a single-turn batch):
+    stats.jsonl's ``env/*`` keys (``stats``) and the driver's Prometheus metrics."""
+
+    turns: list[int]
+    step_seconds: list[float]
+    tool_calls: Counter
+    tool_errors: Counter
+    finish_reasons: Counter
+    counters: Counter
+    """``malformed_tool_calls``, ``truncated_observations``, ``rerender_mismatches``,
+    ``restarts`` summed over the trajectories."""
+    masked_tokens: int
+    tokens: int
+    turn_rewards: list[float]
+
+    @classmethod
+    def of(cls, batch: pa.RecordBatch) -> TrajectorySummary | None:
+        if batch.column("loss_mask").null_count == batch.num_rows:
+            return None
+        summary = cls([], [], Counter(), Counter(), Counter(), Counter(), 0, 0, [])
+        columns = batch.select(["num_turns", "env_info", "finish_reason", "loss_mask"])
+        rewards = batch.column("turn_rewards").to_pylist()
+        for row, turn_rewards in zip(columns.to_pylist(), rewards, strict=True):
+            info = json.loads(row["env_info"] or "{}")
+            summary.turns.append(row["num_turns"] or 0)
+            summary.step_seconds += info.get("step_seconds", [])
+            summary.tool_calls.update(info.get("tool_calls", {}))
+            summary.tool_errors.update(info.get("tool_errors", {}))
+            summary.finish_reasons[row["finish_reason"]] += 1
+            for key in COUNTED:
+                summary.counters[key] += int(info.get(key, 0))
+            mask = row["loss_mask"] or []
+            summary.masked_tokens += len(mask) - sum(mask)
+            summary.tokens += len(mask)
+            summary.turn_rewards.append(float(sum(turn_rewards or [])))
+        return summary
+
+    def stats(self) -> dict[str, float]:
+        steps = self.step_seconds or [0.0]
+        return {
+            "env/turns_mean": float(np.mean(self.turns)),
+            "env/turns_p95": float(np.percentile(self.turns, 95)),
+            "env/step_seconds_mean": float(np.mean(steps)),
+            "env/step_seconds_p95": float(np.percentile(steps, 95)),
+            "env/return_mean": float(np.mean(self.turn_rewards)),
+            "env/masked_token_fraction": self.masked_tokens / max(self.tokens, 1),
+            **{f"env/finished_{reason}": self.finish_reasons[reason] for reason in FINISH_REASONS},
+            **{f"env/{key}": self.counters[key] for key in COUNTED},
+            **{f"env/tool_calls/{tool}": n for tool, n in sorted(self.tool_calls.items())},
+            **{f"env/tool_errors/{tool}": n for tool, n in sorted(self.tool_errors.items())},
+        }
+
+
+COUNTED = ("malformed_tool_calls", "truncated_observations", "rerender_mismatches", "restarts")

@@ -46,6 +46,66 @@ def rollout_tensors(
     return queries, responses, scores
 
 
+def multi_turn_inputs(batch: pa.RecordBatch) -> dict[str, list[torch.Tensor]]:
+    """A multi-turn batch's ``loss_masks`` and, when any turn reward is non-zero,
+    ``token_rewards`` (each rollout's ``turn_rewards`` at its ``turn_ends``) as a trainer's
+    ``step`` takes them; nothing for a single-turn batch (every ``loss_mask`` null). A null row
+    in a multi-turn batch is all ones. One line naming the rollout on a mismatch."""
+    columns = batch.select(["rollout_id", "response_ids", "loss_mask", "turn_ends", "turn_rewards"])
+    rows = columns.to_pylist()
+    if all(row["loss_mask"] is None for row in rows):
+        return {}
+    loss_masks, token_rewards = [], []
+    for row in rows:
+        mask = checked_loss_mask(row)
+        loss_masks.append(torch.tensor(mask, dtype=torch.long))
+        token_rewards.append(placed_turn_rewards(row, mask))
+    inputs = {"loss_masks": loss_masks}
+    if any(bool(rewards.any()) for rewards in token_rewards):
+        inputs["token_rewards"] = token_rewards
+    return inputs
+
+
+def checked_loss_mask(row: dict[str, Any]) -> list[int]:
+    """The rollout's loss mask (all ones when null): one 0 or 1 per response token, some 1."""
+    rollout_id, length = row["rollout_id"], len(row["response_ids"] or [])
+    mask = row["loss_mask"]
+    if mask is None:
+        return [1] * length
+    if len(mask) != length:
+        raise ValueError(f"rollout {rollout_id}: {len(mask)} loss_mask entries for {length} tokens")
+    if any(value not in (0, 1) for value in mask) or 1 not in mask:
+        raise ValueError(f"rollout {rollout_id}: loss_mask must hold 0s and 1s, at least one 1")
+    return mask
+
+
+def placed_turn_rewards(row: dict[str, Any], mask: list[int]) -> torch.Tensor:
+    """The rollout's turn rewards on a response-long float32 vector, each at its turn's end (a
+    token of the policy's), 0 elsewhere."""
+    rollout_id, ends, rewards = row["rollout_id"], row["turn_ends"], row["turn_rewards"]
+    placed = torch.zeros(len(mask), dtype=torch.float32)
+    if rewards is None:
+        return placed
+    if ends is None or len(ends) != len(rewards):
+        count = "no" if ends is None else len(ends)
+        raise ValueError(f"rollout {rollout_id}: {len(rewards)} turn_rewards for {count} turn_ends")
+    for end, reward in zip(ends, rewards, strict=True):
+        if not 0 <= end < len(mask) or mask[end] != 1:
+            raise ValueError(
+                f"rollout {rollout_id}: turn end {end} is not a sampled token (loss_mask 1) of "
+                f"its {len(mask)} response tokens"
+            )
+        if reward is None or not math.isfinite(reward):
+            raise ValueError(f"rollout {rollout_id}: turn reward {reward!r} is not finite")
+        placed[end] += reward
+    return placed
+
+
+def loss_masks_of(batch: pa.RecordBatch) -> list[list[int] | None]:
+    """Each rollout's loss mask, None for a single-turn one (every token counts)."""
+    return batch.column("loss_mask").to_pylist()
+
+
 def generator_logprobs(batch: pa.RecordBatch) -> list[torch.Tensor]:
     """Each rollout's per-token logprobs from the generator that sampled it (the behaviour
     policy), as float32 tensors."""
@@ -75,21 +135,30 @@ def grouped(batch: pa.RecordBatch) -> pa.RecordBatch:
 def generator_mismatch_stats(batch: pa.RecordBatch, old_logprobs: np.ndarray) -> dict[str, float]:
     """How the generators' rollouts compare with the learner.
 
-    ``rollout/logprob_diff_mean``: the mean over response tokens of |learner's old-policy logprob
-    - generator's logprob| (``old_logprobs``: ``[batch, max response length]`` in batch order,
-    PPO's ``objective/logprobs``); near zero when both hold the same weights, it grows with
-    policy lag and with any mismatch between the engine and the learner.
+    ``rollout/logprob_diff_mean``: the mean over the sampled response tokens (mask-1 ones of a
+    multi-turn rollout) of |learner's old-policy logprob - generator's logprob|
+    (``old_logprobs``: ``[batch, max response length]`` in batch order, PPO's
+    ``objective/logprobs``); near zero when both hold the same weights, it grows with policy lag
+    and with any mismatch between the engine and the learner.
     ``rollout/truncated_fraction``: the fraction of rollouts that ``max_new_tokens`` cut off.
     """
     generator = batch.column("response_logprobs").to_pylist()
     old = np.asarray(old_logprobs, dtype=np.float64).reshape(len(generator), -1)
     differences = np.concatenate(
-        [np.abs(old[row, : len(lps)] - lps) for row, lps in enumerate(generator)]
+        [
+            np.abs(old[row, : len(lps)] - lps)[sampled(mask, len(lps))]
+            for row, (lps, mask) in enumerate(zip(generator, loss_masks_of(batch), strict=True))
+        ]
     )
     return {
         "rollout/logprob_diff_mean": float(differences.mean()),
         "rollout/truncated_fraction": truncated_fraction(batch),
     }
+
+
+def sampled(mask: list[int] | None, length: int) -> np.ndarray:
+    """Which of a rollout's ``length`` tokens the policy sampled (all, without a loss mask)."""
+    return np.ones(length, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
 
 
 def scalar_stats(stats: dict[str, Any]) -> dict[str, float]:

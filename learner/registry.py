@@ -36,6 +36,7 @@ from rlfleet.learner.batches import (
     generator_logprobs,
     generator_mismatch_stats,
     grouped,
+    multi_turn_inputs,
     rollout_tensors,
     scalar_stats,
     truncated_flags,
@@ -123,13 +124,15 @@ def value_head_lm(model: nn.Module) -> nn.Module:
 
 def ppo_inputs(batch: pa.RecordBatch) -> dict[str, Any]:
     """``PPOTrainer.step``'s arguments: the rollouts and the generator's logprobs (the behaviour
-    policy, for truncated importance sampling)."""
+    policy, for truncated importance sampling); a multi-turn batch's loss masks and turn rewards
+    (``multi_turn_inputs``)."""
     queries, responses, scores = rollout_tensors(batch)
     return {
         "queries": queries,
         "responses": responses,
         "scores": scores,
         "behaviour_logprobs": generator_logprobs(batch),
+        **multi_turn_inputs(batch),
     }
 
 
@@ -178,7 +181,8 @@ def plain_lm(model: nn.Module) -> nn.Module:
 
 def critic_free_inputs(batch: pa.RecordBatch) -> dict[str, Any]:
     """``CriticFreeTrainer.step``'s arguments from a scored batch (``grouped``): the rollouts,
-    their group ids, the generator's logprobs (the behaviour policy) and truncation flags."""
+    their group ids, the generator's logprobs (the behaviour policy) and truncation flags; a
+    multi-turn batch's loss masks and turn rewards (``multi_turn_inputs``)."""
     queries, responses, scores = rollout_tensors(batch)
     return {
         "queries": queries,
@@ -187,6 +191,7 @@ def critic_free_inputs(batch: pa.RecordBatch) -> dict[str, Any]:
         "group_ids": batch.column("group_id").to_pylist(),
         "behaviour_logprobs": generator_logprobs(batch),
         "truncated": truncated_flags(batch),
+        **multi_turn_inputs(batch),
     }
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up .venv (scripts/setup.sh), installs the Prometheus server the end-to-end tests start
-# (Debian package), checks style, then runs the whole test suite, slow end-to-end tests included.
+# and bubblewrap, the python tool's sandbox (Debian packages), checks style, then runs the
+# whole test suite, slow end-to-end tests included.
 # Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,6 +10,11 @@ if ! command -v prometheus >/dev/null; then
   SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+if ! command -v bwrap >/dev/null; then
+  SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends bubblewrap >/dev/null
 fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .

@@ -50,6 +50,8 @@ def ray_local(tmp_path_factory: pytest.TempPathFactory):
     from rlfleet.job.cluster import use_loopback_only
 
     use_loopback_only()
+    tests = str(Path(__file__).resolve().parent)  # support.* for the actors (environments)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()

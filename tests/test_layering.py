@@ -2,8 +2,10 @@
 
     job -> learner -> checkpoint -> trainers -> algorithms
 
-``actors`` and ``reward`` sit beside ``learner`` and import none of learner, trainers, checkpoint
-or job; ``tasks`` (the demos' tiny models and toy tasks) imports only ``common``; every package may
+``actors``, ``envs`` and ``reward`` sit beside ``learner`` and import none of learner, trainers,
+checkpoint or job (``envs``, the environment protocol and actors, imports only ``common``; the
+generators' rollout loop in ``actors`` calls environment actors); ``tasks`` (the demos' tiny
+models and toy tasks) imports only ``common`` and the environment protocol; every package may
 use ``common``, which imports no other; nothing imports the command line (``cli.py``). And no two
 modules import each other, directly or through others.
 """
@@ -23,18 +25,20 @@ PACKAGES = (
     "trainers",
     "checkpoint",
     "learner",
+    "envs",
     "actors",
     "reward",
     "job",
 )
 MAY_IMPORT = {
     "common": set(),
-    "tasks": {"common"},
+    "tasks": {"common", "envs"},
     "algorithms": {"common"},
     "trainers": {"common", "algorithms"},
     "checkpoint": {"common", "algorithms", "trainers"},
     "learner": {"common", "algorithms", "trainers", "checkpoint"},
-    "actors": {"common", "algorithms"},
+    "envs": {"common"},
+    "actors": {"common", "algorithms", "envs"},
     "reward": {"common", "algorithms"},
     "job": {
         "common",
@@ -44,6 +48,7 @@ MAY_IMPORT = {
         "checkpoint",
         "learner",
         "actors",
+        "envs",
         "reward",
     },
 }

@@ -54,8 +54,10 @@ from rlfleet.trainers.guards import CRITIC_FREE_ADVICE
 from rlfleet.trainers.inputs import (
     checked_behaviour_logprobs,
     checked_group_ids,
+    checked_loss_masks,
     checked_response_lengths,
     checked_step_inputs,
+    checked_token_rewards,
     checked_truncated,
 )
 from rlfleet.trainers.minibatch import (
@@ -161,10 +163,20 @@ class CriticFreeTrainer(MinibatchTrainer):
         group_ids: Sequence[int] | torch.Tensor | None,
         behaviour_logprobs: Sequence[torch.Tensor] | None = None,
         truncated: Sequence[bool] | torch.Tensor | None = None,
+        *,
+        loss_masks: Sequence[torch.Tensor] | None = None,
+        token_rewards: Sequence[torch.Tensor] | None = None,
     ) -> dict[str, float]:
         """One iteration on ``batch_size`` samples: ``group_ids`` marks the samples of one prompt,
         ``behaviour_logprobs`` are the generator's per-token logprobs (for truncated importance
         sampling), ``truncated`` flags responses cut at the length limit. Returns stats as floats.
+
+        A multi-turn job's ``loss_masks`` (1: a token the policy sampled, 0: an environment
+        token, context only) make every loss and stat count the mask-1 tokens only (TRL 1.16's
+        ``tool_mask``), and no LM head run on the mask-0 ones; the score sits on the last mask-1
+        token. ``token_rewards`` (0 on mask-0 tokens; the turn rewards on each turn's last
+        sampled token) join the per-token rewards: a sequence-level estimator's return is the
+        score plus their sum, REINFORCE++ discounts them from where they sit.
         """
         config = self.config
         device = self.current_device
@@ -176,8 +188,10 @@ class CriticFreeTrainer(MinibatchTrainer):
         group_ids = checked_group_ids(group_ids, config.algorithm, config.batch_size, device)
         behaviour = checked_behaviour_logprobs(behaviour_logprobs, inputs.responses, device)
         truncated = checked_truncated(truncated, config.batch_size, device)
+        loss_masks = checked_loss_masks(loss_masks, inputs.responses, device)
+        extra_rewards = checked_token_rewards(token_rewards, loss_masks, inputs.responses, device)
         timer = StepTimer(prefix=self.config.algorithm)
-        batch = ResponseBatch.build(inputs.queries, inputs.responses, None)
+        batch = ResponseBatch.build(inputs.queries, inputs.responses, None, loss_masks)
         loss_mask = batch.mask
         if config.mask_truncated_completions:
             loss_mask = batch.mask * ~truncated.unsqueeze(1)
@@ -186,7 +200,7 @@ class CriticFreeTrainer(MinibatchTrainer):
                 old_logprobs, ref_logprobs = self._rollout_logprobs(batch)
             with timer.phase("compute_rewards"):
                 rewards, reward_kl = self._token_rewards(
-                    inputs.scores, old_logprobs, ref_logprobs, batch.mask
+                    inputs.scores, old_logprobs, ref_logprobs, batch.mask, extra_rewards
                 )
             with timer.phase("compute_advantages"):
                 advantage_config = AdvantageConfig(
@@ -202,7 +216,14 @@ class CriticFreeTrainer(MinibatchTrainer):
                 )
         stats = {
             **mean_metrics(minibatch_metrics),
-            **batch_stats(batch, loss_mask, inputs.scores, group_ids, truncated, advantages),
+            **batch_stats(
+                batch,
+                loss_mask,
+                returns(inputs.scores, extra_rewards),
+                group_ids,
+                truncated,
+                advantages,
+            ),
             "learning_rate": self.optimizer.param_groups[0]["lr"],
         }
         if reward_kl is not None:
@@ -233,15 +254,19 @@ class CriticFreeTrainer(MinibatchTrainer):
         old_logprobs: torch.Tensor | None,
         ref_logprobs: torch.Tensor | None,
         mask: torch.Tensor,
+        extra_rewards: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The score on each response's last token, minus ``kl_coef * KL_t`` on every token when
-        the reward carries the KL; returns ``(rewards, KL_t or None)``."""
+        """The score on each response's last (mask-1) token and the ``extra_rewards``, minus
+        ``kl_coef * KL_t`` on every mask-1 token when the reward carries the KL; returns
+        ``(rewards, KL_t or None)``."""
         config = self.config
         kl = None
         if config.kl_coef > 0:
             kl = KL_PENALTIES[config.kl_penalty](old_logprobs, ref_logprobs) * mask
         no_kl = torch.zeros_like(mask, dtype=torch.float)
-        rewards, _ = per_token_rewards(scores, no_kl if kl is None else kl, mask, config.kl_coef)
+        rewards, _ = per_token_rewards(
+            scores, no_kl if kl is None else kl, mask, config.kl_coef, extra_rewards
+        )
         return rewards, kl
 
     def _train(
@@ -311,6 +336,12 @@ class CriticFreeTrainer(MinibatchTrainer):
         """Restore what :meth:`training_state` returned."""
         self.current_step = int(state["current_step"])
         self.shuffler.load_state(state["shuffle_rng"])
+
+
+def returns(scores: torch.Tensor, extra_rewards: torch.Tensor | None) -> torch.Tensor:
+    """Each sample's whole reward: its score plus its turn rewards (what the reward stats
+    describe)."""
+    return scores if extra_rewards is None else scores + extra_rewards.sum(-1)
 
 
 @dataclass

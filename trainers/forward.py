@@ -4,8 +4,10 @@ Speed comes from touching the vocabulary only where it matters: the transformer 
 chunk's (not the batch's) right-padded ``query + response`` sequences, so no attention mask is
 needed, then the LM head, log-softmax and entropy run on the hidden states of response positions
 only, packed as ``[n_tokens, hidden]``, with one softmax shared by logprob, entropy and gradient
-(:class:`TokenLogprobs`). Per-sample outputs use a ``[batch, max_response_len]`` layout with a
-token mask; every tensor is made on the model's device.
+(:class:`TokenLogprobs`). With a multi-turn job's loss masks the heads run only on the tokens the
+policy sampled: the environment's are context, their outputs 0. Per-sample outputs use a
+``[batch, max_response_len]`` layout with a token mask; every tensor is made on the model's
+device.
 
 A trainer runs its models through :class:`ResponseForward` modules laid out by
 :class:`TrainingLayout` (sharded or not, micro-batches by token budget, gradient checkpointing):
@@ -43,9 +45,13 @@ class ResponseBatch:
     queries: list[torch.Tensor]
     responses: list[torch.Tensor]
     mask: torch.Tensor
-    """1 on response tokens that count (all of them unless ``response_masks`` zeroes some)."""
+    """1 on response tokens that count (all of them unless ``response_masks`` or ``loss_masks``
+    zero some)."""
     lengths: torch.Tensor
     """Response lengths; ``mask`` may zero tokens within them."""
+    sampled_only: bool = False
+    """The mask is the job's loss masks: the heads run only where it is 1 (a mask-0 token, an
+    environment observation, is context that nothing is computed on)."""
 
     @classmethod
     def build(
@@ -53,15 +59,22 @@ class ResponseBatch:
         queries: list[torch.Tensor],
         responses: list[torch.Tensor],
         response_masks: list[torch.Tensor] | None,
+        loss_masks: list[torch.Tensor] | None = None,
     ) -> ResponseBatch:
+        """``response_masks``: TRL's (the tokens that count; every output still computed);
+        ``loss_masks``: a multi-turn job's (1: sampled by the policy, 0: the environment's, where
+        no output is computed). At most one of them."""
+        if response_masks is not None and loss_masks is not None:
+            raise ValueError("pass response_masks (TRL's) or loss_masks (multi-turn), not both")
         device = responses[0].device
         lengths = torch.tensor([len(r) for r in responses], device=device)
-        if response_masks is None:
+        masks = response_masks if loss_masks is None else loss_masks
+        if masks is None:
             positions = torch.arange(int(lengths.max()), device=device)
             mask = (positions < lengths.unsqueeze(1)).long()
         else:
-            mask = pad_sequence([m.long() for m in response_masks], batch_first=True)
-        return cls(queries, responses, mask, lengths)
+            mask = pad_sequence([m.long() for m in masks], batch_first=True)
+        return cls(queries, responses, mask, lengths, sampled_only=loss_masks is not None)
 
     @property
     def width(self) -> int:
@@ -78,7 +91,10 @@ class PackedRows:
     """Some rows of a batch as the model reads them, and where their response tokens sit.
 
     The hidden state at position ``len(query) - 1 + i`` predicts response token ``i``; token
-    ``k`` of the packed ``[n_tokens]`` order (row by row) is ``labels[k]``.
+    ``k`` of the packed ``[n_tokens]`` order (row by row) is ``labels[k]``. Of a batch built
+    with loss masks only the mask-1 tokens are labels: the hidden states that predict the
+    environment's tokens are gathered out before the LM head, whose ``[n_tokens, vocab]``
+    logits are most of a forward's memory and time.
     """
 
     rows: torch.Tensor
@@ -98,20 +114,22 @@ class PackedRows:
         responses = [batch.responses[r] for r in rows]
         device = responses[0].device
         row_index, hidden_positions, out_positions = [], [], []
-        for i, (query, response) in enumerate(zip(queries, responses, strict=True)):
-            row_index += [i] * len(response)
-            hidden_positions += range(len(query) - 1, len(query) - 1 + len(response))
-            out_positions += range(len(response))
-        row_index_t = torch.tensor(row_index, device=device)
+        for i, (row, query) in enumerate(zip(rows, queries, strict=True)):
+            positions = labelled_positions(batch, row)
+            row_index.append(torch.full_like(positions, i))
+            hidden_positions.append(positions + (len(query) - 1))
+            out_positions.append(positions)
+        row_index_t = torch.cat(row_index)
+        out_positions_t = torch.cat(out_positions)
         return cls(
             rows=torch.tensor(list(rows), device=device),
             input_ids=pad_sequence(
                 [torch.cat([q, a]) for q, a in zip(queries, responses, strict=True)],
                 batch_first=True,
             ),
-            labels=torch.cat(responses),
-            hidden_index=(row_index_t, torch.tensor(hidden_positions, device=device)),
-            out_index=(row_index_t, torch.tensor(out_positions, device=device)),
+            labels=torch.cat([r[p] for r, p in zip(responses, out_positions, strict=True)]),
+            hidden_index=(row_index_t, torch.cat(hidden_positions)),
+            out_index=(row_index_t, out_positions_t),
             width=batch.width,
         )
 
@@ -120,6 +138,16 @@ class PackedRows:
         out = packed.new_zeros(len(self.rows), self.width)
         out[self.out_index] = packed
         return out
+
+
+def labelled_positions(batch: ResponseBatch, row: int) -> torch.Tensor:
+    """The response positions of ``row`` whose outputs are computed: all of them, or with loss
+    masks those of the tokens the policy sampled."""
+    length = len(batch.responses[row])
+    positions = torch.arange(length, device=batch.mask.device)
+    if batch.sampled_only:
+        positions = positions[batch.mask[row, :length].bool()]
+    return positions
 
 
 class ResponseOutputs(NamedTuple):

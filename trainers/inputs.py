@@ -171,3 +171,60 @@ def checked_response_lengths(
                 f"responses[{i}] has {len(response)} tokens, more than max_completion_length "
                 f"({max_completion_length})"
             )
+
+
+def checked_loss_masks(
+    loss_masks: Sequence[torch.Tensor] | None, responses: list[torch.Tensor], device: torch.device
+) -> list[torch.Tensor] | None:
+    """Each response's loss mask: 0/1 integers of its shape, at least one 1 (a response of only
+    environment tokens has nothing to train on, and no last sampled token for its score)."""
+    if loss_masks is None:
+        return None
+    if len(loss_masks) != len(responses):
+        raise ValueError(
+            f"loss_masks has {len(loss_masks)} elements for {len(responses)} responses"
+        )
+    checked = []
+    for i, (mask, response) in enumerate(zip(loss_masks, responses, strict=True)):
+        mask = torch.as_tensor(mask)
+        if mask.shape != response.shape or mask.is_floating_point():
+            raise ValueError(
+                f"loss_masks[{i}] must be integers of the shape of responses[{i}] "
+                f"{tuple(response.shape)}, got {mask.dtype} {tuple(mask.shape)}"
+            )
+        if ((mask != 0) & (mask != 1)).any() or not mask.any():
+            raise ValueError(f"loss_masks[{i}] must hold 0s and 1s, at least one 1")
+        checked.append(mask.to(device=device, dtype=torch.long))
+    return checked
+
+
+def checked_token_rewards(
+    token_rewards: Sequence[torch.Tensor] | None,
+    loss_masks: list[torch.Tensor] | None,
+    responses: list[torch.Tensor],
+    device: torch.device,
+) -> torch.Tensor | None:
+    """Per-token rewards ``[batch, max_response_len]`` (0 on padding): finite floats of each
+    response's shape, 0 on its mask-0 tokens (a reward there would be lost: the advantages skip
+    those tokens)."""
+    if token_rewards is None:
+        return None
+    if len(token_rewards) != len(responses):
+        raise ValueError(
+            f"token_rewards has {len(token_rewards)} elements for {len(responses)} responses"
+        )
+    rows = []
+    for i, (rewards, response) in enumerate(zip(token_rewards, responses, strict=True)):
+        rewards = torch.as_tensor(rewards)
+        if rewards.shape != response.shape or not rewards.is_floating_point():
+            raise ValueError(
+                f"token_rewards[{i}] must be floats of the shape of responses[{i}] "
+                f"{tuple(response.shape)}, got {rewards.dtype} {tuple(rewards.shape)}"
+            )
+        rewards = rewards.to(device=device, dtype=torch.float32)
+        if not torch.isfinite(rewards).all():
+            raise ValueError(f"token_rewards[{i}] must be finite")
+        if loss_masks is not None and (rewards[loss_masks[i] == 0] != 0).any():
+            raise ValueError(f"token_rewards[{i}] is not 0 on a token loss_masks[{i}] marks 0")
+        rows.append(rewards)
+    return pad_sequence(rows, batch_first=True)

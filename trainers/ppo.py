@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlfleet.algorithms.advantages import AdvantageConfig
+from rlfleet.algorithms.advantages import ADVANTAGE_ESTIMATORS, AdvantageConfig
 from rlfleet.algorithms.kl import AdaptiveKLController, FixedKLController
 from rlfleet.algorithms.losses import (
     MICRO_BATCH_SHARES,
@@ -50,7 +50,12 @@ from rlfleet.trainers.forward import (
     rollout_forward,
 )
 from rlfleet.trainers.guards import PPO_ADVICE
-from rlfleet.trainers.inputs import checked_behaviour_logprobs, checked_step_inputs
+from rlfleet.trainers.inputs import (
+    checked_behaviour_logprobs,
+    checked_loss_masks,
+    checked_step_inputs,
+    checked_token_rewards,
+)
 from rlfleet.trainers.minibatch import (
     MinibatchTrainer,
     Shuffler,
@@ -210,11 +215,22 @@ class PPOTrainer(TRLCompatMixin, MinibatchTrainer):
         scores: list[torch.Tensor],
         response_masks: list[torch.Tensor] | None = None,
         behaviour_logprobs: list[torch.Tensor] | None = None,
+        *,
+        loss_masks: list[torch.Tensor] | None = None,
+        token_rewards: list[torch.Tensor] | None = None,
     ) -> dict[str, Any]:
         """One PPO iteration: rollout statistics, advantages, ``ppo_epochs`` of minibatch updates.
 
         ``behaviour_logprobs`` are the generator's per-token logprobs of each response (for
         truncated importance sampling when ``config.tis_cap`` is set).
+        ``response_masks`` are TRL v0.11.4's: its exact semantics (GAE over every position,
+        the masked-out ones holding zeros). ``loss_masks`` are a multi-turn job's (1: a token the
+        policy sampled, 0: an environment token, context only; not with ``response_masks``):
+        veRL 0.9.1's semantics for a response mask with holes, the KL penalty, the losses and
+        every stat over the mask-1 tokens only, GAE skipping the mask-0 tokens
+        (``masked_gae``), and no LM or value head run on them. ``token_rewards`` (each
+        response's shape, 0 on mask-0 tokens; the environment's turn rewards on each turn's last
+        sampled token) are added to the per-token rewards, after the score's scaling.
         Returns TRL v0.11.4's stats: single values as Python floats, distributions as arrays;
         with ``behaviour_logprobs`` also ``rollout/logprob_diff_mean`` (mean |old - behaviour|)
         and ``rollout/tis_capped_fraction`` (tokens whose weight the cap cut).
@@ -233,6 +249,10 @@ class PPOTrainer(TRLCompatMixin, MinibatchTrainer):
         behaviour = checked_behaviour_logprobs(
             behaviour_logprobs, inputs.responses, self.current_device
         )
+        loss_masks = checked_loss_masks(loss_masks, inputs.responses, self.current_device)
+        extra_rewards = checked_token_rewards(
+            token_rewards, loss_masks, inputs.responses, self.current_device
+        )
         scores = scaled_scores(
             inputs.scores,
             self.running,
@@ -241,7 +261,9 @@ class PPOTrainer(TRLCompatMixin, MinibatchTrainer):
             config.score_clip,
         )
         timer = StepTimer()
-        batch = ResponseBatch.build(inputs.queries, inputs.responses, inputs.response_masks)
+        batch = ResponseBatch.build(
+            inputs.queries, inputs.responses, inputs.response_masks, loss_masks
+        )
         with eval_mode(self.model):  # dropout off in every pass, as in TRL
             with timer.phase("forward_pass"):
                 rollout = rollout_forward(
@@ -255,7 +277,7 @@ class PPOTrainer(TRLCompatMixin, MinibatchTrainer):
             with timer.phase("compute_rewards"):
                 kl_coef = self.kl_ctl.value
                 rewards, non_score_reward = per_token_rewards(
-                    scores, rollout.kls, batch.mask, kl_coef
+                    scores, rollout.kls, batch.mask, kl_coef, extra_rewards
                 )
             with timer.phase("compute_advantages"):
                 old_values, advantages, returns = ppo_advantages(
@@ -264,6 +286,7 @@ class PPOTrainer(TRLCompatMixin, MinibatchTrainer):
                     batch.mask,
                     AdvantageConfig(gamma=config.gamma, lam=config.lam),
                     whiten_rewards=config.whiten_rewards,
+                    estimator=ADVANTAGE_ESTIMATORS["masked_gae" if batch.sampled_only else "gae"],
                 )
             tis_weights = None
             if behaviour is not None and config.tis_cap is not None:

@@ -150,11 +150,13 @@ def batch_stats(
     truncated: torch.Tensor,
     advantages: torch.Tensor,
 ) -> dict[str, torch.Tensor]:
-    """The batch's rewards, advantages and completion lengths."""
+    """The batch's rewards (``scores``: each sample's whole reward), advantages and completion
+    lengths."""
     stats = {
         "reward/mean": scores.mean(),
         "reward/std": std(scores),
-        "completions/mean_length": batch.lengths.float().mean(),
+        # TRL 1.16 counts only the tokens the policy sampled (its tool_mask's 1s).
+        "completions/mean_length": batch.mask.sum(-1).float().mean(),
         "completions/truncated_ratio": truncated.float().mean(),
     }
     if loss_mask.any():

@@ -8,6 +8,7 @@ from rlfleet.algorithms.advantages import (
     ADVANTAGE_ESTIMATORS,
     gae,
     grpo,
+    masked_gae,
     reinforce_pp,
     reinforce_pp_baseline,
     rloo,
@@ -19,6 +20,9 @@ from rlfleet.algorithms.losses import (
     VALUE_LOSSES,
     clipped_policy_loss,
     clipped_value_loss,
+    sequence_mean_of_token_means,
+    sequence_mean_of_token_sums,
+    sequence_mean_of_token_sums_over_width,
 )
 from rlfleet.algorithms.masked import masked_mean
 from rlfleet.algorithms.registry import Registry
@@ -41,6 +45,7 @@ def test_register_looks_up_by_name_and_refuses_a_second_function_under_one_name(
 def test_the_registered_pieces():
     assert dict(ADVANTAGE_ESTIMATORS) == {
         "gae": gae,
+        "masked_gae": masked_gae,
         "grpo": grpo,
         "rloo": rloo,
         "reinforce_pp": reinforce_pp,
@@ -48,5 +53,10 @@ def test_the_registered_pieces():
     }
     assert dict(POLICY_LOSSES) == {"clipped": clipped_policy_loss}
     assert dict(VALUE_LOSSES) == {"clipped": clipped_value_loss}
-    assert dict(LOSS_AGGREGATIONS) == {"token-mean": masked_mean}
+    assert dict(LOSS_AGGREGATIONS) == {
+        "token-mean": masked_mean,
+        "seq-mean-token-sum": sequence_mean_of_token_sums,
+        "seq-mean-token-sum-norm": sequence_mean_of_token_sums_over_width,
+        "seq-mean-token-mean": sequence_mean_of_token_means,
+    }
     assert sorted(KL_PENALTIES) == ["abs", "full", "k3", "kl", "mse"]

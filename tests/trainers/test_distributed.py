@@ -67,13 +67,29 @@ CASES: dict[str, dict[str, Any]] = {
         "max_tokens_per_microbatch": 20,
     },
     "reinforce_bnpo": {"config": {"algorithm": "reinforce_pp", "loss_type": "bnpo"}},
+    "ppo_holes": {
+        "config": {
+            "batch_size": BATCH,
+            "mini_batch_size": 4,
+            "ppo_epochs": 2,
+            "whiten_rewards": True,
+            "tis_cap": 2.0,
+        },
+        "max_tokens_per_microbatch": 12,
+        "holes": True,
+    },
+    "grpo_holes": {
+        "config": {"algorithm": "grpo", "loss_type": "grpo", "beta": 0.04, "mini_batch_size": 4},
+        "max_tokens_per_microbatch": 12,
+        "holes": True,
+    },
     "dapo_checkpointed": {
         "config": {"algorithm": "grpo", "loss_type": "dapo", "num_iterations": 2},
         "gradient_checkpointing": True,
     },
 }
 
-ONE_RANK_CASES = ["ppo_micro", "grpo"]
+ONE_RANK_CASES = ["ppo_micro", "grpo", "ppo_holes"]
 """FSDP2 over a group of one (the job's one-rank path) is checked on fewer cases: it shares all
 but the collectives with the 2-rank runs."""
 
@@ -82,7 +98,21 @@ def is_ppo(case: str) -> bool:
     return case.startswith("ppo")
 
 
-def make_batch(step: int) -> dict[str, Any]:
+def with_holes(batch: dict[str, Any]) -> dict[str, Any]:
+    """Multi-turn inputs: an environment token at position 1 of each response of 3 or more
+    tokens, a turn reward on the token before it."""
+    masks, rewards = [], []
+    for i, response in enumerate(batch["responses"]):
+        mask, turn = torch.ones(len(response), dtype=torch.long), torch.zeros(len(response))
+        if len(response) >= 3:
+            mask[1], turn[0] = 0, 0.25 * (i % 3)
+        masks.append(mask)
+        rewards.append(turn)
+    behaviour = [lps * mask for lps, mask in zip(batch["behaviour_logprobs"], masks, strict=True)]
+    return batch | {"loss_masks": masks, "token_rewards": rewards, "behaviour_logprobs": behaviour}
+
+
+def make_batch(step: int, holes: bool = False) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(step)
     queries, responses, scores = ppo_step_batch(
         generator,
@@ -92,18 +122,20 @@ def make_batch(step: int) -> dict[str, Any]:
         response_lengths=lambda i: 2 + i % 4,
     )
     behaviour = [-torch.rand(len(r), generator=generator) - 4.0 for r in responses]
-    return {
+    batch = {
         "queries": queries,
         "responses": responses,
         "scores": scores,
         "behaviour_logprobs": behaviour,
     }
+    return with_holes(batch) if holes else batch
 
 
 def make_trainer(case: str, model_dir: Path, **layout: Any) -> PPOTrainer | CriticFreeTrainer:
     torch.manual_seed(0)  # the value head's initial weights
     spec = CASES[case]
-    options = {key: value for key, value in spec.items() if key != "config"} | layout
+    options = {key: value for key, value in spec.items() if key not in ("config", "holes")}
+    options |= layout
     if is_ppo(case):
         config = PPOConfig(learning_rate=1e-3, seed=3, **spec["config"])
         model = AutoModelForCausalLMWithValueHead.from_pretrained(model_dir)
@@ -121,7 +153,7 @@ def train(trainer: PPOTrainer | CriticFreeTrainer, case: str) -> dict[str, Any]:
     initial = {name: tensor.detach().clone() for name, tensor in full_state(trainer.model)}
     stats = []
     for step in range(2):
-        batch = make_batch(step)
+        batch = make_batch(step, CASES[case].get("holes", False))
         if not is_ppo(case):
             batch["group_ids"] = [i // 4 for i in range(BATCH)]
         stats.append(trainer.step(**batch))
