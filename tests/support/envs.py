@@ -19,13 +19,16 @@ def observation(turn: int) -> str:
 class CountingEnv:
     """Text prompts; after each turn the observation ``observation(turn)``, reward 0.25 a turn,
     done after ``turns`` turns (the row's ``turns``, else 3). ``sleep_s`` (kwargs) per step; a
-    row with ``hang_at`` hangs at that turn; a row with ``raise_at`` raises there."""
+    row with ``hang_at`` hangs at that turn (with ``hang_every`` n, so do the trajectories whose
+    seed is a multiple of n, at turn 2); a row with ``raise_at`` raises there."""
 
-    def __init__(self, sleep_s: float = 0.0) -> None:
-        self.sleep_s = sleep_s
+    def __init__(self, sleep_s: float = 0.0, hang_every: int = 0) -> None:
+        self.sleep_s, self.hang_every = sleep_s, hang_every
 
     def reset(self, row: dict[str, Any], seed: int) -> None:
-        self.row, self.turn = row, 0
+        self.row, self.turn = dict(row), 0
+        if self.hang_every and seed % self.hang_every == 0:
+            self.row["hang_at"] = 2
         if self.row.get("raise_at") == 0:
             raise ValueError("no such puzzle")
 
