@@ -9,8 +9,10 @@ pydantic model of each signature, so what the model is shown is what is accepted
 
 ``ToolEnvironment`` runs the calls of each turn (envs/parsers.py reads them): each result is a
 ``tool`` message; a malformed call, an unknown tool, bad arguments and a tool that raises are
-``tool`` messages starting with ``error:``, counted in ``Step.info``, never an exception. A turn
-without any call ends the trajectory.
+``tool`` messages starting with ``error:``, counted in ``Step.info``, never an exception. A tool
+may also report its own failure as a result starting with ``error:`` (the sandboxed ``python``
+tool does, with the code's output after it): that counts as a tool error too. A turn without
+any call ends the trajectory.
 
 Its ``reset`` and ``step`` are coroutines whether the tools are plain or ``async``: the
 environment actor awaits them, an ``async`` tool is awaited, and a plain one runs in a
@@ -38,6 +40,9 @@ from rlfleet.envs.parsers import MalformedCall, ToolCall, ToolParser, get_tool_p
 from rlfleet.envs.protocol import Message, Observation, Step
 
 LIFECYCLE_HOOKS = ("reset", "close")
+
+ERROR_PREFIX = "error:"
+"""How a tool message that reports a failure starts (and a tool's own result that does)."""
 """Public methods of a tool class that are not tools: ``reset(row, seed)`` is called at the
 start of each trajectory, ``close()`` at its end (both optional)."""
 
@@ -293,7 +298,9 @@ class ToolEnvironment:
         except Exception as error:
             content = f"error: {error_line(error)}"
         else:
-            return _tool_message(item.name, tool_result_text(result))
+            content = tool_result_text(result)
+            if not content.startswith(ERROR_PREFIX):
+                return _tool_message(item.name, content)
         counts.errors[item.name] = counts.errors.get(item.name, 0) + 1
         return _tool_message(item.name, content)
 

@@ -125,9 +125,7 @@ def test_every_token_is_the_engines_or_the_environments(ray_local, engine, token
 
 
 def test_the_token_budget_and_max_turns_end_trajectories(ray_local, engine, tokenizer):
-    config = EnvConfig(
-        environment="support.envs:CountingEnv", max_turns=2, max_total_tokens=15
-    )
+    config = EnvConfig(environment="support.envs:CountingEnv", max_turns=2, max_total_tokens=15)
     envs = start_envs(ray_local, config, n=1)
     trajectories, _ = run(engine, tokenizer, envs, config, [{"turns": 9}] * 6)
     for t in trajectories:
@@ -137,6 +135,16 @@ def test_the_token_budget_and_max_turns_end_trajectories(ray_local, engine, toke
     assert {t.finish_reason for t in trajectories} >= {"max_turns"} or any(
         len(t.response_ids) == 15 for t in trajectories
     )
+
+
+def test_an_observation_past_the_budget_is_cut_and_counted(ray_local, engine, tokenizer):
+    config = EnvConfig(environment="support.envs:CountingEnv", max_total_tokens=30)
+    envs = start_envs(ray_local, config, n=1)
+    trajectories, _ = run(engine, tokenizer, envs, config, [{"turns": 3, "repeat": 20}] * 3)
+    for t in trajectories:
+        assert t.finish_reason == "length" and t.turns == 1
+        assert len(t.response_ids) == 30 and t.counters["truncated_observations"] == 1
+        assert t.loss_mask[t.turn_ends[0] + 1 :] == [0] * (29 - t.turn_ends[0])
 
 
 def test_a_hung_step_ends_its_trajectory_only(ray_local, engine, tokenizer):

@@ -347,3 +347,31 @@ def test_a_custom_parser_is_used() -> None:
 def test_an_unknown_parser_name_is_refused() -> None:
     with pytest.raises(KeyError, match="unknown tool parser 'xml'"):
         ToolEnvironment(Calculator(), "xml")
+
+
+def test_a_tool_result_that_reports_an_error_counts_as_a_tool_error() -> None:
+    """The sandboxed python tool returns ``error: ...`` texts rather than raising."""
+    import asyncio
+
+    from rlfleet.envs.tools import ToolEnvironment
+
+    class Runner:
+        def run(self, code: str) -> str:
+            """Run code.
+
+            Args:
+                code: The code.
+            """
+            return "error: the code ran past its 1 s time limit" if "loop" in code else "ok"
+
+    env = ToolEnvironment(Runner())
+    calls = (
+        '<tool_call>\n{"name": "run", "arguments": {"code": "loop"}}\n</tool_call>'
+        '<tool_call>\n{"name": "run", "arguments": {"code": "x"}}\n</tool_call>'
+    )
+    step = asyncio.run(env.step(calls))
+    assert [m["content"] for m in step.observation] == [
+        "error: the code ran past its 1 s time limit",
+        "ok",
+    ]
+    assert step.info["tool_calls"] == {"run": 2} and step.info["tool_errors"] == {"run": 1}

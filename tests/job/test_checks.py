@@ -246,3 +246,37 @@ def test_a_model_type_without_code_of_its_own_is_refused_with_transformers_reaso
         r"`mystery` but Transformers does not recognize this architecture\.",
     ):
         check_config(job)
+
+
+@pytest.mark.parametrize(
+    ("env", "fields", "message"),
+    [
+        (
+            {"environment": "rlf_no_such_module:Env"},
+            {},
+            r"^env\.environment: cannot import 'rlf_no_such_module:Env' \(ModuleNotFoundError",
+        ),
+        (
+            {"environment": "rlfleet.envs.protocol:Step"},
+            {},
+            r"^env\.environment: rlfleet\.envs\.protocol:Step has no reset\(row, seed\) method",
+        ),
+        (
+            {"environment": "support.envs:CountingEnv", "max_total_tokens": 600},
+            {"dataset": {"path": "not-read.jsonl"}},
+            r"^env\.max_total_tokens: 600 leaves no room for a prompt",
+        ),
+        (
+            {"tools": "rlfleet.tasks.calculator:Calculator"},
+            {},
+            r"^env\.tools: tools reach the model through the chat template, but the dataset's "
+            r"prompts are text; set dataset\.messages_field",
+        ),
+    ],
+)
+def test_an_environment_that_cannot_run_is_refused_before_ray_starts(
+    tmp_path: Path, env: dict, fields: dict, message: str
+) -> None:
+    job = config(tmp_path, {"n_positions": 512}, env=env, **fields)
+    with pytest.raises(ConfigError, match=message):
+        check_config(job)

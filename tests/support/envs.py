@@ -20,7 +20,8 @@ class CountingEnv:
     """Text prompts; after each turn the observation ``observation(turn)``, reward 0.25 a turn,
     done after ``turns`` turns (the row's ``turns``, else 3). ``sleep_s`` (kwargs) per step; a
     row with ``hang_at`` hangs at that turn (with ``hang_every`` n, so do the trajectories whose
-    seed is a multiple of n, at turn 2); a row with ``raise_at`` raises there."""
+    seed is a multiple of n, at turn 2); a row with ``raise_at`` raises there; a row's ``repeat``
+    repeats each observation that often."""
 
     def __init__(self, sleep_s: float = 0.0, hang_every: int = 0) -> None:
         self.sleep_s, self.hang_every = sleep_s, hang_every
@@ -41,8 +42,9 @@ class CountingEnv:
         if self.row.get("raise_at") == self.turn:
             raise RuntimeError(f"broken at turn {self.turn}")
         done = self.turn >= self.row.get("turns", 3)
+        text = observation(self.turn) * self.row.get("repeat", 1)
         return Step(
-            observation=None if done else observation(self.turn),
+            observation=None if done else text,
             reward=0.25,
             done=done,
             info={"pid": os.getpid()},
