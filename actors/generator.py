@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from contextlib import closing
+from contextlib import closing, nullcontext
 from itertools import chain
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from rlfleet.actors.metrics import GeneratorMetrics
 from rlfleet.actors.rollout import MultiTurnRollout, Trajectory
 from rlfleet.actors.trajectories import EnvSetup, trajectory_batch
 from rlfleet.actors.turns import TurnTokens
+from rlfleet.actors.weight_handoff import WeightHandoff
 from rlfleet.common.chat import stop_token_ids
 from rlfleet.common.config import GeneratorConfig, MetricsConfig, WeightSyncConfig
 from rlfleet.common.metrics import MetricsTarget
@@ -60,6 +61,11 @@ def rollout_seed(job_seed: int, rollout_id: int) -> int:
     return int.from_bytes(hashlib.blake2b(key, digest_size=4).digest(), "little")
 
 
+WEIGHTS_GROUP = "weights"
+"""The Ray concurrency group of a generator's weight calls (``load_weights``,
+``join_weight_group``)."""
+
+
 class GeneratorActor:
     def __init__(
         self,
@@ -72,13 +78,18 @@ class GeneratorActor:
         weight_transport: WeightSyncConfig | str = DEFAULT_TRANSPORT,
         trust_remote_code: bool = False,
         env: EnvSetup | None = None,
+        asynchronous: bool = False,
     ) -> None:
         """Load ``model_dir`` (policy version 0) into the engine ``config.engine`` names; serve
         this generator's Prometheus metrics as ``job_name`` unless ``metrics.enabled`` is off;
         receive new weights through ``weight_transport`` (the job's resolved ``weight_sync``,
         or a transport name; ``common/transport/``). The model directory's own code runs only
         with ``trust_remote_code``. With ``env`` (a multi-turn job) each rollout is a
-        trajectory against the environment actors (actors/rollout.py).
+        trajectory against the environment actors (actors/rollout.py). ``asynchronous`` (the
+        job's ``mode: async``): weights that arrive while it samples load between two engine
+        steps, and the requests in flight go on under them
+        from their prefixes, each token recording the version that sampled it
+        (actors/weight_handoff.py).
 
         Each rollout is sampled with its own seed derived from ``seed`` and its rollout id, so
         a rollout's sample is the same whichever generator draws it and in whatever batch: a
@@ -101,7 +112,8 @@ class GeneratorActor:
         """A tensor-parallel vLLM engine's workers receive a collective sync themselves."""
         self._version = 0
         self._env = env
-        self._turns = TurnTokens(self._tokenizer, env.tools) if env else None
+        self._turns = TurnTokens(self._tokenizer, env.tools if env else None)
+        self._handoff = WeightHandoff() if asynchronous else None
         self._metrics = GeneratorMetrics.from_config(job_name, index, metrics or MetricsConfig())
 
     def ready(self) -> bool:
@@ -118,6 +130,7 @@ class GeneratorActor:
     def wake_up(self) -> None:
         self._engine.wake_up()
 
+    @ray.method(concurrency_group=WEIGHTS_GROUP)
     def join_weight_group(self, spec: GroupSpec, rank: int) -> None:
         """Leave the weight group this generator is in (if any) and join ``spec``'s as
         ``rank`` (collective transport; the job driver forms a new group at the start and after
@@ -128,6 +141,7 @@ class GeneratorActor:
         else:
             self._receiver.join(spec, rank)
 
+    @ray.method(concurrency_group=WEIGHTS_GROUP)
     def load_weights(self, handle: WeightsHandle) -> int:
         """Load the weights ``handle`` names in place as they arrive, bucket by bucket, in one
         engine reload (a layer's tensors may span two buckets); returns the policy version now
@@ -136,7 +150,14 @@ class GeneratorActor:
         A transport failure raises ``CollectiveError`` (the driver re-forms the group and
         syncs again); an engine that cannot load the weights raises a ``WeightLoadError``
         naming this generator (the job stops: retrying would not help). Engine workers that
-        died or did not answer raise what vLLM raised (the driver restarts this generator)."""
+        died or did not answer raise what vLLM raised (the driver restarts this generator).
+        In asynchronous mode, weights that arrive while this generator samples load at its next
+        step boundary."""
+        if self._handoff is not None:
+            return self._handoff.load(handle, self._load_now)
+        return self._load_now(handle)
+
+    def _load_now(self, handle: WeightsHandle) -> int:
         started = time.perf_counter()
         try:
             version = self._load_received(handle)
@@ -167,7 +188,7 @@ class GeneratorActor:
         """Fill the rollout columns of a ``common.schema.prompt_batch`` with sampled responses,
         sampled with this generator's settings or those the batch carries
         (``engine.SamplingOverride``: held-out evaluation's temperature and budget)."""
-        if self._env is not None and SamplingOverride.of(batch) is None:
+        if SamplingOverride.of(batch) is None and (self._env or self._handoff):
             return self._generate_trajectories(batch)
         prompt_ids = batch.column("prompt_ids").to_pylist()
         seeds = [rollout_seed(self._seed, rid) for rid in batch.column("rollout_id").to_pylist()]
@@ -189,12 +210,21 @@ class GeneratorActor:
         )
 
     def _generate_trajectories(self, batch: pa.RecordBatch) -> pa.RecordBatch:
-        """Multi-turn trajectories for the batch's prompts (``env``)."""
+        """Request by request (actors/rollout.py): multi-turn trajectories for the batch's
+        prompts (``env``), or, in asynchronous mode, plain rollouts that new weights may reach
+        mid-request."""
         env = self._env
         engine = self._engine if hasattr(self._engine, "submit") else QueuedRequests(self._engine)
         spec = SamplingSpec.from_config(self._config, None, self._stop_token_ids)
         loop = MultiTurnRollout(
-            engine, self._turns, env.actors, env.config, spec, self._engine.context
+            engine,
+            self._turns,
+            env.actors if env else None,
+            env.config if env else None,
+            spec,
+            self._engine.context,
+            between_steps=self._load_arrived_weights if self._handoff else None,
+            version=lambda: self._version,
         )
         columns = batch.select(["rollout_id", "prompt", "metadata", "prompt_ids"]).to_pydict()
         trajectories = [
@@ -207,14 +237,27 @@ class GeneratorActor:
             for rid, text, meta, ids in zip(*columns.values(), strict=True)
         ]
         started = time.perf_counter()
-        with self._metrics.busy():
+        sampling = self._handoff.generating(self._load_now) if self._handoff else nullcontext()
+        with self._metrics.busy(), sampling:
             loop.run(trajectories)
         sampled = sum(sum(t.loss_mask) for t in trajectories)
         self._metrics.record_generation(len(trajectories), sampled, time.perf_counter() - started)
-        return trajectory_batch(batch, trajectories, self._turns, self._version)
+        return trajectory_batch(batch, trajectories, self._turns, multi_turn=env is not None)
+
+    def _load_arrived_weights(self, loop: MultiTurnRollout) -> None:
+        """Between two engine steps: weights that arrived stop the requests where they are,
+        load, and the requests go on from their prefixes under them."""
+        pending = self._handoff.take()
+        if pending is None:
+            return
+        stopped = loop.interrupt()
+        pending.run(self._load_now)
+        loop.resume(stopped)
 
 
-RemoteGenerator = ray.remote(GeneratorActor)
+RemoteGenerator = ray.remote(concurrency_groups={WEIGHTS_GROUP: 1})(GeneratorActor)
+"""Weight loads run in a thread of their own (``WEIGHTS_GROUP``), beside the sampling calls,
+which run one at a time: in asynchronous mode a load reaches a generator while it samples."""
 
 
 def generator_options(config: GeneratorConfig) -> dict[str, float]:

@@ -28,6 +28,7 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -85,6 +86,12 @@ class Trajectory:
     tool_errors: Counter = field(default_factory=Counter)
     step_seconds: list[float] = field(default_factory=list)
     restarts: int = 0
+    versions: list[int] = field(default_factory=list)
+    """The policy version that sampled each token of ``response_ids`` (an observation token:
+    the version of the turn before it)."""
+    turn_start: int = 0
+    """Where the turn being sampled starts in ``response_ids`` (a turn continued after new
+    weights arrived has tokens from two versions)."""
 
     @property
     def turns(self) -> int:
@@ -96,11 +103,12 @@ class Trajectory:
         self.__init__(self.rollout_id, self.seed, self.row, self.dataset_prompt_ids)
         self.restarts = restarts
 
-    def append(self, ids: list[int], logprobs: list[float] | None = None) -> None:
+    def append(self, ids: list[int], logprobs: list[float] | None = None, version: int = 0) -> None:
         """Sampled ids (with their logprobs: loss mask 1) or observation ids (mask 0)."""
         self.response_ids += ids
         self.logprobs += logprobs if logprobs is not None else [0.0] * len(ids)
         self.loss_mask += [1 if logprobs is not None else 0] * len(ids)
+        self.versions += [version] * len(ids)
 
     def env_info(self) -> str:
         return json.dumps(
@@ -116,24 +124,42 @@ class Trajectory:
         )
 
 
+def single_turn(sampling: SamplingSpec) -> EnvConfig:
+    """The loop's settings for plain rollouts (no environment): one turn of at most
+    ``max_new_tokens``."""
+    return EnvConfig(environment="(none)", max_turns=1, max_total_tokens=sampling.max_new_tokens)
+
+
 class MultiTurnRollout:
-    """Runs the trajectories of one prompt batch to the end (``run``)."""
+    """Runs the trajectories of one prompt batch to the end (``run``). Without ``envs`` each
+    trajectory is one turn from its dataset prompt (asynchronous mode samples plain rollouts
+    this way, so that new weights can arrive mid-request).
+
+    ``between_steps(loop)``, when given, runs between two engine steps: where a generator loads
+    new weights (``interrupt`` and ``resume`` continue the requests in flight under them);
+    ``version()`` is the policy version sampling now."""
 
     def __init__(
         self,
         engine: RequestEngine,
         turns: TurnTokens,
-        envs: list[Any],
-        config: EnvConfig,
+        envs: list[Any] | None,
+        config: EnvConfig | None,
         sampling: SamplingSpec,
         context: int,
+        between_steps: Callable[[MultiTurnRollout], None] | None = None,
+        version: Callable[[], int] = lambda: 0,
     ) -> None:
         self._engine = engine
         self._turns = turns
-        self._envs = envs
-        self._config = config
+        self._envs = envs or []
+        self._config = config or single_turn(sampling)
         self._sampling = sampling
         self._context = context
+        self._between_steps = between_steps
+        self._version = version
+        self._budgets: dict[str, int] = {}
+        """Each request's token budget, by key (what is left of it after an interruption)."""
         self._pending: dict[Any, tuple[Trajectory, str, float]] = {}
         """Environment calls in flight: ref -> (trajectory, ``reset``/``step``, due)."""
         self._sampling_now: dict[str, Trajectory] = {}
@@ -143,11 +169,34 @@ class MultiTurnRollout:
         for trajectory in trajectories:
             self._reset(trajectory)
         while self._pending or self._engine.busy():
+            if self._between_steps is not None:
+                self._between_steps(self)
             if self._engine.busy():
                 for key, completion in self._engine.poll():
+                    self._budgets.pop(key, None)
                     self._turn_sampled(self._sampling_now.pop(key), completion)
             self._collect_replies(wait_s=0.0 if self._engine.busy() else 0.05)
         return trajectories
+
+    def interrupt(self) -> list[tuple[Trajectory, int]]:
+        """Stops every request in flight at the token it reached, keeping its tokens (sampled
+        by the policy now held); returns each trajectory with the budget left of its turn, for
+        ``resume`` once new weights are loaded."""
+        stopped = []
+        for key, partial in self._engine.interrupt():
+            trajectory = self._sampling_now.pop(key)
+            trajectory.append(list(partial.token_ids), list(partial.logprobs), self._version())
+            stopped.append((trajectory, self._budgets.pop(key) - len(partial.token_ids)))
+        return stopped
+
+    def resume(self, stopped: list[tuple[Trajectory, int]]) -> None:
+        """Continues each interrupted turn from its prefix under the policy now held."""
+        for trajectory, left in stopped:
+            if left <= 0:
+                completion = Completion([], [], "length")
+                self._turn_sampled(trajectory, completion)
+            else:
+                self._submit(trajectory, left)
 
     # -- environment calls ------------------------------------------------------------------------
 
@@ -155,6 +204,9 @@ class MultiTurnRollout:
         return self._envs[trajectory.rollout_id % len(self._envs)]
 
     def _reset(self, trajectory: Trajectory) -> None:
+        if not self._envs:
+            self._start(trajectory, None)
+            return
         ref = self._env_of(trajectory).reset.remote(
             trajectory.rollout_id, trajectory.row, trajectory.seed
         )
@@ -239,31 +291,41 @@ class MultiTurnRollout:
         if budget <= 0:
             self._finish(trajectory, "length")
             return
-        key = f"{trajectory.rollout_id}:{trajectory.restarts}:{trajectory.turns}"
+        trajectory.turn_start = len(trajectory.response_ids)
+        self._submit(trajectory, budget)
+
+    def _submit(self, trajectory: Trajectory, budget: int) -> None:
+        """Samples (the rest of) the trajectory's turn: at most ``budget`` tokens."""
+        part = len(trajectory.response_ids) - trajectory.turn_start
+        key = f"{trajectory.rollout_id}:{trajectory.restarts}:{trajectory.turns}:{part}"
         params = replace(
             self._sampling,
             max_new_tokens=budget,
             seeds=(turn_seed(trajectory.seed, trajectory.turns),),
         )
         self._sampling_now[key] = trajectory
+        self._budgets[key] = budget
         self._engine.submit(key, trajectory.prompt_ids + trajectory.response_ids, params)
 
     def _turn_sampled(self, trajectory: Trajectory, completion: Completion) -> None:
-        trajectory.append(list(completion.token_ids), list(completion.logprobs))
+        trajectory.append(list(completion.token_ids), list(completion.logprobs), self._version())
         trajectory.turn_ends.append(len(trajectory.response_ids) - 1)
         trajectory.turn_rewards.append(0.0)
         if trajectory.ending is not None:
             trajectory.finish_reason = trajectory.ending
             return
-        text = self._turns.decode(self._without_stop(completion))
+        turn = trajectory.response_ids[trajectory.turn_start :]
+        if not self._envs:
+            trajectory.finish_reason = completion.finish_reason
+            return
+        text = self._turns.decode(self._without_stop(turn, completion.finish_reason))
         if trajectory.messages is not None:
             trajectory.messages.append({"role": "assistant", "content": text})
         self._step(trajectory, text)
 
-    def _without_stop(self, completion: Completion) -> list[int]:
-        ids = list(completion.token_ids)
+    def _without_stop(self, ids: list[int], finish_reason: str) -> list[int]:
         stops = set(self._sampling.stop_token_ids) | set(self._turns.closing_ids([])[:1])
-        if completion.finish_reason == "stop" and ids and ids[-1] in stops:
+        if finish_reason == "stop" and ids and ids[-1] in stops:
             return ids[:-1]
         return ids
 
@@ -295,9 +357,9 @@ class MultiTurnRollout:
         )
         if len(ids) >= left:
             trajectory.counters["truncated_observations"] += 1
-            trajectory.append(ids[: max(left, 0)])
+            trajectory.append(ids[: max(left, 0)], version=self._version())
             return False
-        trajectory.append(ids)
+        trajectory.append(ids, version=self._version())
         self._check_rerender(trajectory)
         return True
 
@@ -328,10 +390,10 @@ class MultiTurnRollout:
         """Ends the trajectory; one that failed before its first turn still samples that turn
         from the dataset's prompt (every row of the batch is trained on: tokens the model
         sampled, scored as the reward says)."""
-        if not trajectory.response_ids and trajectory.ending is None:
+        if not trajectory.response_ids and trajectory.ending is None and self._envs:
             trajectory.ending = reason
             self._start(trajectory, None)
             return
         trajectory.finish_reason = reason
-        if reason in ("max_turns", "length"):
+        if reason in ("max_turns", "length") and self._envs:
             self._env_of(trajectory).close.remote(trajectory.rollout_id)

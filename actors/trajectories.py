@@ -26,19 +26,28 @@ class EnvSetup:
 
 
 def trajectory_batch(
-    batch: pa.RecordBatch, trajectories: list[Trajectory], turns: TurnTokens, version: int
+    batch: pa.RecordBatch, trajectories: list[Trajectory], turns: TurnTokens, multi_turn: bool
 ) -> pa.RecordBatch:
     """The prompt batch with each row's trajectory: the prompt it started from, every id after
-    it (sampled and observed) with its loss mask, the turns and their rewards."""
+    it with the policy version that sampled it, and for a ``multi_turn`` one each id's loss mask
+    (sampled or observed), the turns and their rewards. A row's ``policy_version`` is the oldest
+    of its tokens'."""
+    columns = {
+        "response_ids": [t.response_ids for t in trajectories],
+        "response_logprobs": [t.logprobs for t in trajectories],
+        "finish_reason": [t.finish_reason for t in trajectories],
+        "policy_version": [min(t.versions, default=0) for t in trajectories],
+        "token_versions": [t.versions for t in trajectories],
+    }
+    if not multi_turn:
+        responses = turns.decode_responses(columns["response_ids"])
+        return with_columns(batch, response=responses, **columns)
     return with_columns(
         batch,
         prompt=[turns.decode(t.prompt_ids) for t in trajectories],
         prompt_ids=[t.prompt_ids for t in trajectories],
         response=[turns.decode(t.response_ids) for t in trajectories],
-        response_ids=[t.response_ids for t in trajectories],
-        response_logprobs=[t.logprobs for t in trajectories],
-        finish_reason=[t.finish_reason for t in trajectories],
-        policy_version=[version] * len(trajectories),
+        **columns,
         loss_mask=[t.loss_mask for t in trajectories],
         num_turns=[t.turns for t in trajectories],
         turn_ends=[t.turn_ends for t in trajectories],

@@ -16,6 +16,7 @@ trajectories where the template would have disagreed.
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Any
 
 from rlfleet.common.chat import ChatFormatError
@@ -40,8 +41,6 @@ class TurnTokens:
         self._tokenizer = tokenizer
         self._tools = tools or None
         self._chat = bool(getattr(tokenizer, "chat_template", None))
-        self._base_text = self.render(_BASE, generation_prompt=False) if self._chat else ""
-        self._closing = self._closing_ids() if self._chat else []
 
     @property
     def chat(self) -> bool:
@@ -92,7 +91,19 @@ class TurnTokens:
     def decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=False)
 
-    def _closing_ids(self) -> list[int]:
+    def decode_responses(self, responses: list[list[int]]) -> list[str]:
+        """Plain responses as the generators decode them (special tokens left out)."""
+        return self._tokenizer.batch_decode(responses, skip_special_tokens=True)
+
+    @cached_property
+    def _base_text(self) -> str:
+        """The fixed conversation rendered (made on first use: a plain rollout never needs it)."""
+        return self.render(_BASE, generation_prompt=False) if self._chat else ""
+
+    @cached_property
+    def _closing(self) -> list[int]:
+        if not self._chat:
+            return []
         content = _BASE[-1]["content"]
         end = self._base_text.rindex(content) + len(content)
         return self.encode(self._base_text[end:])

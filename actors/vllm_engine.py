@@ -40,6 +40,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -173,6 +174,8 @@ class VLLMEngine:
         self._context = self._llm.llm_engine.model_config.max_model_len
         self._requests: set[str] = set()
         """The keys of submitted, unfinished requests."""
+        self._partial: dict[str, Any] = {}
+        """The latest output of each unfinished request (its tokens so far)."""
 
     @property
     def context(self) -> int:
@@ -213,16 +216,36 @@ class VLLMEngine:
         self._requests.add(key)
 
     def poll(self) -> list[tuple[str, Completion]]:
-        """One engine step; the requests it finished."""
+        """One engine step; the requests it finished (the others' tokens so far are kept for
+        ``interrupt``)."""
         finished = []
-        for output in self._llm.llm_engine.step():
-            if output.finished:  # outputs carry the caller's request id
+        for output in self._llm.llm_engine.step():  # outputs carry the caller's request id
+            if output.finished:
                 self._requests.discard(output.request_id)
+                self._partial.pop(output.request_id, None)
                 finished.append((output.request_id, _completion(output.outputs[0])))
+            else:
+                self._partial[output.request_id] = output.outputs[0]
         return finished
 
     def busy(self) -> bool:
         return bool(self._requests)
+
+    def interrupt(self) -> list[tuple[str, Completion]]:
+        """Stops every running request at the token it reached (before new weights load: their
+        KV cache was computed with the old ones); returns what each had sampled, finish reason
+        ``"interrupted"``, for the caller to continue from its prefix."""
+        keys = sorted(self._requests)
+        if keys:
+            self._llm.llm_engine.abort_request(keys)
+        stopped = []
+        for key in keys:
+            output = self._partial.pop(key, None)
+            ids = list(output.token_ids) if output is not None else []
+            logprobs = _logprobs(output, ids) if output is not None else []
+            stopped.append((key, Completion(ids, logprobs, "interrupted")))
+        self._requests.clear()
+        return stopped
 
     @staticmethod
     def _sampling_params(spec: SamplingSpec, n: int):
@@ -336,9 +359,13 @@ def _raise_collective_errors(receipts: list[WorkerReceipt]) -> None:
         raise CollectiveError("; ".join(failed))
 
 
+def _logprobs(output, token_ids: list[int]) -> list[float]:
+    return [step[token].logprob for step, token in zip(output.logprobs, token_ids, strict=True)]
+
+
 def _completion(output) -> Completion:
     token_ids = list(output.token_ids)
-    logprobs = [step[token].logprob for step, token in zip(output.logprobs, token_ids, strict=True)]
+    logprobs = _logprobs(output, token_ids)
     if output.finish_reason not in ("stop", "length"):
         raise RuntimeError(f"vLLM finished a request with {output.finish_reason!r}")
     return Completion(token_ids=token_ids, logprobs=logprobs, finish_reason=output.finish_reason)

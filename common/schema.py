@@ -17,6 +17,11 @@ index in ``response_ids`` of the last sampled token of each turn, where that tur
 ``turn_rewards`` entry (the environment's reward for the turn, if any) is placed.
 ``env_info`` is the environment's info of the last step as JSON, with rlfleet's counters
 (tool calls, tool errors, truncations).
+
+``token_versions`` is the policy version that sampled each response token, when a generator
+samples request by request (multi-turn, or ``mode: async``, where new weights can arrive in the
+middle of a request); ``policy_version`` is then the oldest of them. Null: every token was
+sampled with ``policy_version``.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ ROLLOUT_SCHEMA = pa.schema(
         pa.field("turn_ends", pa.list_(pa.int32())),
         pa.field("turn_rewards", pa.list_(pa.float32())),
         pa.field("env_info", pa.string()),
+        pa.field("token_versions", pa.list_(pa.int32())),
     ]
 )
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import threading
 from collections.abc import Callable, Sequence
 from decimal import Decimal, InvalidOperation
 from functools import cache
@@ -238,3 +239,82 @@ def length_penalty(
         score - coef * max(0, _length(response, unit) - target)
         for score, response in zip(base_scores, responses, strict=True)
     ]
+
+
+MATH_VERIFY_TIMEOUT_S = 5
+"""math-verify's own default bound, in whole seconds, on each parse and each comparison."""
+
+_GSM8K_FINAL = re.compile(r"####([^\n]*)")
+
+
+@cache
+def _math_verify_api() -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """``math_verify.parse`` and ``verify``, imported on first use: the import pulls in SymPy
+    (a second or more), which the other reward functions' workers need not pay."""
+    from math_verify import parse, verify
+
+    return parse, verify
+
+
+def _final_answer(text: str) -> str:
+    """What follows the last ``####`` on its line (GSM8K's final-answer mark), else ``text``."""
+    matches = _GSM8K_FINAL.findall(text)
+    return matches[-1] if matches else text
+
+
+def _as_latex_answer(reference: Any) -> str:
+    """A reference answer as math-verify reads gold answers best: GSM8K's final answer, and a
+    bare one (``72``, ``\\frac{1}{2}``, ``x^2+1``) put in ``\\boxed{}`` so it parses as LaTeX."""
+    text = _final_answer(str(reference)).strip()
+    return text if "\\boxed" in text or "$" in text else f"\\boxed{{{text}}}"
+
+
+def _signal_timeout(timeout_s: int | None) -> int | None:
+    """``timeout_s`` where math-verify's SIGALRM bound can work (a process's main thread: the
+    reward worker calls functions there), None elsewhere: ``signal`` refuses other threads, and
+    the scorer's ``reward.timeout_s`` (the worker killed) bounds the call there."""
+    if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, int)):
+        raise ValueError(f"math_verify: timeout_s must be whole seconds or None, got {timeout_s!r}")
+    if timeout_s is not None and timeout_s <= 0:
+        raise ValueError(f"math_verify: timeout_s must be positive or None, got {timeout_s}")
+    return timeout_s if threading.current_thread() is threading.main_thread() else None
+
+
+def math_verify(
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    *,
+    answer_field: str = "answer",
+    timeout_s: int | None = MATH_VERIFY_TIMEOUT_S,
+    **fields: Sequence[Any],
+) -> list[float]:
+    """1.0 where the response's final answer equals the sample's reference answer as mathematics
+    (``math-verify``: ``0.5``, ``1/2`` and ``\\frac{1}{2}`` are equal, so are ``(x+1)^2`` and
+    ``x^2+2x+1``), else 0.0; a response without an answer scores 0.0.
+
+    The response's answer is what follows its last ``####`` (GSM8K's format) if it has one, else
+    what math-verify extracts from it: a ``\\boxed{...}`` first, then an "answer is ...", then
+    the last expression. The reference answers are the per-sample list ``fields[answer_field]``:
+    a GSM8K solution (its ``#### 72``), a MATH answer (``\\frac{\\sqrt{3}}{2}``, with or without
+    ``\\boxed{}`` or ``$...$``) or a number; a missing one, or one math-verify cannot read, is an
+    error naming the sample. ``timeout_s`` bounds each parse and comparison (math-verify's
+    SIGALRM, whole seconds; a sample past it scores 0.0) where a signal can: see
+    :func:`_signal_timeout`. The first call imports SymPy.
+    """
+    answers = _reference_answers("math_verify", fields, answer_field, len(responses))
+    timeout = _signal_timeout(timeout_s)
+    parse, verify = _math_verify_api()
+    scores = []
+    for index, (response, reference) in enumerate(zip(responses, answers, strict=True)):
+        if reference is None:
+            raise ValueError(f"math_verify: sample {index} has no {answer_field!r}")
+        gold = parse(_as_latex_answer(reference), parsing_timeout=timeout)
+        if not gold:
+            raise ValueError(
+                f"math_verify: sample {index}: {answer_field!r} {reference!r} is not an answer "
+                "math-verify can read"
+            )
+        answer = parse(_final_answer(response), parsing_timeout=timeout)
+        matched = bool(answer) and verify(gold, answer, timeout_seconds=timeout)
+        scores.append(1.0 if matched else 0.0)
+    return scores

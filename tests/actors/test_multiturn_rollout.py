@@ -101,7 +101,7 @@ def test_every_token_is_the_engines_or_the_environments(ray_local, engine, token
     for t in trajectories:
         assert t.finish_reason == "stop" and t.turns == t.row["turns"]
         assert t.turn_rewards == [0.25] * t.turns
-        sampled = [recorder.completions[f"{t.rollout_id}:0:{k}"] for k in range(t.turns)]
+        sampled = [recorder.completions[f"{t.rollout_id}:0:{k}:0"] for k in range(t.turns)]
         expected_ids, expected_mask, expected_logprobs = [], [], []
         for k, completion in enumerate(sampled):
             expected_ids += completion.token_ids
@@ -118,7 +118,7 @@ def test_every_token_is_the_engines_or_the_environments(ray_local, engine, token
         ends = [end - 1 for start, end, value in segments(t.loss_mask) if value == 1]
         assert t.turn_ends == ends
         for k in range(t.turns):  # each turn was sampled from everything before it, seeded
-            prompt, params = recorder.prompts[f"{t.rollout_id}:0:{k}"]
+            prompt, params = recorder.prompts[f"{t.rollout_id}:0:{k}:0"]
             before = t.turn_ends[k - 1] + 1 + len(tokenizer.encode(observation(k))) if k else 0
             assert prompt == t.prompt_ids + t.response_ids[:before]
             assert params.seeds == (turn_seed(t.seed, k),)
