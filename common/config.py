@@ -402,6 +402,13 @@ class JobConfig(StrictModel):
     """Policy versions a generator may lag behind the learner (0: strictly on-policy)."""
     one_step_off: bool = False
     """Generate batch k+1 while training on batch k (needs max_policy_lag >= 1)."""
+    mode: Literal["sync", "async"] = "sync"
+    """``sync``: each batch is sampled, scored and trained on in turn (exact; the default).
+    ``async``: the generators sample ``max_policy_lag`` batches ahead of the learner and load
+    each new policy as soon as it is published, between two engine steps: a request in flight
+    goes on under the new weights from its prefix, each token recording the version that
+    sampled it (``token_versions``), so no sample is more than ``max_policy_lag`` versions
+    behind the learner that trains on it and none is thrown away."""
     ray_address: str | None = None
     """None: join the cluster of a submitted job, else start a local Ray instance."""
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
@@ -477,6 +484,11 @@ class JobConfig(StrictModel):
     def _check(self) -> JobConfig:
         if self.one_step_off and self.max_policy_lag < 1:
             raise ValueError("one_step_off needs max_policy_lag >= 1")
+        if self.mode == "async" and (self.max_policy_lag < 1 or self.one_step_off):
+            raise ValueError(
+                "mode: async samples max_policy_lag batches ahead of the learner: set "
+                "max_policy_lag >= 1 (and drop one_step_off, which async mode replaces)"
+            )
         if self.algorithm == "ppo" and self.critic_free is not None:
             raise ValueError(
                 "critic_free: a section for critic-free algorithms, but algorithm is ppo; "
@@ -522,6 +534,11 @@ class JobConfig(StrictModel):
     def _check_gpu_colocation(self) -> None:
         """Colocated on GPUs, a learner rank and its generators fit one GPU, and generation
         cannot overlap training (the engines sleep while the learner trains)."""
+        if self.mode == "async":
+            raise ValueError(
+                "mode: async: with placement colocated on GPUs the generators sleep while the "
+                "learner trains, so nothing overlaps; set placement: disaggregated or mode: sync"
+            )
         if self.one_step_off:
             raise ValueError(
                 "one_step_off: with placement colocated on GPUs the generators sleep while the "

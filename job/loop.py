@@ -37,22 +37,22 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 import ray
 
-from rlfleet.common.config import CheckpointConfig, JobConfig
+from rlfleet.common.config import JobConfig
 from rlfleet.common.schema import concat_batches
 from rlfleet.common.start_errors import stop_if_repeated
 from rlfleet.common.transport import resolved_weight_sync
 from rlfleet.job.data import PromptBatches, checked_rows
 from rlfleet.job.evaluation import Evaluation, eval_postfix
 from rlfleet.job.metrics import JobMetrics, MetricsTargets
-from rlfleet.job.pool import ActorPool, PendingShards, id_range, split_batch
+from rlfleet.job.pool import ActorPool, id_range, split_batch
 from rlfleet.job.reporting import JobReport
 from rlfleet.job.roles import (
     ActorFactories,
@@ -61,6 +61,14 @@ from rlfleet.job.roles import (
     start_timeout_s,
 )
 from rlfleet.job.rollout_stats import TrajectorySummary, reward_stats
+from rlfleet.job.stages import (
+    InFlight,
+    JobResult,
+    StageTimer,
+    checkpoint_due,
+    prompt_count,
+    reference_kl,
+)
 from rlfleet.job.sync import WeightSync, needs_sync
 from rlfleet.learner.rank_group import ActorWaitError, LearnerGroup, wait_all
 
@@ -72,72 +80,6 @@ DispatchHook = Callable[[str, int, list[Any]], None]
 LEARNER_STAT_PREFIXES = ("objective/", "ppo/", "critic_free/", "rollout/")
 """The learner's stats that go into each stats.jsonl line as they are (learner/actor.py names
 them: PPO's TRL keys, the critic-free trainer's under ``critic_free/``)."""
-
-KL_STATS = ("objective/kl", "critic_free/kl", "critic_free/kl_in_reward")
-"""Where a stats line keeps the KL to the reference: PPO's, the critic-free loss's (``beta``),
-the critic-free reward's (``kl_coef``). A critic-free job with neither has no reference."""
-
-
-def reference_kl(stats: dict[str, Any]) -> str:
-    """The progress bar's KL: the first of ``KL_STATS`` in ``stats``, ``-`` without one."""
-    kl = next((stats[key] for key in KL_STATS if key in stats), None)
-    return "-" if kl is None else f"{kl:.3f}"
-
-
-@dataclass(frozen=True)
-class InFlight:
-    """A prompt batch out with the generators."""
-
-    batch: pa.RecordBatch
-    pending: PendingShards
-    cursor_before: dict[str, Any]
-    """The prompt cursor before the batch was taken: a checkpoint saved before the batch is
-    trained on resumes there, so the resumed job samples it again and skips nothing."""
-    dispatch_s: float
-
-
-class StageTimer:
-    """Seconds spent in each stage of one iteration; the one measurement feeds both the stats
-    line (``time/<stage>_s``) and ``JobMetrics.record_iteration``."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.add(name, time.perf_counter() - started)
-
-    def add(self, name: str, seconds: float) -> None:
-        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
-
-    def stats(self) -> dict[str, float]:
-        return {f"time/{name}_s": seconds for name, seconds in self.seconds.items()}
-
-
-def prompt_count(batch: pa.RecordBatch) -> int:
-    """The prompts a batch's samples came from: its distinct group ids."""
-    return len(set(batch.column("group_id").to_pylist()))
-
-
-def checkpoint_due(config: CheckpointConfig, iteration: int, iterations: int) -> bool:
-    """Every ``checkpoint.every`` iterations and after the last one, when ``checkpoint.uri`` is
-    set."""
-    every = config.every or iterations
-    return config.uri is not None and (iteration % every == 0 or iteration == iterations)
-
-
-@dataclass
-class JobResult:
-    stats: list[dict[str, Any]]
-    """This run's lines of stats.jsonl (those after a checkpoint it resumed from)."""
-    consumed_rollout_ids: list[int]
-    generator_restarts: int
-    reward_restarts: int
-    learner_restarts: int = 0
 
 
 class LearnerRestartsExhausted(RuntimeError):
@@ -331,12 +273,34 @@ class TrainingJob:
             learner_restarts=self.learner_restarts,
         )
 
+    @property
+    def batches_ahead(self) -> int:
+        """Batches out with the generators beyond the one being trained: ``max_policy_lag`` in
+        asynchronous mode (they sample while the learner trains, with the newest weights as
+        they arrive), one in one-step-off mode, none in the synchronous loop."""
+        if self.config.mode == "async":
+            return self.config.max_policy_lag
+        return int(self.config.one_step_off)
+
+    def dispatch_ahead(self, queue: deque[InFlight]) -> None:
+        """Keeps ``batches_ahead`` batches out after the one being trained (iteration
+        ``self.iteration``), none past the job's last iteration."""
+        while (
+            len(queue) < self.batches_ahead
+            and self.iteration + 1 + len(queue) < self.config.iterations
+        ):
+            queue.append(self.dispatch_next_batch())
+
     def train_remaining(self, bar: Any) -> None:
         """The iterations from ``self.iteration`` on, until the last checkpoint is committed."""
         self.sync_weights_if_needed()
-        in_flight = self.dispatch_next_batch() if self.iteration < self.config.iterations else None
-        while in_flight is not None:
-            stats, in_flight = self.train_iteration(in_flight)
+        queue: deque[InFlight] = deque()
+        if self.iteration < self.config.iterations:
+            queue.append(self.dispatch_next_batch())
+            if self.config.mode == "async":
+                self.dispatch_ahead(queue)
+        while queue:
+            stats = self.train_iteration(queue)
             bar.update(1)
             bar.set_postfix(
                 reward=f"{stats['reward_mean']:.3f}",
@@ -362,16 +326,16 @@ class TrainingJob:
         self.metrics.record_eval(self.iteration, stats)
         return stats
 
-    def train_iteration(self, in_flight: InFlight) -> tuple[dict[str, Any], InFlight | None]:
-        """Trains on the batch in flight; returns the iteration's stats line and the next batch
-        in flight (None after the last iteration)."""
+    def train_iteration(self, queue: deque[InFlight]) -> dict[str, Any]:
+        """Trains on the oldest batch in flight, leaving the next ones in ``queue``
+        (``batches_ahead``); returns the iteration's stats line."""
+        in_flight = queue.popleft()
         more_to_come = self.iteration + 1 < self.config.iterations
-        one_step_off = self.config.one_step_off
         timer = StageTimer()
         timer.add("generate", in_flight.dispatch_s)
         with timer.stage("generate"):
             rollouts = self.collect_rollouts(in_flight)
-        next_in_flight = self.dispatch_next_batch() if one_step_off and more_to_come else None
+        self.dispatch_ahead(queue)
 
         with timer.stage("score"):
             scored = self.score(rollouts)
@@ -385,13 +349,12 @@ class TrainingJob:
         due = checkpoint_due(self.config.checkpoint, self.iteration, self.config.iterations)
         self.report.record(stats, scored, durable=due)
         if due:
-            untrained = next_in_flight.cursor_before if next_in_flight else self.prompts.state()
-            self.save_checkpoint(untrained)
-        if not one_step_off and more_to_come:
-            next_in_flight = self.dispatch_next_batch()
+            self.save_checkpoint(queue[0].cursor_before if queue else self.prompts.state())
+        if not queue and more_to_come:
+            queue.append(self.dispatch_next_batch())
 
-        self.record_metrics(scored, timer.seconds, next_in_flight)
-        return stats, next_in_flight
+        self.record_metrics(scored, timer.seconds, queue)
+        return stats
 
     # -- one iteration's parts -----------------------------------------------------------------
 
@@ -442,9 +405,16 @@ class TrainingJob:
 
     def sync_weights_if_needed(self) -> None:
         """Has every generator load the learner's policy when it would otherwise lag more than
-        ``max_policy_lag`` versions (see ``sync.needs_sync``)."""
+        ``max_policy_lag`` versions (see ``sync.needs_sync``); in asynchronous mode whenever
+        there is a newer one (it reaches the generators while they sample)."""
         cfg = self.config
-        if needs_sync(self.iteration, self.sync.version, cfg.max_policy_lag, cfg.one_step_off):
+        if cfg.mode == "async":
+            behind = self.sync.version < self.iteration
+        else:
+            behind = needs_sync(
+                self.iteration, self.sync.version, cfg.max_policy_lag, cfg.one_step_off
+            )
+        if behind:
             self.sync.publish(self.generators)
 
     def save_checkpoint(self, cursor: dict[str, Any]) -> None:
@@ -458,7 +428,7 @@ class TrainingJob:
         self.checkpoints = [*self.checkpoints[-1:], uri]
 
     def record_metrics(
-        self, scored: pa.RecordBatch, seconds: dict[str, float], in_flight: InFlight | None
+        self, scored: pa.RecordBatch, seconds: dict[str, float], queue: deque[InFlight]
     ) -> None:
         tokens = sum(len(ids) for ids in scored.column("response_ids").to_pylist())
         self.metrics.record_iteration(scored.num_rows, tokens, seconds)
@@ -466,7 +436,7 @@ class TrainingJob:
         if trajectories is not None:
             self.metrics.record_trajectories(trajectories)
         self.metrics.record_prompts(prompt_count(scored))
-        self.metrics.set_inflight_rollouts(in_flight.batch.num_rows if in_flight else 0)
+        self.metrics.set_inflight_rollouts(sum(batch.batch.num_rows for batch in queue))
 
     def stats_line(self, scored: pa.RecordBatch, learner_stats: dict[str, float]) -> dict[str, Any]:
         versions = scored.column("policy_version").to_pylist()

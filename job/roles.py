@@ -227,6 +227,7 @@ class Layout:
             self.weight_sync,
             trust_remote_code=config.trust_remote_code,
             env=self.env_setup(),
+            asynchronous=config.mode == "async",
         )
 
     def start_env(self, index: int) -> Any:

@@ -4,6 +4,7 @@ learner actors: groups of samples across two generators, exact weight sync, and 
 from __future__ import annotations
 
 import json
+from collections import deque
 from pathlib import Path
 
 import pyarrow as pa
@@ -61,9 +62,9 @@ def test_a_grpo_job_trains_on_groups_syncs_exact_weights_and_resumes(
     stats = []
     try:
         before = job_learner_greedy(job, probe, 8)
-        in_flight = job.dispatch_next_batch()
-        while in_flight is not None:
-            line, in_flight = job.train_iteration(in_flight)
+        queue = deque([job.dispatch_next_batch()])
+        while queue:
+            line = job.train_iteration(queue)
             stats.append(line)
             learner = job_learner_greedy(job, probe, 8)
             for generator in job.generators.actors:

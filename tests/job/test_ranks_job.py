@@ -4,6 +4,7 @@ two-rank job checkpoints and resumes."""
 
 from __future__ import annotations
 
+from collections import deque
 from pathlib import Path
 
 import pytest
@@ -39,9 +40,9 @@ def run_checking_sync(config: JobConfig, tolerance: float) -> tuple[TrainingJob,
     lines = []
     try:
         before = job_learner_greedy(job, probe, 6)
-        in_flight = job.dispatch_next_batch()
-        while in_flight is not None:
-            line, in_flight = job.train_iteration(in_flight)
+        queue = deque([job.dispatch_next_batch()])
+        while queue:
+            line = job.train_iteration(queue)
             lines.append(line)
             check_generators_match_learner(job, probe, tolerance)
         after = job_learner_greedy(job, probe, 6)

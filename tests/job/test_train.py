@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections import deque
 from pathlib import Path
 
 import pytest
@@ -378,9 +379,9 @@ def test_after_every_sync_the_generators_greedy_tokens_and_logprobs_match_the_le
     probe = job.prompts.next_batch(4).column("prompt_ids").to_pylist()
     try:
         before = job_learner_greedy(job, probe, 8)
-        in_flight = job.dispatch_next_batch()
+        queue = deque([job.dispatch_next_batch()])
         for _ in range(config.iterations):
-            _, in_flight = job.train_iteration(in_flight)
+            job.train_iteration(queue)
             learner = job_learner_greedy(job, probe, 8)
             for generator in job.generators.actors:
                 assert generator_version(generator) == job.iteration
