@@ -25,5 +25,8 @@ Each kind of piece has one signature and a :class:`~rlfleet.algorithms.registry.
 :func:`~rlfleet.algorithms.grpo.critic_free_loss` the GRPO-family loss (TRL 1.16's);
 :mod:`~rlfleet.algorithms.baselines` holds the group baselines of the critic-free advantage
 estimators (grpo, rloo, reinforce_pp, reinforce_pp_baseline);
-:mod:`~rlfleet.algorithms.rewards` turns scores into per-token rewards.
+:mod:`~rlfleet.algorithms.rewards` turns scores into per-token rewards;
+:mod:`~rlfleet.algorithms.sampling` holds DAPO's sampling control (veRL 0.9.1's): the soft
+overlong punishment (:data:`~rlfleet.algorithms.sampling.LENGTH_PENALTIES`), dynamic sampling's
+group filter (:data:`~rlfleet.algorithms.sampling.GROUP_FILTERS`), refill and batch fill.
 """

@@ -22,6 +22,79 @@ STRICT_MODEL_CONFIG = ConfigDict(extra="forbid", validate_assignment=True, allow
 validated, and every float field refuses ``inf`` and ``nan`` (YAML's ``.inf`` and ``.nan``, in
 the file or a ``--set``), whatever its bounds: ``gt=0`` refuses ``nan`` but not ``inf``."""
 
+CorrectionMode = Literal["none", "token_tis", "seq_tis", "icepop", "seq_mis"]
+CORRECTION_PARAMS: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "token_tis": ("cap",),
+    "seq_tis": ("cap",),
+    "icepop": ("low", "high"),
+    "seq_mis": ("low", "high", "aggregate", "cap"),
+}
+"""The parameters each mode reads (algorithms/corrections.py); any other one set is refused."""
+
+
+class RolloutCorrectionConfig(BaseModel):
+    """Off-policy correction between the generator's logprobs and the learner's old ones
+    (algorithms/corrections.py, veRL 0.9.1's modes). A parameter left unset takes the mode's
+    default: ``cap`` 2.0 (``seq_mis``: no IS weights), ``low``/``high`` 0.5/5.0 for ``icepop``
+    and 0.5/2.0 for ``seq_mis``, ``aggregate`` ``product``."""
+
+    model_config = STRICT_MODEL_CONFIG
+
+    mode: CorrectionMode = "none"
+    """``none``: the trainer's ``tis_cap`` decides (token TIS when set); ``token_tis``: weights
+    ``min(rho_t, cap)``; ``seq_tis``: each row weighted by ``min(prod rho_t, cap)``; ``icepop``:
+    tokens with ``rho_t`` outside ``[low, high]`` weighted 0; ``seq_mis``: rows whose sequence
+    ratio is outside ``[low, high]`` leave the loss."""
+    cap: PositiveFloat | None = None
+    low: PositiveFloat | None = None
+    """Lower bound of the ratio ``pi_old / pi_generator`` (``icepop``, ``seq_mis``)."""
+    high: PositiveFloat | None = None
+    aggregate: Literal["product", "geometric"] | None = None
+    """``seq_mis``: the sequence ratio as the product of the token ratios or their geometric
+    mean (length-normalised)."""
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The parameters set, by name (what the correction function is called with)."""
+        return {
+            name: getattr(self, name)
+            for name in CORRECTION_PARAMS[self.mode]
+            if getattr(self, name) is not None
+        }
+
+    @model_validator(mode="after")
+    def _check(self) -> RolloutCorrectionConfig:
+        read = CORRECTION_PARAMS[self.mode]
+        unread = [
+            name
+            for name in ("cap", "low", "high", "aggregate")
+            if getattr(self, name) is not None and name not in read
+        ]
+        if unread:
+            raise ValueError(f"rollout_correction mode {self.mode} does not read {unread}")
+        if self.low is not None and self.high is not None and self.low > self.high:
+            raise ValueError(f"rollout_correction: low ({self.low}) > high ({self.high})")
+        return self
+
+
+def resolved_correction(
+    section: RolloutCorrectionConfig, tis_cap: float | None, tis_cap_set: bool
+) -> tuple[str, dict[str, Any]]:
+    """The one correction a trainer applies, ``(mode, params)``: the ``rollout_correction``
+    section's, or, with its mode ``none``, token TIS at ``tis_cap`` (the key as it always worked)
+    or nothing. ``tis_cap`` set explicitly beside another mode is refused (two corrections)."""
+    if section.mode != "none":
+        if tis_cap_set and tis_cap is not None:
+            raise ValueError(
+                f"tis_cap and rollout_correction (mode {section.mode}) both set: use one "
+                "(tis_cap X is rollout_correction {mode: token_tis, cap: X})"
+            )
+        return section.mode, section.params
+    if tis_cap is not None:
+        return "token_tis", {"cap": tis_cap}
+    return "none", {}
+
 
 class PPOConfig(BaseModel):
     """Every field and default of TRL v0.11.4's ``PPOConfig``, validated.
@@ -87,6 +160,16 @@ class PPOConfig(BaseModel):
     old-policy logprobs and the generator's (``step``'s ``behaviour_logprobs``): each token's
     policy loss is weighted by ``min(pi_old / pi_behaviour, tis_cap)``, e.g. 2.0, which corrects a
     stale generator (``one_step_off``) or its numerics. None: off, TRL v0.11.4's loss."""
+    rollout_correction: RolloutCorrectionConfig = Field(default_factory=RolloutCorrectionConfig)
+    """rlfleet's own: another off-policy correction than ``tis_cap``'s (sequence-level TIS,
+    IcePop, sequence masking); mode ``none`` leaves ``tis_cap`` in charge."""
+
+    @property
+    def correction(self) -> tuple[str, dict[str, Any]]:
+        """The correction the trainer applies, ``(mode, params)`` (``resolved_correction``)."""
+        return resolved_correction(
+            self.rollout_correction, self.tis_cap, "tis_cap" in self.model_fields_set
+        )
 
     @property
     def backward_batch_size(self) -> int:
@@ -135,6 +218,7 @@ class PPOConfig(BaseModel):
                 f"({self.mini_batch_size}) * gradient_accumulation_steps "
                 f"({self.gradient_accumulation_steps})"
             )
+        _ = self.correction  # refuses tis_cap beside another correction now, not in the learner
         return self
 
 
@@ -193,6 +277,9 @@ class CriticFreeConfig(BaseModel):
     """Truncated importance sampling between the learner's old-policy logprobs and the
     generator's: each token's loss is weighted by ``min(pi_old / pi_behaviour, tis_cap)`` when
     ``step`` gets behaviour logprobs; None: off."""
+    rollout_correction: RolloutCorrectionConfig = Field(default_factory=RolloutCorrectionConfig)
+    """Another off-policy correction than ``tis_cap``'s (sequence-level TIS, IcePop, sequence
+    masking); mode ``none`` leaves ``tis_cap`` in charge, another mode replaces it."""
     seed: int = 42
     """Seeds the order of the minibatches."""
 
@@ -204,6 +291,13 @@ class CriticFreeConfig(BaseModel):
     @property
     def optimizer_batch_size(self) -> int:
         return self.mini_batch_size or self.batch_size
+
+    @property
+    def correction(self) -> tuple[str, dict[str, Any]]:
+        """The correction the trainer applies, ``(mode, params)`` (``resolved_correction``)."""
+        return resolved_correction(
+            self.rollout_correction, self.tis_cap, "tis_cap" in self.model_fields_set
+        )
 
     @model_validator(mode="before")
     @classmethod
@@ -222,4 +316,5 @@ class CriticFreeConfig(BaseModel):
             )
         if self.loss_type == "dr_grpo" and self.max_completion_length is None:
             raise ValueError("loss_type dr_grpo divides by max_completion_length: set it")
+        _ = self.correction  # refuses tis_cap beside another correction now, not in the learner
         return self

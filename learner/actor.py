@@ -50,6 +50,7 @@ from rlfleet.common.config import (
 )
 from rlfleet.common.metrics import MetricsTarget
 from rlfleet.common.transport import DEFAULT_TRANSPORT, GroupSpec, WeightsHandle, make_publisher
+from rlfleet.learner.batches import staleness_stats
 from rlfleet.learner.metrics import LearnerMetrics
 from rlfleet.learner.rank_group import RankSpec
 from rlfleet.learner.registry import TRAINERS, Trainer, TrainerSpec
@@ -258,6 +259,7 @@ class LearnerActor:
         self._check_policy_lag(batch)
         started = time.perf_counter()
         stats = self.spec.step(self.trainer, batch)
+        stats.update(staleness_stats(batch, self.version))
         check_finite_weights(
             self.trainer.model,
             f"step {self.version + 1} (rollouts {min(ids)}..{max(ids)})",

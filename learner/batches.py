@@ -156,6 +156,33 @@ def generator_mismatch_stats(batch: pa.RecordBatch, old_logprobs: np.ndarray) ->
     }
 
 
+STALENESS_BUCKETS = 4
+"""``rollout/staleness_{k}`` counts the rollouts ``k`` versions behind for ``k`` below this, and
+``rollout/staleness_{STALENESS_BUCKETS}plus`` the rest."""
+
+
+def staleness_stats(batch: pa.RecordBatch, learner_version: int) -> dict[str, float]:
+    """How stale a batch is for the learner at ``learner_version`` (before its step): each
+    rollout's lag is that minus its ``policy_version`` (0: sampled with the current weights,
+    ``one_step_off``'s 1, more with an asynchronous fleet). ``rollout/staleness_mean`` and
+    ``_max``, and a histogram: the count of rollouts at each lag (a fixed set of keys, so that
+    every step's line has them all)."""
+    versions = batch.column("policy_version").to_pylist()
+    if any(version is None for version in versions):
+        raise ValueError("staleness: a rollout has no policy_version")
+    lags = np.asarray([learner_version - version for version in versions], dtype=np.int64)
+    counts = np.bincount(
+        np.minimum(lags.clip(min=0), STALENESS_BUCKETS), minlength=STALENESS_BUCKETS + 1
+    )
+    stats = {
+        "rollout/staleness_mean": float(lags.mean()),
+        "rollout/staleness_max": float(lags.max()),
+    }
+    stats.update({f"rollout/staleness_{k}": float(counts[k]) for k in range(STALENESS_BUCKETS)})
+    stats[f"rollout/staleness_{STALENESS_BUCKETS}plus"] = float(counts[STALENESS_BUCKETS])
+    return stats
+
+
 def sampled(mask: list[int] | None, length: int) -> np.ndarray:
     """Which of a rollout's ``length`` tokens the policy sampled (all, without a loss mask)."""
     return np.ones(length, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)

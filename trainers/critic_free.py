@@ -18,6 +18,11 @@ weighted by ``min(exp(old - behaviour), tis_cap)``, after the PPO clip and befor
 added, exactly where TRL 1.16 applies its ``vllm_importance_sampling_correction`` in its
 ``token_truncate`` mode (``GRPOTrainer._compute_loss``). The clip keeps the update near the
 learner's old policy; the weight makes the samples of the behaviour policy stand for the old one.
+``rollout_correction`` picks another correction of algorithms/corrections.py instead (resolved
+once, at construction): its weights multiply the policy term in the same place, and a correction
+that drops tokens (``seq_mis``) takes them out of the loss mask before the advantages, as the
+truncation mask does (its keep mask is known before the first minibatch: such a correction
+always has the old-policy forward).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlfleet.algorithms.advantages import ADVANTAGE_ESTIMATORS, AdvantageConfig
+from rlfleet.algorithms.corrections import ResolvedCorrection
 from rlfleet.algorithms.grpo import (
     LOSS_TYPE_SHARES,
     CriticFreeLossConfig,
@@ -38,7 +44,7 @@ from rlfleet.algorithms.grpo import (
     critic_free_loss,
 )
 from rlfleet.algorithms.kl import KL_PENALTIES
-from rlfleet.algorithms.losses import truncated_importance_weights
+from rlfleet.algorithms.losses import truncated_importance_weights  # noqa: F401 (re-exported)
 from rlfleet.algorithms.masked import masked_mean
 from rlfleet.algorithms.rewards import per_token_rewards
 from rlfleet.common.config import CriticFreeConfig
@@ -68,7 +74,13 @@ from rlfleet.trainers.minibatch import (
     optimizer_steps,
 )
 from rlfleet.trainers.reference import frozen_reference, reference_forward
-from rlfleet.trainers.stats import StepTimer, batch_stats, behaviour_mismatch_stats, mean_metrics
+from rlfleet.trainers.stats import (
+    StepTimer,
+    batch_stats,
+    behaviour_mismatch_stats,
+    correction_stats,
+    mean_metrics,
+)
 from rlfleet.trainers.value_head import AutoModelForCausalLMWithValueHead
 
 __all__ = ["CriticFreeTrainer"]
@@ -113,6 +125,7 @@ class CriticFreeTrainer(MinibatchTrainer):
                 f"{type(model).__name__}"
             )
         self.config = config
+        self.correction = ResolvedCorrection(*config.correction)
         self.model = model
         self.tokenizer = tokenizer
         self.ref_model = self._reference(model, ref_model)
@@ -153,7 +166,7 @@ class CriticFreeTrainer(MinibatchTrainer):
         """Whether the old-policy logprobs need their own forward pass (see the module doc)."""
         config = self.config
         policy_moves = config.num_iterations > 1 or self.minibatches_per_iteration > 1
-        return policy_moves or config.kl_coef > 0
+        return policy_moves or config.kl_coef > 0 or self.correction.drops_tokens
 
     def step(
         self,
@@ -202,6 +215,7 @@ class CriticFreeTrainer(MinibatchTrainer):
                 rewards, reward_kl = self._token_rewards(
                     inputs.scores, old_logprobs, ref_logprobs, batch.mask, extra_rewards
                 )
+            policy_mask = self._kept(loss_mask, old_logprobs, behaviour, batch.mask)
             with timer.phase("compute_advantages"):
                 advantage_config = AdvantageConfig(
                     gamma=config.gamma,
@@ -209,16 +223,16 @@ class CriticFreeTrainer(MinibatchTrainer):
                     normalize_advantages=config.normalize_advantages,
                 )
                 estimator = ADVANTAGE_ESTIMATORS[config.algorithm]
-                advantages, _ = estimator(rewards, loss_mask, None, group_ids, advantage_config)
+                advantages, _ = estimator(rewards, policy_mask, None, group_ids, advantage_config)
             with timer.phase("optimize_step"):
                 minibatch_metrics, old_logprobs = self._train(
-                    batch, loss_mask, old_logprobs, ref_logprobs, advantages, behaviour
+                    batch, policy_mask, old_logprobs, ref_logprobs, advantages, behaviour
                 )
         stats = {
             **mean_metrics(minibatch_metrics),
             **batch_stats(
                 batch,
-                loss_mask,
+                policy_mask,
                 returns(inputs.scores, extra_rewards),
                 group_ids,
                 truncated,
@@ -229,11 +243,26 @@ class CriticFreeTrainer(MinibatchTrainer):
         if reward_kl is not None:
             stats["kl_in_reward"] = masked_mean(reward_kl, batch.mask)
         if behaviour is not None:
-            mismatch = behaviour_mismatch_stats(old_logprobs, behaviour, loss_mask, config.tis_cap)
-            stats.update(mismatch)
+            cap = self.correction.token_cap
+            stats.update(behaviour_mismatch_stats(old_logprobs, behaviour, loss_mask, cap))
+            stats.update(correction_stats(old_logprobs, behaviour, batch.mask, self.correction))
         stats.update(timer.stats())
         self.current_step += 1
         return {key: float(value) for key, value in stats.items()}
+
+    def _kept(
+        self,
+        loss_mask: torch.Tensor,
+        old_logprobs: torch.Tensor | None,
+        behaviour: torch.Tensor | None,
+        sampled: torch.Tensor,
+    ) -> torch.Tensor:
+        """``loss_mask`` less the tokens the correction drops (``seq_mis``'s rejected rows); the
+        sequence ratios are over every ``sampled`` token of a row."""
+        if behaviour is None or not self.correction.drops_tokens:
+            return loss_mask
+        keep = self.correction(old_logprobs, behaviour, sampled).keep_mask
+        return loss_mask * keep.to(loss_mask.dtype)
 
     def _rollout_logprobs(
         self, batch: ResponseBatch
@@ -300,8 +329,9 @@ class CriticFreeTrainer(MinibatchTrainer):
             ref_logprobs=ref_logprobs,
             advantages=advantages,
             mask=loss_mask,
+            sampled=batch.mask,
             behaviour=behaviour,
-            tis_cap=config.tis_cap,
+            correction=self.correction,
             config=loss_config,
             num_items_in_batch=loss_mask.sum(),
         )
@@ -355,8 +385,10 @@ class CriticFreeTargets:
     ref_logprobs: torch.Tensor | None
     advantages: torch.Tensor
     mask: torch.Tensor
+    sampled: torch.Tensor
+    """Every token the policy sampled (the correction's sequence ratios run over them)."""
     behaviour: torch.Tensor | None
-    tis_cap: float | None
+    correction: ResolvedCorrection
     config: CriticFreeLossConfig
     num_items_in_batch: torch.Tensor
     accumulation: ClassVar[int] = 1
@@ -371,14 +403,14 @@ class CriticFreeTargets:
         return self.whole(outputs, micro_rows).loss * share
 
     def whole(self, outputs: ResponseOutputs, rows: torch.Tensor) -> CriticFreeLossOutput:
-        """The loss of ``rows`` given their outputs, with truncated importance sampling against
-        the behaviour logprobs when given and capped."""
+        """The loss of ``rows`` given their outputs, the policy term weighted by the correction
+        against the behaviour logprobs when given (its weights depend on each row alone)."""
         if self.fill_old:
             self.old_logprobs[rows] = outputs.logprobs.detach()
         old = self.old_logprobs[rows]
         tis_weights = None
-        if self.behaviour is not None and self.tis_cap is not None:
-            tis_weights = truncated_importance_weights(old, self.behaviour[rows], self.tis_cap)
+        if self.behaviour is not None:
+            tis_weights = self.correction(old, self.behaviour[rows], self.sampled[rows]).weights
         return critic_free_loss(
             outputs.logprobs,
             old,

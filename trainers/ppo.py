@@ -12,7 +12,11 @@ policy differing from the learner's old one (a stale policy with ``one_step_off`
 numerics): given the generator's ``behaviour_logprobs``, each token's policy loss is weighted by
 ``min(exp(old - behaviour), tis_cap)`` after the PPO clip, as the critic-free trainer does
 (trainers/critic_free.py). The clip keeps the update near the learner's old policy; the weight
-makes the behaviour policy's samples stand for the old policy's.
+makes the behaviour policy's samples stand for the old policy's. ``config.rollout_correction``
+picks another correction of algorithms/corrections.py instead (resolved once, at construction):
+its weights take the TIS weights' place, and the tokens it drops (``seq_mis``'s rejected rows)
+leave the mask of the advantages' whitening and of both losses, as veRL 0.9.1 drops them from its
+``response_mask`` (the KL penalty in the reward still counts them, as veRL's does).
 """
 
 from __future__ import annotations
@@ -26,12 +30,9 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlfleet.algorithms.advantages import ADVANTAGE_ESTIMATORS, AdvantageConfig
+from rlfleet.algorithms.corrections import CorrectionOutput, ResolvedCorrection
 from rlfleet.algorithms.kl import AdaptiveKLController, FixedKLController
-from rlfleet.algorithms.losses import (
-    MICRO_BATCH_SHARES,
-    LossConfig,
-    truncated_importance_weights,
-)
+from rlfleet.algorithms.losses import MICRO_BATCH_SHARES, LossConfig
 from rlfleet.algorithms.ppo import (
     PPOLossOutput,
     early_stop,
@@ -64,7 +65,13 @@ from rlfleet.trainers.minibatch import (
     optimizer_steps,
 )
 from rlfleet.trainers.reference import create_reference_model, frozen_reference, reference_forward
-from rlfleet.trainers.stats import StepTimer, as_python, behaviour_mismatch_stats, step_stats
+from rlfleet.trainers.stats import (
+    StepTimer,
+    as_python,
+    behaviour_mismatch_stats,
+    correction_stats,
+    step_stats,
+)
 from rlfleet.trainers.trl_compat import TRLCompatMixin, generate
 from rlfleet.trainers.value_head import AutoModelForCausalLMWithValueHead
 
@@ -123,6 +130,7 @@ class PPOTrainer(TRLCompatMixin, MinibatchTrainer):
             raise ValueError("lr_scheduler must be a torch.optim.lr_scheduler.LRScheduler")
         check_no_optimizer_when_sharded(layout, optimizer, lr_scheduler)
         self.config = config
+        self.correction = ResolvedCorrection(*config.correction)
         self.model = model
         self.tokenizer = tokenizer
         if ref_model is None:
@@ -279,19 +287,18 @@ class PPOTrainer(TRLCompatMixin, MinibatchTrainer):
                 rewards, non_score_reward = per_token_rewards(
                     scores, rollout.kls, batch.mask, kl_coef, extra_rewards
                 )
+            correction = self._correct(rollout.logprobs, behaviour, batch.mask)
+            policy_mask = (
+                batch.mask if correction.keep_mask is None else batch.mask * correction.keep_mask
+            )
             with timer.phase("compute_advantages"):
                 old_values, advantages, returns = ppo_advantages(
                     rewards,
                     rollout.values,
-                    batch.mask,
+                    policy_mask,
                     AdvantageConfig(gamma=config.gamma, lam=config.lam),
                     whiten_rewards=config.whiten_rewards,
                     estimator=ADVANTAGE_ESTIMATORS["masked_gae" if batch.sampled_only else "gae"],
-                )
-            tis_weights = None
-            if behaviour is not None and config.tis_cap is not None:
-                tis_weights = truncated_importance_weights(
-                    rollout.logprobs, behaviour, config.tis_cap
                 )
             with timer.phase("optimize_step"):
                 targets = PPOTargets(
@@ -299,8 +306,8 @@ class PPOTrainer(TRLCompatMixin, MinibatchTrainer):
                     old_values,
                     advantages,
                     returns,
-                    batch.mask,
-                    tis_weights,
+                    policy_mask,
+                    correction.weights,
                     loss_config(config),
                     config.gradient_accumulation_steps,
                 )
@@ -316,9 +323,12 @@ class PPOTrainer(TRLCompatMixin, MinibatchTrainer):
                 learning_rate=self.optimizer.param_groups[0]["lr"],
             )
             if behaviour is not None:
-                mismatch = behaviour_mismatch_stats(
-                    rollout.logprobs, behaviour, batch.mask, config.tis_cap
-                )
+                mismatch = {
+                    **behaviour_mismatch_stats(
+                        rollout.logprobs, behaviour, batch.mask, self.correction.token_cap
+                    ),
+                    **correction_stats(rollout.logprobs, behaviour, batch.mask, self.correction),
+                }
                 stats.update({key: as_python(value) for key, value in mismatch.items()})
         self.kl_ctl.update(stats["objective/kl"], config.batch_size)
         stats.update(timer.stats())
@@ -327,10 +337,28 @@ class PPOTrainer(TRLCompatMixin, MinibatchTrainer):
         self.current_step += 1
         return stats
 
+    def _correct(
+        self, old_logprobs: torch.Tensor, behaviour: torch.Tensor | None, mask: torch.Tensor
+    ) -> CorrectionOutput:
+        """The correction's weights and keep mask (neither without behaviour logprobs); a
+        correction that drops every sampled token leaves nothing to train on: an error."""
+        if behaviour is None:
+            return CorrectionOutput(None, None, {})
+        correction = self.correction(old_logprobs, behaviour, mask)
+        if correction.keep_mask is not None and not (mask * correction.keep_mask).any():
+            raise ValueError(
+                f"PPO step {self.current_step + 1}: rollout_correction {self.correction.name} "
+                f"{dict(self.correction.params)} dropped every sequence of the batch, nothing to "
+                "train on (widen its bounds)"
+            )
+        return correction
+
     def _train(self, batch: ResponseBatch, targets: PPOTargets) -> list[dict[str, torch.Tensor]]:
         """``ppo_epochs`` passes over shuffled minibatches, one optimizer step per
-        ``backward_batch_size`` rows, each token's policy loss weighted by the TIS weights when
-        given; returns each minibatch's stats.
+        ``backward_batch_size`` rows, each token's policy loss weighted by the correction's
+        weights when given; returns each minibatch's stats. A minibatch whose mask the
+        correction emptied is left out (no forward, no stats; an optimizer step of only such
+        minibatches is not taken).
 
         A minibatch is trained on, skipped (mean ratio over the threshold) or not finite
         (trainers/minibatch.py). After a skipped one the optimizer still steps the parameters
@@ -345,12 +373,16 @@ class PPOTrainer(TRLCompatMixin, MinibatchTrainer):
             ):
                 outcomes = []
                 for index, rows in minibatches:
+                    if not targets.mask[rows].any():
+                        continue
                     where = self._where(epoch, index)
                     _, result, outcome = self._forward_backward(
                         batch, rows, targets, where, with_values=True, with_entropy=True
                     )
                     outcomes.append(outcome)
                     all_stats.append(result.stats)
+                if not outcomes:
+                    continue
                 norm = self._optimizer_step(
                     config.max_grad_norm,
                     self._where(epoch, minibatches[0][0]),
@@ -359,8 +391,10 @@ class PPOTrainer(TRLCompatMixin, MinibatchTrainer):
                 )
                 if norm is None:
                     self.nonfinite_skipped_steps += 1
-            if config.early_stopping and early_stop(
-                all_stats[-1]["policy/policykl"], config.target_kl
+            if (
+                config.early_stopping
+                and all_stats
+                and early_stop(all_stats[-1]["policy/policykl"], config.target_kl)
             ):
                 break
         return all_stats
@@ -405,6 +439,7 @@ class PPOTargets:
     returns: torch.Tensor
     mask: torch.Tensor
     tis_weights: torch.Tensor | None
+    """The correction's per-token weights of the policy loss (None: all ones)."""
     config: LossConfig
     accumulation: int
     """``gradient_accumulation_steps``: each minibatch's loss is divided by it."""

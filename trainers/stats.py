@@ -4,7 +4,8 @@ PPO's (``step_stats``): TRL v0.11.4's keys, single values as Python floats, dist
 NumPy arrays. The critic-free trainer's (``mean_metrics``, ``batch_stats``): TRL 1.16's names
 where it logs the same thing, the minibatches' loss metrics and the batch's rewards, advantages
 and lengths. Both: the phases' wall-clock seconds (``StepTimer``) and how far the generator's
-logprobs are from the learner's (``behaviour_mismatch_stats``).
+logprobs are from the learner's (``behaviour_mismatch_stats``, and ``correction_stats``: veRL's
+mismatch metrics and what the off-policy correction did, under ``rollout/correction/``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rlfleet.algorithms.corrections import ResolvedCorrection, mismatch_metrics
 from rlfleet.algorithms.masked import masked_mean, masked_var, std
 from rlfleet.trainers.forward import ResponseBatch, Rollout
 
@@ -124,6 +126,29 @@ def behaviour_mismatch_stats(
         "rollout/logprob_diff_mean": masked_mean(log_ratio.abs(), mask),
         "rollout/tis_capped_fraction": masked_mean(capped.float(), mask),
     }
+
+
+CORRECTION_STAT_PREFIX = "rollout/correction/"
+"""Under ``rollout/``: the learner passes such stats through unrenamed and stats.jsonl keeps
+them, for every algorithm."""
+
+
+def correction_stats(
+    old_logprobs: torch.Tensor,
+    behaviour: torch.Tensor,
+    mask: torch.Tensor,
+    correction: ResolvedCorrection,
+) -> dict[str, torch.Tensor]:
+    """The mismatch between the generator's and the learner's old policy on the sampled tokens
+    (``k3_kl``, ``kl``, perplexities, chi-squared: ``mismatch_metrics``) and what ``correction``
+    did to the batch (``masked_fraction``: the sampled tokens whose loss it dropped, its weights'
+    mean, the fractions of ratios beyond its bounds)."""
+    with torch.no_grad():
+        metrics = {
+            **mismatch_metrics(old_logprobs, behaviour, mask),
+            **correction(old_logprobs, behaviour, mask).metrics,
+        }
+    return {CORRECTION_STAT_PREFIX + name: value for name, value in metrics.items()}
 
 
 def mean_metrics(minibatch_metrics: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

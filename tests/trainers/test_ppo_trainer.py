@@ -348,6 +348,29 @@ def make_seeded_trainer(make_trainer):
     return make
 
 
+MISMATCH_STAT_KEYS = {
+    f"rollout/correction/{name}"
+    for name in (
+        "training_ppl",
+        "training_log_ppl",
+        "kl",
+        "k3_kl",
+        "rollout_ppl",
+        "rollout_log_ppl",
+        "log_ppl_diff",
+        "log_ppl_abs_diff",
+        "log_ppl_diff_max",
+        "log_ppl_diff_min",
+        "ppl_ratio",
+        "chi2_token",
+        "chi2_seq",
+        "masked_fraction",
+    )
+}
+"""veRL's off-policy metrics (algorithms/corrections.py) and the fraction of tokens no
+correction drops."""
+
+
 def test_without_a_tis_cap_the_behaviour_logprobs_only_add_the_mismatch_stats(make_seeded_trainer):
     queries, responses, scores = random_batch(4)
     plain = make_seeded_trainer(**PPO_TIS_RUN)
@@ -360,7 +383,7 @@ def test_without_a_tis_cap_the_behaviour_logprobs_only_add_the_mismatch_stats(ma
 
     assert_same_weights(trained_weights(observed), trained_weights(plain))
     assert_same_weights(trained_weights(capped_but_blind), trained_weights(plain))
-    assert set(stats) == TRL_STAT_KEYS | {
+    assert set(stats) == TRL_STAT_KEYS | MISMATCH_STAT_KEYS | {
         "rollout/logprob_diff_mean",
         "rollout/tis_capped_fraction",
     }
