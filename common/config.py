@@ -14,6 +14,7 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, Field, PositiveFloat, PositiveInt, model_validator
 
 from rlfleet.common.env_config import EnvConfig
+from rlfleet.common.sampling_config import DynamicSamplingConfig, OverlongPenaltyConfig
 from rlfleet.common.trainer_configs import (
     REWARD_KL_COEF_DEFAULTS,
     STRICT_MODEL_CONFIG,
@@ -402,6 +403,11 @@ class JobConfig(StrictModel):
     """Policy versions a generator may lag behind the learner (0: strictly on-policy)."""
     one_step_off: bool = False
     """Generate batch k+1 while training on batch k (needs max_policy_lag >= 1)."""
+    dynamic_sampling: DynamicSamplingConfig | None = None
+    """DAPO's dynamic sampling (None: off): groups that all scored alike are dropped and more
+    prompts sampled to fill the batch."""
+    overlong_penalty: OverlongPenaltyConfig | None = None
+    """DAPO's soft overlong punishment added to the scores (None: off)."""
     mode: Literal["sync", "async"] = "sync"
     """``sync``: each batch is sampled, scored and trained on in turn (exact; the default).
     ``async``: the generators sample ``max_policy_lag`` batches ahead of the learner and load
@@ -484,6 +490,7 @@ class JobConfig(StrictModel):
     def _check(self) -> JobConfig:
         if self.one_step_off and self.max_policy_lag < 1:
             raise ValueError("one_step_off needs max_policy_lag >= 1")
+        self._check_sampling_control()
         if self.mode == "async" and (self.max_policy_lag < 1 or self.one_step_off):
             raise ValueError(
                 "mode: async samples max_policy_lag batches ahead of the learner: set "
@@ -530,6 +537,27 @@ class JobConfig(StrictModel):
                 "and nothing trains; set generators.temperature > 0"
             )
         return self
+
+    def _check_sampling_control(self) -> None:
+        if self.dynamic_sampling is not None:
+            if self.algorithm not in GROUPED_ALGORITHMS:
+                raise ValueError(
+                    f"dynamic_sampling drops groups whose samples scored alike; algorithm "
+                    f"{self.algorithm} does not compare a prompt's samples: use one of "
+                    f"{sorted(GROUPED_ALGORITHMS)} or drop dynamic_sampling"
+                )
+            if self.mode != "sync" or self.one_step_off:
+                raise ValueError(
+                    "dynamic_sampling refills a batch with prompts sampled after it, which the "
+                    "batches sampled ahead (mode: async, one_step_off) would also take; use "
+                    "mode: sync with it"
+                )
+        key, budget = self.response_budget
+        if self.overlong_penalty is not None and self.overlong_penalty.buffer_len > budget:
+            raise ValueError(
+                f"overlong_penalty.buffer_len ({self.overlong_penalty.buffer_len}) exceeds {key} "
+                f"({budget}); the buffer is the last part of that budget"
+            )
 
     def _check_gpu_colocation(self) -> None:
         """Colocated on GPUs, a learner rank and its generators fit one GPU, and generation

@@ -62,12 +62,14 @@ from rlfleet.job.roles import (
 )
 from rlfleet.job.rollout_stats import TrajectorySummary, reward_stats
 from rlfleet.job.stages import (
+    GroupSelection,
     InFlight,
     JobResult,
     StageTimer,
     checkpoint_due,
     prompt_count,
     reference_kl,
+    with_overlong_penalty,
 )
 from rlfleet.job.sync import WeightSync, needs_sync
 from rlfleet.learner.rank_group import ActorWaitError, LearnerGroup, wait_all
@@ -339,13 +341,21 @@ class TrainingJob:
 
         with timer.stage("score"):
             scored = self.score(rollouts)
+        sampling_stats: dict[str, Any] = {}
+        if self.config.dynamic_sampling is not None:
+            scored, sampling_stats = self.fill_with_varied_groups(scored, timer)
         with timer.stage("train"), self.generators_asleep():
             learner_stats = self.learner.step(scored)
         self.iteration += 1
         with timer.stage("sync"):
             self.sync_weights_if_needed()
 
-        stats = {**self.stats_line(scored, learner_stats), **timer.stats(), **self.evaluate()}
+        stats = {
+            **self.stats_line(scored, learner_stats),
+            **sampling_stats,
+            **timer.stats(),
+            **self.evaluate(),
+        }
         due = checkpoint_due(self.config.checkpoint, self.iteration, self.config.iterations)
         self.report.record(stats, scored, durable=due)
         if due:
@@ -358,14 +368,46 @@ class TrainingJob:
 
     # -- one iteration's parts -----------------------------------------------------------------
 
-    def dispatch_next_batch(self) -> InFlight:
-        """Takes the next ``prompts_per_iteration`` prompts, ``n_samples_per_prompt`` samples
-        each (the trainer's batch size in samples), and sends one shard to each generator: a
-        shard may split a group, the learner regroups by group id."""
+    def fill_with_varied_groups(
+        self, scored: pa.RecordBatch, timer: StageTimer
+    ) -> tuple[pa.RecordBatch, dict[str, Any]]:
+        """Dynamic sampling (``dynamic_sampling``): drops the groups whose samples all scored
+        alike and samples more prompts (twice as many as groups are missing) until
+        ``prompts_per_iteration`` groups differ, at most ``max_rounds`` rounds; the first ones
+        make the batch. Dropped and left-over ids are recorded, never trained and never
+        sampled again (the cursor has moved past them)."""
+        spec, target = self.config.dynamic_sampling, self.config.prompts_per_iteration
+        selection, rounds = GroupSelection.of(scored, spec.metric), 1
+        while selection.groups < target:
+            if rounds >= spec.max_rounds:
+                raise RuntimeError(
+                    f"dynamic_sampling.max_rounds: after {rounds} rounds only "
+                    f"{selection.groups} of {target} prompts had samples that scored "
+                    "differently; raise max_rounds, sample more per prompt, or drop "
+                    "dynamic_sampling"
+                )
+            missing = target - selection.groups
+            with timer.stage("generate"):
+                rollouts = self.collect_rollouts(self.dispatch_next_batch(2 * missing))
+            with timer.stage("score"):
+                more = self.score(rollouts)
+            selection, rounds = selection.add(GroupSelection.of(more, spec.metric)), rounds + 1
+        selection = selection.trimmed(target)
+        return selection.kept, {
+            "dynamic_sampling/rounds": rounds,
+            "dynamic_sampling/dropped_samples": len(selection.dropped_ids),
+            "dynamic_sampling/dropped_rollout_ids": sorted(selection.dropped_ids),
+        }
+
+    def dispatch_next_batch(self, prompts: int | None = None) -> InFlight:
+        """Takes the next ``prompts`` prompts (``prompts_per_iteration``: the trainer's batch
+        size in samples), ``n_samples_per_prompt`` samples each, and sends one shard to each
+        generator: a shard may split a group, the learner regroups by group id."""
         started = time.perf_counter()
         cursor_before = self.prompts.state()
         batch = self.prompts.next_batch(
-            self.config.prompts_per_iteration, self.config.generators.n_samples_per_prompt
+            prompts or self.config.prompts_per_iteration,
+            self.config.generators.n_samples_per_prompt,
         )
         shards = split_batch(batch, len(self.generators.actors))
         pending = self.generators.dispatch("generate", shards)
@@ -385,9 +427,10 @@ class TrainingJob:
         return rollouts
 
     def score(self, rollouts: pa.RecordBatch) -> pa.RecordBatch:
+        """The rollouts scored by the reward actors (plus ``overlong_penalty``, when set)."""
         pending = self.rewards.dispatch("score", split_batch(rollouts, len(self.rewards.actors)))
         self._dispatched(self.rewards)
-        return concat_batches(self.rewards.collect(pending))
+        return with_overlong_penalty(concat_batches(self.rewards.collect(pending)), self.config)
 
     @contextmanager
     def generators_asleep(self) -> Iterator[None]:

@@ -1,5 +1,6 @@
 """The pieces of the loop's iterations that are not the loop: batches in flight, the stage
-timer, checkpoint timing, the job's result and the progress bar's KL."""
+timer, checkpoint timing, the job's result, the progress bar's KL, and DAPO's sampling control
+on scored batches (the overlong penalty, dynamic sampling's group selection)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from rlfleet.common.config import CheckpointConfig
+from rlfleet.algorithms.sampling import (
+    dynamic_sampling_keep,
+    fill_batch,
+    metric_values,
+    overlong_penalty,
+)
+from rlfleet.common.config import CheckpointConfig, JobConfig
+from rlfleet.common.schema import concat_batches, with_columns
 from rlfleet.job.pool import PendingShards
 
 KL_STATS = ("objective/kl", "critic_free/kl", "critic_free/kl_in_reward")
@@ -79,3 +89,67 @@ class JobResult:
     generator_restarts: int
     reward_restarts: int
     learner_restarts: int = 0
+
+
+def with_overlong_penalty(scored: pa.RecordBatch, config: JobConfig) -> pa.RecordBatch:
+    """The scores with DAPO's soft overlong punishment added (``overlong_penalty``), each
+    response's length counted as veRL counts it: every token after the prompt."""
+    shaping = config.overlong_penalty
+    if shaping is None:
+        return scored
+    lengths = [len(ids) for ids in scored.column("response_ids").to_pylist()]
+    penalty = overlong_penalty(
+        lengths, config.response_budget[1], shaping.buffer_len, shaping.penalty_factor
+    )
+    scores = np.asarray(scored.column("score").to_pylist(), dtype=np.float32)
+    return with_columns(scored, score=(scores + penalty.numpy()).tolist())
+
+
+@dataclass
+class GroupSelection:
+    """A batch's groups split by dynamic sampling: the rows of the groups kept, in order, and the
+    rollout ids of the groups dropped (all samples scored alike) or left over."""
+
+    kept: pa.RecordBatch
+    dropped_ids: list[int]
+
+    @classmethod
+    def of(cls, scored: pa.RecordBatch, metric: str) -> GroupSelection:
+        columns = scored.select(["group_id", "rollout_id", "score", "score_components"]).to_pydict()
+        components = [dict(parts) if parts else None for parts in columns["score_components"]]
+        values = metric_values(columns["score"], components, metric)
+        split = dynamic_sampling_keep(columns["group_id"], values)
+        return cls(rows_of_groups(scored, split.kept), ids_of_groups(columns, split.dropped))
+
+    def add(self, other: GroupSelection) -> GroupSelection:
+        return GroupSelection(
+            concat_batches([self.kept, other.kept]), self.dropped_ids + other.dropped_ids
+        )
+
+    def trimmed(self, groups: int) -> GroupSelection:
+        """The first ``groups`` kept groups; the rest count as dropped (never trained)."""
+        order = list(dict.fromkeys(self.kept.column("group_id").to_pylist()))
+        fill = fill_batch(order, groups)
+        columns = self.kept.select(["group_id", "rollout_id"]).to_pydict()
+        return GroupSelection(
+            rows_of_groups(self.kept, fill.batch),
+            self.dropped_ids + ids_of_groups(columns, fill.surplus),
+        )
+
+    @property
+    def groups(self) -> int:
+        return len(set(self.kept.column("group_id").to_pylist()))
+
+
+def rows_of_groups(batch: pa.RecordBatch, groups: tuple[int, ...]) -> pa.RecordBatch:
+    mask = pc.is_in(batch.column("group_id"), pa.array(groups, type=pa.int64()))
+    return batch.filter(mask)
+
+
+def ids_of_groups(columns: dict[str, list[Any]], groups: tuple[int, ...]) -> list[int]:
+    chosen = set(groups)
+    return [
+        rid
+        for rid, gid in zip(columns["rollout_id"], columns["group_id"], strict=True)
+        if gid in chosen
+    ]
