@@ -22,7 +22,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -243,15 +243,41 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrometheusS
         server.stop()
 
 
-def dashboard_queries(path: Path = DASHBOARD) -> list[tuple[str, str]]:
-    """(title, PromQL) for every query of the Grafana dashboard: each panel target, and each
-    query variable's ``label_values(metric, label)`` as the PromQL ``group by (label) (metric)``
-    that returns data exactly when the variable has values."""
+MULTI_TURN_ROW = "Agents / environments"
+"""The dashboard row of multi-turn jobs' panels (turns, tools, environments): no data for a
+single-turn job; tests/deploy/test_dashboard.py proves it after a multi-turn one."""
+
+
+def dashboard_rows(path: Path = DASHBOARD) -> dict[str, list[str]]:
+    """{row title: the titles of the panels under it} (panels above the first row: under "")."""
+    rows: dict[str, list[str]] = {"": []}
+    row = ""
+    for panel in json.loads(path.read_text())["panels"]:
+        if panel["type"] == "row":
+            row = panel["title"]
+            rows[row] = [nested["title"] for nested in panel.get("panels", [])]
+        else:
+            rows[row].append(panel["title"])
+    return rows
+
+
+def dashboard_queries(
+    path: Path = DASHBOARD, skip_rows: Collection[str] = ()
+) -> list[tuple[str, str]]:
+    """(title, PromQL) for every query of the Grafana dashboard: each panel target (but those of
+    the panels under the rows ``skip_rows``), and each query variable's
+    ``label_values(metric, label)`` as the PromQL ``group by (label) (metric)`` that returns data
+    exactly when the variable has values."""
     dashboard = json.loads(path.read_text())
-    queries = [
-        (panel["title"], target["expr"])
+    skipped = {title for row in skip_rows for title in dashboard_rows(path)[row]}
+    panels = [
+        nested
         for panel in dashboard["panels"]
-        for target in panel.get("targets", [])
+        for nested in [panel, *panel.get("panels", [])]
+        if nested["title"] not in skipped
+    ]
+    queries = [
+        (panel["title"], target["expr"]) for panel in panels for target in panel.get("targets", [])
     ]
     for variable in dashboard["templating"]["list"]:
         if variable["type"] == "query":
