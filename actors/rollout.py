@@ -221,10 +221,14 @@ class MultiTurnRollout:
         self._pending[ref] = (trajectory, what, due)
 
     def _collect_replies(self, wait_s: float) -> None:
+        """The environment replies that are back: waits up to ``wait_s`` for the first (the
+        engine is idle), then takes every other one that is back too."""
         refs = list(self._pending)
         if not refs:
             return
-        done, _ = ray.wait(refs, num_returns=len(refs), timeout=wait_s)
+        done, _ = ray.wait(refs, num_returns=1, timeout=wait_s)
+        if done:
+            done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
         for ref in done:
             trajectory, what, _ = self._pending.pop(ref)
             try:

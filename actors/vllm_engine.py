@@ -17,6 +17,12 @@ a copy. With ``tensor_parallel_size`` > 1 vLLM runs its workers in processes of 
 wants a NUMA node per worker); in a collective sync each worker then joins the weight group as
 a rank of its own and receives every bucket itself (``join_weight_group``, ``receive_weights``).
 
+On CPU the engine prefills every prompt whole (``enable_chunked_prefill=False``): vLLM 0.32's
+CPU build cannot rewind a seeded request's random generator after a partial (chunked) prefill
+("CPU Generator does not use offset"), and every rollout here is seeded; a step whose new
+prompt tokens passed ``max_num_batched_tokens`` (4096) failed: 64 seeded prompts of 100 tokens
+did, 40 did not. Seeded samples are the same either way.
+
 The engine computes in the generator's dtype (float32 or bfloat16; the vLLM CPU build runs
 bfloat16 on CPUs with AVX512-BF16). vLLM's sampler ranks each sampled token with a function it
 compiles with torch inductor in the first generation: inductor's cache lives under
@@ -149,7 +155,10 @@ class VLLMEngine:
         from vllm.platforms import current_platform
 
         if current_platform.is_cpu():
-            memory = {"kv_cache_memory_bytes": int(config.kv_cache_gib * 2**30)}
+            memory = {
+                "kv_cache_memory_bytes": int(config.kv_cache_gib * 2**30),
+                "enable_chunked_prefill": False,
+            }
         else:
             memory = {"gpu_memory_utilization": config.gpu_memory_utilization}
         self._workers = config.tensor_parallel_size

@@ -199,3 +199,13 @@ def test_a_killed_env_actor_restarts_its_trajectories_from_turn_0(ray_local, eng
     for t, ref in zip(trajectories, reference, strict=True):
         assert t.finish_reason == "stop"
         assert t.response_ids == ref.response_ids  # the same seeds, the same samples
+
+
+def test_seeded_prompts_past_one_steps_token_budget_are_sampled(engine):
+    """vLLM's CPU build cannot rewind a seeded request's generator after a chunked prefill; 64
+    seeded prompts of 100 tokens (past the 4096 tokens of one engine step) failed with "CPU
+    Generator does not use offset" until the engine prefilled whole prompts."""
+    prompts = [[(7 * i + j) % 600 + 1 for j in range(100)] for i in range(64)]
+    params = SamplingSpec(max_new_tokens=4, seeds=tuple(range(64)))
+    completions = engine.generate(prompts, params)
+    assert len(completions) == 64 and all(c.token_ids for c in completions)
