@@ -187,9 +187,17 @@ class GeneratorActor:
     def generate(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         """Fill the rollout columns of a ``common.schema.prompt_batch`` with sampled responses,
         sampled with this generator's settings or those the batch carries
-        (``engine.SamplingOverride``: held-out evaluation's temperature and budget)."""
-        if SamplingOverride.of(batch) is None and (self._env or self._handoff):
-            return self._generate_trajectories(batch)
+        (``engine.SamplingOverride``: held-out evaluation's temperature and budget): multi-turn
+        trajectories with ``env``, plain rollouts request by request in asynchronous mode (new
+        weights may reach them mid-request), else one batched ``generate``."""
+        override = SamplingOverride.of(batch)
+        sampling = self._handoff.generating(self._load_now) if self._handoff else nullcontext()
+        with sampling:
+            if self._env is not None or (self._handoff is not None and override is None):
+                return self._generate_trajectories(batch)
+            return self._generate_batched(batch)
+
+    def _generate_batched(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         prompt_ids = batch.column("prompt_ids").to_pylist()
         seeds = [rollout_seed(self._seed, rid) for rid in batch.column("rollout_id").to_pylist()]
         spec = SamplingSpec.from_config(self._config, seeds, self._stop_token_ids)
@@ -216,6 +224,7 @@ class GeneratorActor:
         env = self._env
         engine = self._engine if hasattr(self._engine, "submit") else QueuedRequests(self._engine)
         spec = SamplingSpec.from_config(self._config, None, self._stop_token_ids)
+        spec = spec.overridden_by(batch)
         loop = MultiTurnRollout(
             engine,
             self._turns,
@@ -237,8 +246,7 @@ class GeneratorActor:
             for rid, text, meta, ids in zip(*columns.values(), strict=True)
         ]
         started = time.perf_counter()
-        sampling = self._handoff.generating(self._load_now) if self._handoff else nullcontext()
-        with self._metrics.busy(), sampling:
+        with self._metrics.busy():
             loop.run(trajectories)
         sampled = sum(sum(t.loss_mask) for t in trajectories)
         self._metrics.record_generation(len(trajectories), sampled, time.perf_counter() - started)

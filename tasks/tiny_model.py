@@ -8,7 +8,10 @@ tokenizer a ChatML chat template with its end-of-turn token (``chat_template=Tru
 ``pretrain_demo_model`` then trains it briefly on the same corpus so that it writes short
 review sentences, which is the demo task's starting policy. ``pretrain_arithmetic_model`` builds
 the GRPO example's model the same way from the arithmetic task's worked examples
-(``rlfleet.tasks.arithmetic``). The directory loads with ``GPT2Tokenizer``, ``AutoTokenizer``,
+(``rlfleet.tasks.arithmetic``). ``pretrain_calculator_model`` and ``pretrain_guess_model`` build
+the multi-turn agent demos' models (``rlfleet.tasks.calculator``, ``rlfleet.tasks.guess``): a
+tiny Llama whose tokenizer has ``TOOL_CHAT_TEMPLATE`` (ChatML with Qwen2.5-style tools),
+pretrained on whole dialogues. The directory loads with ``GPT2Tokenizer``, ``AutoTokenizer``,
 ``AutoModelForCausalLM`` and vLLM.
 """
 
@@ -24,10 +27,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from rlfleet.tasks import arithmetic
+from rlfleet.tasks import arithmetic, calculator, guess
 from rlfleet.tasks.corpus import review_sentences
+from rlfleet.tasks.tool_template import (
+    DIGITS,
+    TOOL_CHAT_TEMPLATE,
+    TOOL_TOKENS,
+    assistant_positions,
+    render_conversations,
+)
 
 EOS_TOKEN = "<|endoftext|>"
 TURN_START_TOKEN = "<|im_start|>"
@@ -208,6 +218,7 @@ def build_tiny_model(
     seed: int = 0,
     texts: list[str] | None = None,
     chat_template: bool = False,
+    tools: bool = False,
 ) -> Path:
     """Build the tokenizer and a random-weight model in ``out_dir``; same bytes for same args.
 
@@ -216,15 +227,21 @@ def build_tiny_model(
     to half the heads for those, all of them otherwise. The tokenizer is trained on ``texts``
     (the review corpus by default); the model's vocabulary is its actual size (at most
     ``vocab_size``). ``chat_template`` adds ChatML's turn tokens and template
-    (``CHAT_TEMPLATE``) and makes the end-of-turn token an EOS id of the generation config.
+    (``CHAT_TEMPLATE``) and makes the end-of-turn token an EOS id of the generation config;
+    ``tools`` does the same with ``TOOL_CHAT_TEMPLATE`` and adds ``TOOL_TOKENS`` to the
+    vocabulary.
     """
     if architecture not in ARCHITECTURE_CONFIGS:
         raise ValueError(f"architecture {architecture!r} is not one of {', '.join(ARCHITECTURES)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    chat_template = chat_template or tools
     special = (EOS_TOKEN, TURN_START_TOKEN, TURN_END_TOKEN) if chat_template else (EOS_TOKEN,)
     tokenizer = train_tokenizer(review_sentences() if texts is None else texts, vocab_size, special)
-    _save_tokenizer(tokenizer, out_dir, n_positions, CHAT_TEMPLATE if chat_template else None)
+    if tools:
+        tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in TOOL_TOKENS])
+    template = TOOL_CHAT_TEMPLATE if tools else CHAT_TEMPLATE if chat_template else None
+    _save_tokenizer(tokenizer, out_dir, n_positions, template)
     eos_tokens = (TURN_END_TOKEN, EOS_TOKEN) if chat_template else (EOS_TOKEN,)
     grouped = architecture in ("llama", "qwen2", "mistral", "gemma")
     shape = Shape(
@@ -242,9 +259,10 @@ def build_tiny_model(
 
 
 def sentence_batch(
-    token_ids: list[list[int]], pad_id: int
+    token_ids: list[list[int]], pad_id: int, trained: list[list[bool]] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ``(input_ids, attention_mask, labels)``; padding is masked out of the loss."""
+    """Right-padded ``(input_ids, attention_mask, labels)``; padding is masked out of the loss,
+    and so is every position whose ``trained`` flag (one list per sequence) is False."""
     width = max(len(ids) for ids in token_ids)
     input_ids = torch.full((len(token_ids), width), pad_id, dtype=torch.long)
     labels = torch.full((len(token_ids), width), -100, dtype=torch.long)
@@ -252,6 +270,8 @@ def sentence_batch(
     for row, ids in enumerate(token_ids):
         input_ids[row, : len(ids)] = torch.tensor(ids)
         labels[row, : len(ids)] = torch.tensor(ids)
+        if trained is not None:
+            labels[row, : len(ids)][~torch.tensor(trained[row])] = -100
         mask[row, : len(ids)] = 1
     return input_ids, mask, labels
 
@@ -309,7 +329,7 @@ def pretrain_demo_model(
 def pretrain_arithmetic_model(
     out_dir: str | Path,
     *,
-    steps: int = ARITHMETIC_PRETRAIN_STEPS,
+    steps: int | None = ARITHMETIC_PRETRAIN_STEPS,
     seed: int = 0,
     p_correct: float = 0.35,
     batch_size: int = 64,
@@ -318,7 +338,9 @@ def pretrain_arithmetic_model(
     """The GRPO example's model: a one-token-per-character GPT-2 (2 x 64, head size 32, which
     vLLM's CPU build serves) pretrained on the arithmetic task's noisy worked examples, so that
     it answers ``"7+5="`` right about ``p_correct`` of the time (see
-    ``rlfleet.tasks.arithmetic``). Seeded and single-threaded like ``pretrain_demo_model``."""
+    ``rlfleet.tasks.arithmetic``). Seeded and single-threaded like ``pretrain_demo_model``;
+    ``steps`` None is the default."""
+    steps = ARITHMETIC_PRETRAIN_STEPS if steps is None else steps
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps ({steps}) and batch_size ({batch_size}) must be at least 1")
     examples = arithmetic.worked_examples(20_000, p_correct=p_correct, seed=seed)
@@ -332,9 +354,117 @@ def pretrain_arithmetic_model(
     return out_dir
 
 
+@dataclass(frozen=True)
+class AgentShape:
+    """An agent model's size and pretraining: head size 32 (vLLM's CPU build serves it), one
+    token per digit, long enough for a whole dialogue. Llama by default: rotary positions make
+    "copy what stood k tokens back" one attention pattern wherever the dialogue puts it, which a
+    tiny model learns far sooner than with GPT-2's learned positions."""
+
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_positions: int
+    steps: int
+    architecture: str = "llama"
+    batch_size: int = 32
+    learning_rate: float = 3e-3
+    vocab_size: int = 1024
+
+
+CALCULATOR_SHAPE = AgentShape(n_layer=2, n_embd=64, n_head=2, n_positions=192, steps=1400)
+GUESS_SHAPE = AgentShape(n_layer=2, n_embd=64, n_head=2, n_positions=256, steps=1500)
+COPY_FRACTION = 0.7
+"""The share of the calculator model's pretraining spent on tool dialogues alone."""
+TOKENIZER_SAMPLE = 2000
+"""Rendered dialogues the tokenizer learns its merges on (they repeat one template)."""
+
+
+Phase = tuple[list[list[dict[str, Any]]], int]
+"""A stretch of pretraining: the dialogues it samples from and its number of steps."""
+
+
+def pretrain_chat_model(
+    out_dir: str | Path,
+    phases: list[Phase],
+    shape: AgentShape,
+    *,
+    tools: list[dict[str, Any]] | None = None,
+    seed: int = 0,
+) -> Path:
+    """A tiny model with the tool chat template (``build_tiny_model(tools=True)``) pretrained,
+    phase after phase, on whole dialogues rendered with ``tools``, the loss on the assistant's
+    turns only; seeded and single-threaded like ``pretrain_demo_model``."""
+    if not phases or any(steps < 1 for _, steps in phases):
+        raise ValueError(f"every phase needs at least 1 step, got {[n for _, n in phases]}")
+    texts = [render_conversations(dialogues, tools) for dialogues, _ in phases]
+    sample = TOKENIZER_SAMPLE // len(texts)
+    out_dir = build_tiny_model(
+        out_dir,
+        architecture=shape.architecture,
+        n_layer=shape.n_layer,
+        n_embd=shape.n_embd,
+        n_head=shape.n_head,
+        n_positions=shape.n_positions,
+        vocab_size=shape.vocab_size,
+        seed=seed,
+        texts=[DIGITS.sub("", text) for phase in texts for text in phase[:sample]],
+        tools=True,
+    )
+    with _torch_threads(1):
+        for phase_texts, (_, steps) in zip(texts, phases, strict=True):
+            _pretrain(
+                out_dir,
+                phase_texts,
+                steps=steps,
+                seed=seed,
+                batch_size=shape.batch_size,
+                lr=shape.learning_rate,
+                assistant_only=True,
+            )
+    return out_dir
+
+
+def pretrain_calculator_model(
+    out_dir: str | Path, *, steps: int | None = None, seed: int = 0, p_tool: float = 0.25
+) -> Path:
+    """The calculator agent's model (``rlfleet.tasks.calculator``): it calls the calculator in
+    about ``p_tool`` of its answers, copies the result when it does, and otherwise guesses.
+
+    Copying is learned first, on tool dialogues only (``COPY_FRACTION`` of the ``steps``):
+    mixed in at ``p_tool`` from the start, the few copies per batch left the 2-layer model
+    writing random digits after 1500 steps. The mixed corpus then sets how often it calls."""
+    steps = CALCULATOR_SHAPE.steps if steps is None else steps
+    copying = max(1, round(steps * COPY_FRACTION))
+    phases = [
+        (calculator.conversations(10_000, p_tool=1.0, seed=seed), copying),
+        (calculator.conversations(10_000, p_tool=p_tool, seed=seed + 1), max(1, steps - copying)),
+    ]
+    return pretrain_chat_model(
+        out_dir, phases, CALCULATOR_SHAPE, tools=calculator.tool_schemas(), seed=seed
+    )
+
+
+def pretrain_guess_model(out_dir: str | Path, *, steps: int | None = None, seed: int = 0) -> Path:
+    """The guessing game's model (``rlfleet.tasks.guess``): it plays by the corpus' mix of
+    scanning, random and bisecting games."""
+    steps = GUESS_SHAPE.steps if steps is None else steps
+    phases = [(guess.conversations(20_000, seed=seed), steps)]
+    return pretrain_chat_model(out_dir, phases, GUESS_SHAPE, seed=seed)
+
+
 def _pretrain(
-    out_dir: Path, sentences: list[str], *, steps: int, seed: int, batch_size: int, lr: float
+    out_dir: Path,
+    sentences: list[str],
+    *,
+    steps: int,
+    seed: int,
+    batch_size: int,
+    lr: float,
+    assistant_only: bool = False,
 ) -> None:
+    """AdamW on seeded batches of whole ``sentences``; ``assistant_only``: the loss counts the
+    assistant turns' ids only (``assistant_positions``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(out_dir)
@@ -346,11 +476,19 @@ def _pretrain(
         optimizer, lambda step: min((step + 1) / warmup, (steps - step) / (steps - warmup + 1))
     )
     token_ids = corpus_token_ids(tokenizer, sentences)
+    trained = None
+    if assistant_only:
+        header = tokenizer.encode(f"{TURN_START_TOKEN}assistant\n", add_special_tokens=False)
+        end = tokenizer.convert_tokens_to_ids(TURN_END_TOKEN)
+        trained = [assistant_positions(ids, header, end) for ids in token_ids]
     model.train()
     rng = random.Random(seed)
     for _ in range(steps):
+        rows = rng.sample(range(len(token_ids)), batch_size)
         input_ids, mask, labels = sentence_batch(
-            rng.sample(token_ids, batch_size), tokenizer.pad_token_id
+            [token_ids[row] for row in rows],
+            tokenizer.pad_token_id,
+            None if trained is None else [trained[row] for row in rows],
         )
         loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
         loss.backward()
@@ -361,6 +499,15 @@ def _pretrain(
     model.save_pretrained(str(out_dir), safe_serialization=True)
 
 
+PRETRAINED_TASKS: dict[str, Callable[..., Path]] = {
+    "arithmetic": pretrain_arithmetic_model,
+    "calculator": pretrain_calculator_model,
+    "guess": pretrain_guess_model,
+}
+"""The ``--task`` models that are always pretrained, each called with ``steps`` (None: its
+default) and ``seed``."""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dir", type=Path, help="output directory (created if missing)")
     parser.add_argument(
@@ -368,15 +515,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--task",
-        choices=("reviews", "arithmetic"),
+        choices=("reviews", *PRETRAINED_TASKS),
         default="reviews",
-        help="reviews: the PPO demo's model; arithmetic: the GRPO example's (always pretrained)",
+        help="reviews: the PPO demo's model; arithmetic: the GRPO example's; calculator, guess: "
+        "the agent demos' (all but reviews always pretrained)",
     )
     parser.add_argument(
         "--steps",
         type=int,
         help=f"pretraining steps (default {DEFAULT_PRETRAIN_STEPS} for reviews, "
-        f"{ARITHMETIC_PRETRAIN_STEPS} for arithmetic)",
+        f"{ARITHMETIC_PRETRAIN_STEPS} for arithmetic, {CALCULATOR_SHAPE.steps} for calculator, "
+        f"{GUESS_SHAPE.steps} for guess)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for weights and pretraining")
     parser.add_argument(
@@ -395,11 +544,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     shape = {"architecture": args.architecture, "chat_template": args.chat_template}
-    if args.task == "arithmetic":
+    if args.task in PRETRAINED_TASKS:
         if shape != {"architecture": "gpt2", "chat_template": False}:
             raise SystemExit("--architecture and --chat-template are for --task reviews only")
-        steps = args.steps or ARITHMETIC_PRETRAIN_STEPS
-        out_dir = pretrain_arithmetic_model(args.dir, steps=steps, seed=args.seed)
+        out_dir = PRETRAINED_TASKS[args.task](args.dir, steps=args.steps, seed=args.seed)
     elif args.pretrain:
         steps = args.steps or DEFAULT_PRETRAIN_STEPS
         out_dir = pretrain_demo_model(args.dir, steps=steps, seed=args.seed, **shape)
