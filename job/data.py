@@ -277,11 +277,11 @@ def check_prompt_lengths(
     for index, row in enumerate(rows):
         ids = renderer.encode(renderer.text(row))
         if not ids or len(ids) > limit:
+            key, budget = config.response_budget
             raise ConfigError(
                 f"dataset.path: row {index} of {config.dataset.path}: the prompt is {len(ids)} "
                 f"tokens; it must be 1..{limit} (context {context_length(config.model)} minus "
-                f"generators.max_new_tokens {config.generators.max_new_tokens}): shorten or drop "
-                "the row, or lower generators.max_new_tokens"
+                f"{key} {budget}): shorten or drop the row, or lower {key}"
             )
 
 

@@ -114,6 +114,12 @@ def _reference_answers(
     return answers
 
 
+def environment_only(prompts: Sequence[str], responses: Sequence[str], **_: Any) -> list[float]:
+    """0.0 for every sample: for a multi-turn job whose environment's turn rewards (``Step``'s
+    ``reward``, added to the score by the learner) are the whole reward."""
+    return [0.0] * len(responses)
+
+
 def exact_match(
     prompts: Sequence[str],
     responses: Sequence[str],
