@@ -22,10 +22,19 @@ def component_means(batch: pa.RecordBatch) -> dict[str, float]:
     return {f"reward/{name}_mean": float(np.mean(values)) for name, values in scores.items()}
 
 
-def reward_stats(batch: pa.RecordBatch) -> dict[str, Any]:
-    """``reward_mean``, ``reward_std`` (population), each component's mean and
-    ``response_length_mean`` (tokens) of a scored batch."""
+def returns(batch: pa.RecordBatch) -> np.ndarray:
+    """Each sample's reward as the learner trains on it: its score plus, for a multi-turn
+    trajectory, its environment's turn rewards."""
     scores = np.asarray(batch.column("score").to_pylist(), dtype=np.float64)
+    turn_rewards = batch.column("turn_rewards").to_pylist()
+    return scores + np.asarray([sum(rewards or ()) for rewards in turn_rewards], dtype=np.float64)
+
+
+def reward_stats(batch: pa.RecordBatch) -> dict[str, Any]:
+    """``reward_mean``, ``reward_std`` (population) of the samples' rewards (``returns``: with a
+    multi-turn job's environment rewards), each component's mean and ``response_length_mean``
+    (tokens) of a scored batch."""
+    scores = returns(batch)
     lengths = [len(ids) for ids in batch.column("response_ids").to_pylist()]
     return {
         "reward_mean": float(scores.mean()),

@@ -64,6 +64,9 @@ def test_a_multiturn_job_trains_on_masked_trajectories(
     assert any(0 in row["loss_mask"] for row in rows)
     stats = read_stats(tmp_path / "run")
     assert len(stats) == 2
+    for line, batch in zip(stats, trained, strict=True):  # the score plus the turn rewards
+        totals = [r["score"] + sum(r["turn_rewards"]) for r in batch.to_pylist()]
+        assert line["reward_mean"] == pytest.approx(sum(totals) / len(totals), abs=1e-6)
     for line in stats:
         assert line["env/turns_mean"] >= 1
         assert 0 < line["env/masked_token_fraction"] < 1
