@@ -1,17 +1,15 @@
 """The job's loop: generators sample, reward actors score, the learner trains, weights go back.
 
 One iteration (``TrainingJob.train_iteration``, top to bottom): collect the rollouts of the
-prompt batch in flight; in one-step-off mode, send the next batch to the generators at once, so
-that they sample it while the learner trains; score the rollouts on the reward actors; one training
-step (PPO or critic-free, learner/actor.py) on the learner's ranks (learner/rank_group.py), the
-generators asleep meanwhile when they share its GPUs (``placement: colocated``); publish the new
-weights once and have every generator confirm the version it holds, unless ``max_policy_lag``
-lets them lag; evaluate the policy they hold on the held-out prompts when due (evaluation.py,
-before the first iteration too); report the iteration (its stats.jsonl line, samples.jsonl
-lines and tracker scalars: reporting.py); save a checkpoint when due; otherwise send the next
-batch now; record the iteration's metrics. The lines go out before the checkpoint, so a
-checkpoint never holds an iteration that stats.jsonl lacks (a resume drops the lines after its
-iteration).
+oldest batch in flight; keep ``batches_ahead`` batches out with the generators (one in
+one-step-off mode, ``max_policy_lag`` in ``mode: async``: they sample while the learner trains);
+score the rollouts (dynamic sampling refills dropped groups); one training step on the learner's
+ranks, the generators asleep meanwhile when they share its GPUs; publish the new weights when
+the generators would lag more than allowed (in async mode always: they load them mid-request);
+evaluate when due; report the iteration (stats.jsonl, samples.jsonl, trackers: reporting.py);
+save a checkpoint when due (its cursor is the oldest batch not trained yet's); in the
+synchronous loop send the next batch now; record the metrics. The lines go out before the
+checkpoint, so a checkpoint never holds an iteration that stats.jsonl lacks.
 
 Start-up: the learner's ranks, the generators and the reward actors are all started at once and
 waited for together, each wait bounded by ``learner.timeout_s`` (plus a margin). A learner rank
@@ -62,11 +60,11 @@ from rlfleet.job.roles import (
 )
 from rlfleet.job.rollout_stats import TrajectorySummary, reward_stats
 from rlfleet.job.stages import (
-    GroupSelection,
     InFlight,
     JobResult,
     StageTimer,
     checkpoint_due,
+    fill_with_varied_groups,
     prompt_count,
     reference_kl,
     with_overlong_penalty,
@@ -371,33 +369,17 @@ class TrainingJob:
     def fill_with_varied_groups(
         self, scored: pa.RecordBatch, timer: StageTimer
     ) -> tuple[pa.RecordBatch, dict[str, Any]]:
-        """Dynamic sampling (``dynamic_sampling``): drops the groups whose samples all scored
-        alike and samples more prompts (twice as many as groups are missing) until
-        ``prompts_per_iteration`` groups differ, at most ``max_rounds`` rounds; the first ones
-        make the batch. Dropped and left-over ids are recorded, never trained and never
-        sampled again (the cursor has moved past them)."""
-        spec, target = self.config.dynamic_sampling, self.config.prompts_per_iteration
-        selection, rounds = GroupSelection.of(scored, spec.metric), 1
-        while selection.groups < target:
-            if rounds >= spec.max_rounds:
-                raise RuntimeError(
-                    f"dynamic_sampling.max_rounds: after {rounds} rounds only "
-                    f"{selection.groups} of {target} prompts had samples that scored "
-                    "differently; raise max_rounds, sample more per prompt, or drop "
-                    "dynamic_sampling"
-                )
-            missing = target - selection.groups
+        """Dynamic sampling (``dynamic_sampling``, stages.py ``fill_with_varied_groups``): more
+        prompts are sampled and scored until the batch's groups all differ."""
+
+        def sample_more(prompts: int) -> pa.RecordBatch:
             with timer.stage("generate"):
-                rollouts = self.collect_rollouts(self.dispatch_next_batch(2 * missing))
+                rollouts = self.collect_rollouts(self.dispatch_next_batch(prompts))
             with timer.stage("score"):
-                more = self.score(rollouts)
-            selection, rounds = selection.add(GroupSelection.of(more, spec.metric)), rounds + 1
-        selection = selection.trimmed(target)
-        return selection.kept, {
-            "dynamic_sampling/rounds": rounds,
-            "dynamic_sampling/dropped_samples": len(selection.dropped_ids),
-            "dynamic_sampling/dropped_rollout_ids": sorted(selection.dropped_ids),
-        }
+                return self.score(rollouts)
+
+        spec = self.config.dynamic_sampling
+        return fill_with_varied_groups(scored, spec, self.config.prompts_per_iteration, sample_more)
 
     def dispatch_next_batch(self, prompts: int | None = None) -> InFlight:
         """Takes the next ``prompts`` prompts (``prompts_per_iteration``: the trainer's batch

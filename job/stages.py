@@ -5,7 +5,7 @@ on scored batches (the overlong penalty, dynamic sampling's group selection)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +21,7 @@ from rlfleet.algorithms.sampling import (
     overlong_penalty,
 )
 from rlfleet.common.config import CheckpointConfig, JobConfig
+from rlfleet.common.sampling_config import DynamicSamplingConfig
 from rlfleet.common.schema import concat_batches, with_columns
 from rlfleet.job.pool import PendingShards
 
@@ -153,3 +154,32 @@ def ids_of_groups(columns: dict[str, list[Any]], groups: tuple[int, ...]) -> lis
         for rid, gid in zip(columns["rollout_id"], columns["group_id"], strict=True)
         if gid in chosen
     ]
+
+
+def fill_with_varied_groups(
+    scored: pa.RecordBatch,
+    spec: DynamicSamplingConfig,
+    target: int,
+    sample_more: Callable[[int], pa.RecordBatch],
+) -> tuple[pa.RecordBatch, dict[str, Any]]:
+    """Dynamic sampling: drops the groups whose samples all scored alike and has
+    ``sample_more(prompts)`` sample and score more prompts (twice as many as groups are
+    missing) until ``target`` groups differ, at most ``spec.max_rounds`` rounds; the first ones
+    make the batch. Dropped and left-over ids are recorded, never trained and never sampled
+    again (the cursor has moved past them)."""
+    selection, rounds = GroupSelection.of(scored, spec.metric), 1
+    while selection.groups < target:
+        if rounds >= spec.max_rounds:
+            raise RuntimeError(
+                f"dynamic_sampling.max_rounds: after {rounds} rounds only {selection.groups} of "
+                f"{target} prompts had samples that scored differently; raise max_rounds, "
+                "sample more per prompt, or drop dynamic_sampling"
+            )
+        more = sample_more(2 * (target - selection.groups))
+        selection, rounds = selection.add(GroupSelection.of(more, spec.metric)), rounds + 1
+    selection = selection.trimmed(target)
+    return selection.kept, {
+        "dynamic_sampling/rounds": rounds,
+        "dynamic_sampling/dropped_samples": len(selection.dropped_ids),
+        "dynamic_sampling/dropped_rollout_ids": sorted(selection.dropped_ids),
+    }
