@@ -7,7 +7,11 @@ import importlib
 import sys
 from typing import get_args
 
-from rlfleet.common.config import Algorithm
+from rlfleet.common import startup_trace
+
+startup_trace.mark("python started")  # before the imports: this module is the first one loaded
+
+from rlfleet.common.config import Algorithm  # noqa: E402
 
 ALGORITHMS = ", ".join(get_args(Algorithm))
 """Every algorithm a job config's ``algorithm`` takes, as the help names them."""
@@ -37,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    startup_trace.mark("imports done")
     return args.run(args)
 
 

@@ -38,6 +38,7 @@ def required_cpus(config: JobConfig) -> float:
         config.learner.num_ranks * config.learner.cpus_per_rank
         + config.generators.num_actors * config.generators.num_cpus
         + config.reward.num_actors * config.reward.num_cpus
+        + (config.env.num_actors * config.env.num_cpus if config.env else 0.0)
     )
 
 
@@ -75,6 +76,24 @@ def init_ray(config: JobConfig) -> None:
             log_to_driver=False,
             _node_ip_address=LOOPBACK,
         )
+
+
+def actor_start_milestones() -> list[tuple[float, str]]:
+    """When each actor's constructor began and ended so far (wall-clock seconds, a milestone
+    such as ``RemoteGenerator.__init__ began (worker 3f2a)``), from Ray's task events; for the
+    start-up trace (common/startup_trace.py)."""
+    milestones = []
+    for event in ray.timeline():
+        if event.get("name") != "__init__" or not str(event.get("cat", "")).startswith("task::"):
+            continue
+        actor = event["cat"].removeprefix("task::").removesuffix(".__init__")
+        worker = str(event.get("tid", "")).removeprefix("worker:")[:4]
+        began = float(event["ts"]) / 1e6
+        milestones.append((began, f"{actor}.__init__ began (worker {worker})"))
+        milestones.append(
+            (began + float(event["dur"]) / 1e6, f"{actor}.__init__ ended (worker {worker})")
+        )
+    return milestones
 
 
 def check_reachable(address: str, key: str, timeout_s: float | None = None) -> None:

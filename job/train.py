@@ -23,6 +23,9 @@ resumes.
 SIGTERM (a scheduler stopping the job) and Ctrl-C stop a running job cleanly: its actors are
 stopped, its Prometheus discovery file is removed, one line says how to continue, and the exit
 status is 128 + the signal's number (143, 130).
+
+``RLFLEET_STARTUP_TRACE`` (common/startup_trace.py) records the start-up's milestones: the
+checks, ``ray.init``, each actor's constructor, the first dispatch (bench/startup.py).
 """
 
 from __future__ import annotations
@@ -44,13 +47,13 @@ from pydantic import ValidationError
 from rlfleet.checkpoint import load as checkpoint
 from rlfleet.checkpoint.identity import CheckpointIdentity
 from rlfleet.checkpoint.shards import CheckpointError
-from rlfleet.common import waits
+from rlfleet.common import startup_trace, waits
 from rlfleet.common.config import JobConfig
 from rlfleet.common.config_file import load_job_config
 from rlfleet.common.errors import error_line, first_line, one_line, shown
 from rlfleet.common.start_errors import ActorCannotStart
 from rlfleet.job.checks import ConfigError
-from rlfleet.job.cluster import RayUnreachable, init_ray
+from rlfleet.job.cluster import RayUnreachable, actor_start_milestones, init_ray
 from rlfleet.job.data import checked_rows
 from rlfleet.job.evaluation import Evaluation
 from rlfleet.job.lease import JobLeases, LeaseError
@@ -163,6 +166,7 @@ def run_leased(args: argparse.Namespace, leases: JobLeases) -> int:
         Evaluation.from_config(config)  # the eval prompts are checked before Ray starts too
         leases.acquire(config)
         start = find_resume_point(config, args.resume_from)
+        startup_trace.mark("checks done")
     except LeaseError as exc:
         print(f"rlfleet train: {exc}", file=sys.stderr)
         return 2
@@ -182,8 +186,11 @@ def run_leased(args: argparse.Namespace, leases: JobLeases) -> int:
     try:
         with stopped_by_signals() as reinstall:
             init_ray(config)
+            startup_trace.mark("ray.init done")
             reinstall()  # ray.init put its own SIGTERM handler (sys.exit(15)) in place
-            result = run_job(config, start.uri if start else None, rows=rows)
+            traced = {"on_dispatch": hook} if (hook := trace_dispatch()) else {}
+            result = run_job(config, start.uri if start else None, rows=rows, **traced)
+            trace_actor_starts()
     except JobStopped as stop:
         print(f"rlfleet train: stopped by {stop.name}; {again_hint(config)}", file=sys.stderr)
         return 128 + stop.signum
@@ -202,6 +209,29 @@ def run_leased(args: argparse.Namespace, leases: JobLeases) -> int:
         return 1
     print(summary(config, result))
     return 0
+
+
+def trace_dispatch() -> DispatchHook | None:
+    """With ``RLFLEET_STARTUP_TRACE`` (common/startup_trace.py): a dispatch hook that marks the
+    job's first dispatch of a batch to the generators (the first iteration starts); else None."""
+    if not startup_trace.enabled():
+        return None
+    dispatched: list[str] = []
+
+    def hook(kind: str, iteration: int, actors: list[Any]) -> None:
+        if not dispatched:
+            dispatched.append(kind)
+            startup_trace.mark(f"first dispatch ({kind})")
+
+    return hook
+
+
+def trace_actor_starts() -> None:
+    """With ``RLFLEET_STARTUP_TRACE``: marks when each actor's constructor began and ended (from
+    Ray's task events, while Ray is still up)."""
+    if startup_trace.enabled():
+        for at, milestone in actor_start_milestones():
+            startup_trace.mark(milestone, at)
 
 
 def resume_line(config: JobConfig, start: ResumePoint) -> str:

@@ -40,6 +40,7 @@ from pydantic import BaseModel
 
 from rlfleet.checkpoint.export import policy_of
 from rlfleet.checkpoint.identity import CheckpointIdentity, model_fingerprint
+from rlfleet.common import startup_trace
 from rlfleet.common.config import (
     CheckpointConfig,
     JobConfig,
@@ -204,6 +205,7 @@ class LearnerActor:
     def __init__(self, settings: LearnerSettings, rank: RankSpec | None = None) -> None:
         """``settings``: what the job asks of the learner (``LearnerSettings.from_job``);
         ``rank``: this rank's place in the group (None: no process group, one rank)."""
+        startup_trace.mark("learner: start")
         learner = settings.learner
         if rank is not None:
             threads = torch_threads(learner.num_cpus, settings.colocated, rank.ranks_on_node)
@@ -222,6 +224,7 @@ class LearnerActor:
             self.parallel,
             settings.lora,
         )
+        startup_trace.mark("learner: trainer loaded")
         self.lora = settings.lora
         self._publisher = make_publisher(
             settings.weight_transport, settings.weights_dtype, sender=self.rank == 0
@@ -240,6 +243,7 @@ class LearnerActor:
         )
         served = settings.metrics if self.rank == 0 else MetricsConfig(enabled=False)
         self.metrics = LearnerMetrics.from_config(settings.job_name, 0, served or MetricsConfig())
+        startup_trace.mark("learner: ready")
 
     def ready(self) -> int:
         return self.version

@@ -3,6 +3,7 @@ are kept, checked without starting vLLM; and a compile cache that a second proce
 
 from __future__ import annotations
 
+import gc
 import getpass
 import json
 import os
@@ -58,6 +59,26 @@ def test_with_sleep_mode_the_engine_sleeps_once_at_level_1_and_wakes_once(start_
     engine.wake_up()
     engine.wake_up()
     assert engine._llm.calls == ["sleep(1)", "wake_up"]
+
+
+def test_the_engine_starts_with_the_loaded_modules_out_of_the_collectors_reach(
+    start_engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vLLM's start runs full collections: the objects that were there before it are frozen
+    first, so that they do not walk the heap of torch, transformers and vLLM every time."""
+    import vllm
+
+    frozen_when_vllm_starts = []
+
+    class FreezeRecordingLLM(RecordingLLM):
+        def __init__(self, *args, **kwargs) -> None:
+            frozen_when_vllm_starts.append(gc.get_freeze_count())
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(vllm, "LLM", FreezeRecordingLLM)
+    gc.unfreeze()
+    start_engine(GeneratorConfig(), sleep_mode=False)
+    assert frozen_when_vllm_starts[0] > 100_000  # torch and vLLM are loaded in this process
 
 
 def test_without_sleep_mode_sleep_and_wake_up_never_reach_vllm(start_engine) -> None:

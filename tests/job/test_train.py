@@ -103,6 +103,55 @@ def test_cli_exits_2_on_a_bad_config_without_starting_ray(tiny_model_dir: Path, 
     assert not out.exists()
 
 
+def test_the_startup_trace_marks_each_milestone_in_order(tiny_model_dir: Path, tmp_path: Path):
+    """``RLFLEET_STARTUP_TRACE`` (bench/startup.py): the driver's milestones, each actor's
+    constructor and the first dispatch, in order; a bad config stops after the imports."""
+    from rlfleet.common import startup_trace
+
+    trace = tmp_path / "trace"
+    ray_tmp = tempfile.mkdtemp(prefix="rlf-ray-", dir="/tmp")  # short: Ray's socket paths
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("RAY_")},
+        "TMPDIR": ray_tmp,
+        startup_trace.TRACE_VARIABLE: str(trace),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+    config = write_config(tmp_path / "job.yaml", small_job(tiny_model_dir, tmp_path / "run"))
+    command = ["rlfleet", "train", "--config", str(config), "--set", "iterations=1"]
+    try:
+        bad = subprocess.run(
+            [*command, "--set", "generators.num_actors=0"], env=env, capture_output=True
+        )
+        assert bad.returncode == 2
+        assert [m for _, _, _, m in startup_trace.read(trace)] == [
+            "python started",
+            "imports done",
+        ]
+        trace.unlink()
+        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    milestones = [m for _, _, _, m in startup_trace.read(trace)]
+    driver = [m for m in milestones if not re.search(r"__init__|learner: |vllm engine: ", m)]
+    assert driver == [
+        "python started",
+        "imports done",
+        "checks done",
+        "ray.init done",
+        "first dispatch (generator)",
+    ]
+    for actor in ("GeneratorActor", "RewardActor", "LearnerActor"):
+        began, ended = (
+            milestones.index(next(m for m in milestones if m.startswith(f"{actor}.__init__ {e}")))
+            for e in ("began", "ended")
+        )
+        assert milestones.index("ray.init done") < began < ended
+        assert ended < milestones.index("first dispatch (generator)")
+    learner = [m for m in milestones if m.startswith("learner: ")]
+    assert learner == ["learner: start", "learner: trainer loaded", "learner: ready"]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
