@@ -60,7 +60,8 @@ from support.chaos import (  # noqa: E402
 from support.job_configs import read_stats  # noqa: E402
 
 from rlfleet.common.errors import error_line  # noqa: E402
-from rlfleet.job.loop import InFlight, TrainingJob  # noqa: E402
+from rlfleet.job.loop import TrainingJob  # noqa: E402
+from rlfleet.job.stages import InFlight  # noqa: E402
 from rlfleet.job.sync import needs_sync  # noqa: E402
 
 LEARNER_KILL_KINDS = ("dispatch", "sync", "anytime")
@@ -137,13 +138,13 @@ class ChaosJob(TrainingJob):
 
     # -- stages ------------------------------------------------------------------------------
 
-    def dispatch_next_batch(self) -> InFlight:
+    def dispatch_next_batch(self, prompts: int | None = None) -> InFlight:
         self.stage = "dispatch"
         if self.iteration in self.plan.anytime:
             self.plan.anytime.discard(self.iteration)
             self._kill_later("anytime", self.rng.uniform(0.0, self.iteration_seconds()))
         self.dispatched_at.append(time.monotonic())
-        in_flight = super().dispatch_next_batch()
+        in_flight = super().dispatch_next_batch(prompts)
         self.produced.extend(in_flight.batch.column("rollout_id").to_pylist())
         self.stage = "generate"
         return in_flight

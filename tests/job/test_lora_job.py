@@ -5,6 +5,7 @@ adapter."""
 
 from __future__ import annotations
 
+from collections import deque
 from pathlib import Path
 
 import pytest
@@ -74,9 +75,9 @@ def test_a_lora_job_raises_the_reward_and_syncs_the_merged_policy(
     stats = []
     try:
         before = job_learner_greedy(job, probe, PROBE_TOKENS)
-        in_flight = job.dispatch_next_batch()
-        while in_flight is not None:
-            line, in_flight = job.train_iteration(in_flight)
+        queue = deque([job.dispatch_next_batch()])
+        while queue:
+            line = job.train_iteration(queue)
             stats.append(line)
             if job.iteration in (1, 2, ITERATIONS):
                 after = check_generators_hold_the_merged_policy(job, probe)
