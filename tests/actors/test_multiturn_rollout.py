@@ -62,11 +62,24 @@ def tokenizer(tiny_model_dir):
     return AutoTokenizer.from_pretrained(str(tiny_model_dir))
 
 
+STARTED: list = []
+"""The environment actors a test started (killed after it: the Ray instance is the session's)."""
+
+
+@pytest.fixture(autouse=True)
+def kill_env_actors():
+    yield
+    while STARTED:
+        ray.kill(STARTED.pop(), no_restart=True)
+
+
 def start_envs(ray_local, config: EnvConfig, n: int = 2):
+    options = {**env_actor_options(config), "num_cpus": 0}  # the session's CPUs stay free
     remote = ray.remote(EnvActor).options(
-        **env_actor_options(config), runtime_env={"env_vars": {"PYTHONPATH": TESTS}}
+        **options, runtime_env={"env_vars": {"PYTHONPATH": TESTS}}
     )
     actors = [remote.remote(i, config) for i in range(n)]
+    STARTED.extend(actors)
     ray.get([a.ready.remote() for a in actors])
     return actors
 

@@ -53,9 +53,11 @@ def test_an_async_job_loses_no_rollout_through_actor_kills_and_a_driver_kill(
             raise DriverKilled
 
     job.report.record = driver_dies
-    with pytest.raises(DriverKilled):
-        job.train()
-    job.shutdown()  # what is left of the first driver goes (its checkpoint may not be committed)
+    try:
+        with pytest.raises(DriverKilled):
+            job.train()
+    finally:
+        job.shutdown()  # what is left of the first driver goes
     assert [victim for victim, _ in killer.killed] == ["generator", "reward", "learner"]
 
     resumed = TrainingJob(config)

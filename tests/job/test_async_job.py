@@ -51,7 +51,10 @@ def test_async_samples_ahead_within_the_lag_and_trains_every_id_once(
 ) -> None:
     job = TrainingJob(async_job(tiny_model_dir, tmp_path / "run"))
     trained = trained_batches(job)
-    job.train()
+    try:
+        job.train()
+    finally:
+        job.shutdown()
     ids = [rid for batch in trained for rid in batch.column("rollout_id").to_pylist()]
     assert sorted(ids) == list(range(ITERATIONS * 8))
     for iteration, batch in enumerate(trained):  # trained by the learner at version iteration
@@ -85,16 +88,20 @@ def test_an_async_job_stopped_and_resumed_trains_the_ids_of_an_uninterrupted_run
             raise DriverKilled
 
     job.report.record = killed_after_iteration_3
-    with pytest.raises(DriverKilled):
-        job.train()
-    job.learner.wait_for_checkpoint()
-    job.shutdown()
+    try:
+        with pytest.raises(DriverKilled):
+            job.train()
+        job.learner.wait_for_checkpoint()
+    finally:
+        job.shutdown()
 
     resumed = TrainingJob(config)
     resumed.resume(str(tmp_path / "checkpoints"))
     second = trained_batches(resumed)
-    resumed.train()
-    resumed.shutdown()
+    try:
+        resumed.train()
+    finally:
+        resumed.shutdown()
     kept = [b for b in first if max(b.column("rollout_id").to_pylist()) < 2 * 8]  # checkpoint 2
     ids = [rid for batch in kept + second for rid in batch.column("rollout_id").to_pylist()]
     assert sorted(ids) == list(range(ITERATIONS * 8))  # none lost, none twice

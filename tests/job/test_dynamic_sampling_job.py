@@ -38,7 +38,10 @@ def test_dynamic_sampling_trains_only_groups_that_differ_and_accounts_for_every_
     score, dispatch = job.score, job.dispatch_next_batch
     job.score = lambda rollouts: trained.append(score(rollouts)) or trained[-1]
     job.dispatch_next_batch = lambda *a: dispatched.append(dispatch(*a)) or dispatched[-1]
-    result = job.train()
+    try:
+        result = job.train()
+    finally:
+        job.shutdown()
 
     stats = read_stats(tmp_path / "run")
     dropped = [i for line in stats for i in line["dynamic_sampling/dropped_rollout_ids"]]

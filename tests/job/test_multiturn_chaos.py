@@ -55,9 +55,12 @@ def test_a_killed_env_actor_and_hung_steps_lose_no_trajectory(
     trained = []
     score = job.score
     job.score = lambda rollouts: trained.append(score(rollouts)) or trained[-1]
-    job.train()
+    try:
+        job.train()
+        assert killed and ray.get(job.envs.actors[1].pid.remote()) != killed[0]
+    finally:
+        job.shutdown()
 
-    assert killed and ray.get(job.envs.actors[1].pid.remote()) != killed[0]
     ids = [rid for batch in trained for rid in batch.column("rollout_id").to_pylist()]
     assert sorted(ids) == list(range(ITERATIONS * 8))  # each trajectory once, none lost
     stats = read_stats(tmp_path / "run")

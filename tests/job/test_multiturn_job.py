@@ -49,7 +49,10 @@ def test_a_multiturn_job_trains_on_masked_trajectories(
     trained = []
     score = job.score
     job.score = lambda rollouts: trained.append(score(rollouts)) or trained[-1]
-    job.train()
+    try:
+        job.train()
+    finally:
+        job.shutdown()
     rows = [row for batch in trained for row in batch.to_pylist()]
     assert len(rows) == 16 and len({row["rollout_id"] for row in rows}) == 16
     for row in rows:
