@@ -35,6 +35,7 @@ import contextlib
 import re
 import signal
 import sys
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -190,7 +191,7 @@ def run_leased(args: argparse.Namespace, leases: JobLeases) -> int:
             reinstall()  # ray.init put its own SIGTERM handler (sys.exit(15)) in place
             traced = {"on_dispatch": hook} if (hook := trace_dispatch()) else {}
             result = run_job(config, start.uri if start else None, rows=rows, **traced)
-            trace_actor_starts()
+            trace_actor_starts(config)
     except JobStopped as stop:
         print(f"rlfleet train: stopped by {stop.name}; {again_hint(config)}", file=sys.stderr)
         return 128 + stop.signum
@@ -226,12 +227,26 @@ def trace_dispatch() -> DispatchHook | None:
     return hook
 
 
-def trace_actor_starts() -> None:
+TIMELINE_WAIT_S = 10.0
+"""How long the start-up trace waits for Ray's task events to show every actor's constructor
+(Ray sends them in the background, about once a second: under load a look right after the job
+missed some)."""
+
+
+def trace_actor_starts(config: JobConfig) -> None:
     """With ``RLFLEET_STARTUP_TRACE``: marks when each actor's constructor began and ended (from
-    Ray's task events, while Ray is still up)."""
-    if startup_trace.enabled():
-        for at, milestone in actor_start_milestones():
-            startup_trace.mark(milestone, at)
+    Ray's task events, while Ray is still up), once the events of all the job's actors are in
+    (at most ``TIMELINE_WAIT_S``)."""
+    if not startup_trace.enabled():
+        return
+    expected = config.learner.num_ranks + config.generators.num_actors + config.reward.num_actors
+    deadline = time.monotonic() + TIMELINE_WAIT_S
+    milestones = actor_start_milestones()
+    while sum("began" in m for _, m in milestones) < expected and time.monotonic() < deadline:
+        time.sleep(0.5)
+        milestones = actor_start_milestones()
+    for at, milestone in milestones:
+        startup_trace.mark(milestone, at)
 
 
 def resume_line(config: JobConfig, start: ResumePoint) -> str:
