@@ -365,12 +365,10 @@ def test_published_weights_load_into_a_generator_whose_greedy_output_matches_the
 ) -> None:
     import ray
 
-    from rlfleet.actors.generator import GeneratorActor
+    from rlfleet.actors.generator import RemoteGenerator
 
-    generator = (
-        ray.remote(GeneratorActor)
-        .options(num_cpus=0.5)
-        .remote(0, str(tiny_model_dir), GeneratorConfig(engine="hf"), 0)
+    generator = RemoteGenerator.options(num_cpus=0.5).remote(
+        0, str(tiny_model_dir), GeneratorConfig(engine="hf"), 0
     )
     probe = [[5, 9, 17], [6, 9, 17, 30]]
     try:
