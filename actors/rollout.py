@@ -267,10 +267,9 @@ class MultiTurnRollout:
         trajectory.step_seconds.append(round(reply.seconds, 6))
         if reply.timed_out:
             self._finish(trajectory, "env_timeout")
+        elif reply.lost:
+            self._env_lost(trajectory)
         elif reply.error is not None:
-            if "has no environment here" in reply.error:
-                self._env_lost(trajectory)
-                return
             if self._config.on_error == "fail":
                 raise EnvFailed(reply.error)
             logger.warning("%s: the trajectory ends", reply.error)

@@ -49,6 +49,9 @@ class EnvReply:
     error: str | None = None
     """One line when the environment raised or broke the protocol."""
     timed_out: bool = False
+    lost: bool = False
+    """The trajectory has no environment here: this actor restarted since its ``reset`` (the
+    loop starts the trajectory again from turn 0)."""
     seconds: float = 0.0
     """How long the call took in the environment."""
 
@@ -63,6 +66,7 @@ class EnvActor:
         self._envs: dict[int, Any] = {}
         self._name = config.environment or config.tools
         self._threads = ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="env")
+        self._loop_threads_set = False
         """Plain environments' calls; asyncio's default pool has only a few threads, so slow
         environments of many trajectories would wait for each other."""
 
@@ -84,6 +88,9 @@ class EnvActor:
     async def reset(self, trajectory: int, row: dict[str, Any], seed: int) -> EnvReply:
         """A fresh environment for ``trajectory`` (replacing one left from an earlier attempt)
         and its first observation."""
+        if not self._loop_threads_set:  # tools run their plain methods in asyncio's pool
+            asyncio.get_running_loop().set_default_executor(self._threads)
+            self._loop_threads_set = True
         self._envs.pop(trajectory, None)
         try:
             env = self._make()
@@ -99,10 +106,7 @@ class EnvActor:
         """``step(action)`` of ``trajectory``'s environment after its turn ``turn``."""
         env = self._envs.get(trajectory)
         if env is None:
-            return EnvReply(
-                error=f"env {self._name}: trajectory {trajectory} has no environment here "
-                "(its actor restarted); it starts again from turn 0"
-            )
+            return EnvReply(lost=True)
         reply = await self._call(trajectory, turn, "step", env.step, action)
         if reply.error is None and not reply.timed_out:
             reply = self._step_reply(trajectory, turn, reply)
@@ -143,7 +147,6 @@ class EnvActor:
 
     async def _run(self, method: Any, *args: Any) -> Any:
         loop = asyncio.get_running_loop()
-        loop.set_default_executor(self._threads)  # tools run plain methods in asyncio's pool
         if inspect.iscoroutinefunction(method):
             return await method(*args)
         result = await loop.run_in_executor(self._threads, method, *args)
