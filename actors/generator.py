@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 import time
 from contextlib import closing, nullcontext
 from itertools import chain
@@ -17,6 +18,8 @@ from pathlib import Path
 import pyarrow as pa
 import ray
 
+from rlfleet.actors.agent_rollout import AgentRollout
+from rlfleet.actors.endpoint import Endpoint
 from rlfleet.actors.engine import Engine, QueuedRequests, SamplingOverride, SamplingSpec
 from rlfleet.actors.metrics import GeneratorMetrics
 from rlfleet.actors.rollout import MultiTurnRollout, Trajectory
@@ -115,6 +118,19 @@ class GeneratorActor:
         self._turns = TurnTokens(self._tokenizer, env.tools if env else None)
         self._handoff = WeightHandoff() if asynchronous else None
         self._metrics = GeneratorMetrics.from_config(job_name, index, metrics or MetricsConfig())
+        self._endpoint = self._serve_endpoint(env) if env and env.config.agent else None
+
+    def _serve_endpoint(self, env: EnvSetup) -> Endpoint:
+        """An agent job's OpenAI-compatible endpoint (actors/endpoint.py), on this node's
+        cluster-internal address: 127.0.0.1 in a local job."""
+        host = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+        spec = SamplingSpec.from_config(self._config, None, self._stop_token_ids)
+        token = env.endpoint_token or secrets.token_hex(32)
+        return Endpoint(self._tokenizer, token, host, spec, env.config.tool_parser)
+
+    def endpoint_url(self) -> str | None:
+        """Where this generator's agent endpoint listens (None: not an agent job)."""
+        return self._endpoint.url if self._endpoint else None
 
     def ready(self) -> bool:
         return True
@@ -225,16 +241,29 @@ class GeneratorActor:
         engine = self._engine if hasattr(self._engine, "submit") else QueuedRequests(self._engine)
         spec = SamplingSpec.from_config(self._config, None, self._stop_token_ids)
         spec = spec.overridden_by(batch)
-        loop = MultiTurnRollout(
-            engine,
-            self._turns,
-            env.actors if env else None,
-            env.config if env else None,
-            spec,
-            self._engine.context,
-            between_steps=self._load_arrived_weights if self._handoff else None,
-            version=lambda: self._version,
-        )
+        between_steps = self._load_arrived_weights if self._handoff else None
+        if self._endpoint is not None:
+            loop = AgentRollout(
+                engine,
+                self._endpoint,
+                env.actors,
+                env.config,
+                env.config.max_tokens_per_turn or spec.max_new_tokens,
+                self._engine.context,
+                between_steps=between_steps,
+                version=lambda: self._version,
+            )
+        else:
+            loop = MultiTurnRollout(
+                engine,
+                self._turns,
+                env.actors if env else None,
+                env.config if env else None,
+                spec,
+                self._engine.context,
+                between_steps=between_steps,
+                version=lambda: self._version,
+            )
         columns = batch.select(["rollout_id", "prompt", "metadata", "prompt_ids"]).to_pydict()
         trajectories = [
             Trajectory(
@@ -252,7 +281,7 @@ class GeneratorActor:
         self._metrics.record_generation(len(trajectories), sampled, time.perf_counter() - started)
         return trajectory_batch(batch, trajectories, self._turns, multi_turn=env is not None)
 
-    def _load_arrived_weights(self, loop: MultiTurnRollout) -> None:
+    def _load_arrived_weights(self, loop: MultiTurnRollout | AgentRollout) -> None:
         """Between two engine steps: weights that arrived stop the requests where they are,
         load, and the requests go on from their prefixes under them."""
         pending = self._handoff.take()

@@ -23,6 +23,8 @@ class EnvSetup:
     """The environment actors' handles (Ray restarts a dead one behind the same handle)."""
     tools: list[dict[str, Any]] | None = None
     """The tools' JSON schemas for the chat template (None: a plain environment)."""
+    endpoint_token: str | None = None
+    """An agent job's (``config.agent``): the secret of the generators' endpoints."""
 
 
 def trajectory_batch(

@@ -125,7 +125,7 @@ def sequence_mean_of_token_sums(losses: torch.Tensor, mask: torch.Tensor) -> tor
     """veRL 0.9.1's ``seq-mean-token-sum``: each row's sum over its mask-1 tokens, averaged over
     the rows that have any (a row the mask hides entirely counts in neither sum nor count)."""
     present = present_rows(mask)
-    return ((losses * mask).sum(-1) * present).sum() / present.sum()
+    return ((losses * mask).sum(-1) * present).sum() / present.sum().clamp(min=1)
 
 
 @register_loss_aggregation("seq-mean-token-sum-norm")
@@ -143,7 +143,7 @@ def sequence_mean_of_token_means(losses: torch.Tensor, mask: torch.Tensor) -> to
     the rows that have any (its ``+ 1e-8`` in the row's count kept, for the same rounding)."""
     counts = mask.sum(-1)
     present = present_rows(mask)
-    return ((losses * mask).sum(-1) / (counts + 1e-8) * present).sum() / present.sum()
+    return ((losses * mask).sum(-1) / (counts + 1e-8) * present).sum() / present.sum().clamp(min=1)
 
 
 for _name in ("seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean"):

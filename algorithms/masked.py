@@ -12,8 +12,9 @@ WHITEN_EPS = 1e-8
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``values`` where ``mask`` is 1."""
-    return (values * mask).sum() / mask.sum()
+    """Mean of ``values`` where ``mask`` is 1; 0 where it is 1 nowhere (a micro-batch of rows
+    the mask hides entirely: dropped agent trajectories)."""
+    return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
 def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:

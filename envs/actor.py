@@ -29,6 +29,7 @@ from typing import Any
 
 from rlfleet.common.env_config import EnvConfig
 from rlfleet.common.errors import one_line
+from rlfleet.envs.agents import AgentAccess, agent_result, load_agent, make_client
 from rlfleet.envs.protocol import Observation, Step
 
 THREADS = 256
@@ -62,9 +63,10 @@ class EnvActor:
 
         self._index = index
         self._config = config
-        self._make = load_environment_factory(config)
+        self._agent = load_agent(config.agent) if config.agent else None
+        self._make = None if config.agent else load_environment_factory(config)
         self._envs: dict[int, Any] = {}
-        self._name = config.environment or config.tools
+        self._name = config.environment or config.tools or config.agent
         self._threads = ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="env")
         self._loop_threads_set = False
         """Plain environments' calls; asyncio's default pool has only a few threads, so slow
@@ -113,6 +115,32 @@ class EnvActor:
         if reply.done or reply.error or reply.timed_out:
             await self.close(trajectory)
         return reply
+
+    async def run_agent(
+        self, trajectory: int, row: dict[str, Any], access: AgentAccess
+    ) -> EnvReply:
+        """Runs the job's agent function (``env.agent``, envs/agents.py) for ``trajectory``
+        with a client of its session, within ``env.trajectory_timeout_s``; its reward (or
+        ``info["scored"]`` False: the reward functions score it) in the reply."""
+        started = time.perf_counter()
+        timeout = self._config.trajectory_timeout_s
+        client = make_client(access, timeout)
+        try:
+            value = await asyncio.wait_for(
+                self._agent(client, dict(row), **self._config.kwargs), timeout=timeout
+            )
+            reward, info, scored = agent_result(value, self._name)
+        except TimeoutError:
+            return EnvReply(timed_out=True, seconds=time.perf_counter() - started)
+        except Exception as exc:
+            return EnvReply(
+                error=self._describe(exc, "the agent raised", trajectory, 0),
+                seconds=time.perf_counter() - started,
+            )
+        finally:
+            await client.close()
+        info["scored"] = scored
+        return EnvReply(reward=reward, info=info, seconds=time.perf_counter() - started)
 
     async def close(self, trajectory: int) -> None:
         """Drops ``trajectory``'s environment (calling its ``close()`` if it has one, awaited

@@ -21,6 +21,8 @@ from typing import Any
 
 from rlfleet.common.env_config import EnvConfig
 from rlfleet.common.errors import error_line
+from rlfleet.envs import skyrl_gym as skyrl_adapter
+from rlfleet.envs.agents import AgentSpecError, load_agent
 from rlfleet.envs.parsers import get_tool_parser
 from rlfleet.envs.protocol import REQUIRED_METHODS, Environment
 from rlfleet.envs.tools import ToolDefinitionError, ToolEnvironment, tool_schemas
@@ -50,11 +52,14 @@ class EnvironmentFactory:
 
 
 def load_environment_factory(config: EnvConfig) -> EnvironmentFactory:
-    """The factory of ``config``'s environments (its class imported and checked); an
+    """The factory of ``config``'s environments (its class imported and checked; a
+    ``skyrl_gym`` text environment wrapped in envs/skyrl_gym.py's adapter); an
     ``EnvConfigError`` as ``check_environment`` gives it otherwise."""
     key, spec = source_key(config)
     cls = import_class(key, spec)
     if config.tools is None:
+        if skyrl_adapter.is_text_env(cls):
+            return skyrl_gym_factory(key, spec, cls, config)
         check_environment_methods(key, spec, cls)
         return EnvironmentFactory(cls, dict(config.kwargs))
     check_tool_parser(config.tool_parser)
@@ -66,7 +71,14 @@ def check_environment(config: EnvConfig) -> list[dict[str, Any]] | None:
     """Everything about ``env:`` that can fail before Ray starts, each problem one line: the
     class imports, has the methods an environment needs (or tools with schemas that serialize),
     the tool parser is known, and the class can be built with ``env.kwargs`` (once, then closed).
-    Returns the tool schemas (None for an environment, which gives none)."""
+    Returns the tool schemas (None for an environment, which gives none). An agent function
+    (``env.agent``) is imported and checked to be ``async``."""
+    if config.agent is not None:
+        try:
+            load_agent(config.agent)
+        except AgentSpecError as exc:
+            raise EnvConfigError(str(exc)) from None
+        return None
     factory = load_environment_factory(config)
     _, spec = source_key(config)
     check_constructor(spec, factory)
@@ -116,6 +128,17 @@ def check_environment_methods(key: str, spec: str, cls: type) -> None:
                 f"{key}: {spec} has no {METHOD_SIGNATURES[name]} method; an environment "
                 f"needs {needs}"
             )
+
+
+def skyrl_gym_factory(key: str, spec: str, cls: type, config: EnvConfig) -> EnvironmentFactory:
+    """A ``skyrl_gym`` text environment behind the adapter (envs/skyrl_gym.py): each one built
+    in ``reset`` from the row, ``env.kwargs`` as its ``env_config``."""
+    if not skyrl_adapter.overrides_step(cls):
+        raise EnvConfigError(
+            f"{key}: {spec} is a skyrl_gym BaseTextEnv without its own step(action) method"
+        )
+    kwargs = {"env_class": cls, "env_config": dict(config.kwargs), "max_turns": config.max_turns}
+    return EnvironmentFactory(skyrl_adapter.SkyRLGymEnvironment, kwargs)
 
 
 def check_tool_parser(name: str) -> None:

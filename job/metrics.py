@@ -206,15 +206,17 @@ class EnvMetrics:
         )
         self.finished = Counter(
             "rlfleet_job_env_trajectories_total",
-            "Trajectories trained on, per finish reason (stop, length: cut by the token budget, "
-            "max_turns, env_timeout, env_error).",
+            "Trajectories, per finish reason (stop, length: cut by the token budget, "
+            "max_turns, env_timeout, env_error; agent_error, agent_timeout, agent_no_calls: "
+            "dropped agent trajectories, not trained).",
             (*labels, "finish_reason"),
             registry=registry,
         )
         self.events = Counter(
             "rlfleet_job_env_events_total",
-            "Malformed tool calls, truncated observations, template re-render mismatches and "
-            "trajectory restarts (a dead environment actor).",
+            "Malformed tool calls, truncated observations, template re-render mismatches, "
+            "trajectory restarts (a dead environment actor), agent endpoint calls and the calls "
+            "left out of split agent trajectories.",
             (*labels, "event"),
             registry=registry,
         )

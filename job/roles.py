@@ -15,6 +15,7 @@ start-up deadline.
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -173,6 +174,9 @@ class Layout:
         self.weight_sync = weight_sync
         self._placement: Any = None
         self.env_actors: list[Any] = []
+        self.endpoint_token = secrets.token_hex(32)
+        """The secret of this job's agent endpoints (actors/endpoint.py): session keys derive
+        from it, and it never leaves the job's processes."""
         """The environment actors started so far, which every generator is given (Ray restarts
         a dead one behind the same handle)."""
 
@@ -250,7 +254,12 @@ class Layout:
         from rlfleet.actors.trajectories import EnvSetup
         from rlfleet.envs.loading import tool_schemas_of
 
-        return EnvSetup(self.config.env, list(self.env_actors), tool_schemas_of(self.config.env))
+        return EnvSetup(
+            self.config.env,
+            list(self.env_actors),
+            tool_schemas_of(self.config.env),
+            self.endpoint_token if self.config.env.agent else None,
+        )
 
 
 def placement_removed(placement: Any) -> bool:

@@ -44,7 +44,17 @@ def reward_stats(batch: pa.RecordBatch) -> dict[str, Any]:
     }
 
 
-FINISH_REASONS = ("stop", "length", "max_turns", "env_timeout", "env_error")
+FINISH_REASONS = (
+    "stop",
+    "length",
+    "max_turns",
+    "env_timeout",
+    "env_error",
+    "agent_error",
+    "agent_timeout",
+    "agent_no_calls",
+)
+"""An agent job's dropped trajectories end with ``agent_*`` (actors/agent_rollout.py)."""
 """How a multi-turn trajectory ends (actors/rollout.py)."""
 
 
@@ -103,4 +113,13 @@ class TrajectorySummary:
         }
 
 
-COUNTED = ("malformed_tool_calls", "truncated_observations", "rerender_mismatches", "restarts")
+COUNTED = (
+    "malformed_tool_calls",
+    "truncated_observations",
+    "rerender_mismatches",
+    "restarts",
+    "agent_calls",
+    "split_calls",
+)
+"""``agent_calls``: an agent job's endpoint calls; ``split_calls``: those left out because the
+trajectory split (actors/agent_calls.py)."""

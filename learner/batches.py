@@ -67,15 +67,16 @@ def multi_turn_inputs(batch: pa.RecordBatch) -> dict[str, list[torch.Tensor]]:
 
 
 def checked_loss_mask(row: dict[str, Any]) -> list[int]:
-    """The rollout's loss mask (all ones when null): one 0 or 1 per response token, some 1."""
+    """The rollout's loss mask (all ones when null): one 0 or 1 per response token (all 0: a
+    dropped agent trajectory, trained on nothing)."""
     rollout_id, length = row["rollout_id"], len(row["response_ids"] or [])
     mask = row["loss_mask"]
     if mask is None:
         return [1] * length
     if len(mask) != length:
         raise ValueError(f"rollout {rollout_id}: {len(mask)} loss_mask entries for {length} tokens")
-    if any(value not in (0, 1) for value in mask) or 1 not in mask:
-        raise ValueError(f"rollout {rollout_id}: loss_mask must hold 0s and 1s, at least one 1")
+    if any(value not in (0, 1) for value in mask):
+        raise ValueError(f"rollout {rollout_id}: loss_mask must hold 0s and 1s")
     return mask
 
 

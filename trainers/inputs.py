@@ -176,8 +176,9 @@ def checked_response_lengths(
 def checked_loss_masks(
     loss_masks: Sequence[torch.Tensor] | None, responses: list[torch.Tensor], device: torch.device
 ) -> list[torch.Tensor] | None:
-    """Each response's loss mask: 0/1 integers of its shape, at least one 1 (a response of only
-    environment tokens has nothing to train on, and no last sampled token for its score)."""
+    """Each response's loss mask: 0/1 integers of its shape, and at least one 1 in the batch. A
+    row of zeros is trained on nothing (a dropped agent trajectory, actors/agent_rollout.py):
+    it counts in no loss, no whitening and no statistic over tokens."""
     if loss_masks is None:
         return None
     if len(loss_masks) != len(responses):
@@ -192,9 +193,11 @@ def checked_loss_masks(
                 f"loss_masks[{i}] must be integers of the shape of responses[{i}] "
                 f"{tuple(response.shape)}, got {mask.dtype} {tuple(mask.shape)}"
             )
-        if ((mask != 0) & (mask != 1)).any() or not mask.any():
-            raise ValueError(f"loss_masks[{i}] must hold 0s and 1s, at least one 1")
+        if ((mask != 0) & (mask != 1)).any():
+            raise ValueError(f"loss_masks[{i}] must hold 0s and 1s")
         checked.append(mask.to(device=device, dtype=torch.long))
+    if not any(bool(mask.any()) for mask in checked):
+        raise ValueError("loss_masks are 0 everywhere: the batch has no token to train on")
     return checked
 
 

@@ -195,12 +195,14 @@ def test_loss_masks_of_all_ones_train_as_none(tiny_model_dir: Path) -> None:
         torch.testing.assert_close(results[1][1][name], parameter, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dropped", [False, True], ids=["all-rows", "a-dropped-row"])
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
 def test_a_grpo_step_with_holes_computes_as_trl_with_a_tool_mask(
-    tiny_model_dir: Path, loss_type: str
+    tiny_model_dir: Path, loss_type: str, dropped: bool
 ) -> None:
     """One minibatch: the loss, KL, entropy and clip metrics over mask-1 tokens, the sequence
-    return the score plus the turn rewards, lengths counting sampled tokens (TRL's)."""
+    return the score plus the turn rewards, lengths counting sampled tokens (TRL's). A row
+    whose mask is 0 everywhere (a dropped agent trajectory) is in no token statistic."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     config = CriticFreeConfig(
@@ -209,6 +211,9 @@ def test_a_grpo_step_with_holes_computes_as_trl_with_a_tool_mask(
     )  # fmt: skip
     trainer = CriticFreeTrainer(config, model)
     inputs = holey_batch()
+    if dropped:
+        inputs["loss_masks"][0] = torch.zeros_like(inputs["loss_masks"][0])
+        inputs["token_rewards"][0] = torch.zeros_like(inputs["token_rewards"][0])
     groups = [0, 0, 1, 1]
     mask, own = full_forward(model.eval(), inputs)
     _, ref = full_forward(trainer.ref_model.eval(), inputs)
@@ -242,7 +247,8 @@ def test_a_grpo_step_with_holes_computes_as_trl_with_a_tool_mask(
     ("change", "message"),
     [
         ({"loss_masks": "float"}, r"loss_masks\[0\] must be integers"),
-        ({"loss_masks": "zeros"}, r"loss_masks\[0\] must hold 0s and 1s, at least one 1"),
+        ({"loss_masks": "twos"}, r"loss_masks\[0\] must hold 0s and 1s"),
+        ({"loss_masks": "all_zeros"}, r"loss_masks are 0 everywhere"),
         ({"token_rewards": "in_hole"}, r"token_rewards\[0\] is not 0 on a token"),
         ({"token_rewards": "short"}, r"token_rewards\[0\] must be floats of the shape"),
     ],
@@ -252,7 +258,8 @@ def test_bad_loss_masks_and_token_rewards_are_refused(tiny_model_dir, change, me
     masks, rewards = inputs["loss_masks"], inputs["token_rewards"]
     bad = {
         "float": [masks[0].float(), *masks[1:]],
-        "zeros": [torch.zeros_like(masks[0]), *masks[1:]],
+        "twos": [masks[0] * 2, *masks[1:]],
+        "all_zeros": [torch.zeros_like(mask) for mask in masks],
         "in_hole": [rewards[0] + (1 - masks[0]), *rewards[1:]],
         "short": [rewards[0][:-1], *rewards[1:]],
     }
