@@ -12,18 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from omegaconf import DictConfig  # skyrl_gym's dependency (the agents extra)
+from support import skyrl_envs
 from support.job_configs import REPO, read_stats, small_job
+from support.skyrl_envs import NO_NUMBER, GuessTextEnv, intro
 
 from rlfleet.common.env_config import EnvConfig
 from rlfleet.envs.actor import EnvActor
 from rlfleet.envs.loading import EnvConfigError, check_environment, load_environment_factory
 from rlfleet.envs.protocol import Step
 from rlfleet.envs.skyrl_gym import SkyRLGymEnvironment, json_values
-
-pytest.importorskip("skyrl_gym")  # an optional dependency: rlfleet runs without it
-from omegaconf import DictConfig  # noqa: E402 - skyrl_gym's dependency
-from support import skyrl_envs  # noqa: E402
-from support.skyrl_envs import NO_NUMBER, GuessTextEnv, intro  # noqa: E402
 
 GUESS = "support.skyrl_envs:GuessTextEnv"
 SYSTEM = {"role": "system", "content": "Answer with a number."}
