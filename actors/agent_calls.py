@@ -77,6 +77,8 @@ class AgentSession:
     calls: list[Call] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     closed: bool = False
+    over_budget: bool = False
+    """A request was refused for the token budget: the trajectory is at its length limit."""
     issued: int = 0
     """Calls started so far: the next one's index, which its sampling seed derives from."""
 
@@ -106,12 +108,14 @@ class AgentSession:
         used = max(len(prompt_ids) - len(first), 0)
         left = min(self.budget.max_total_tokens - used, self.budget.context - len(prompt_ids))
         if requested is not None and requested > left:
+            self.over_budget = True
             raise BudgetError(
                 f"max_tokens {requested} is over what is left of this trajectory's budget "
                 f"({left} tokens: env.max_total_tokens {self.budget.max_total_tokens} after the "
                 f"first prompt, context {self.budget.context})"
             )
         if left <= 0:
+            self.over_budget = True
             raise BudgetError(
                 f"the prompt ({len(prompt_ids)} tokens) leaves nothing of this trajectory's "
                 f"budget (env.max_total_tokens {self.budget.max_total_tokens} after the first "

@@ -11,6 +11,10 @@ calls (actors/agent_calls.py): the engine's ids, never re-tokenized.
 A call's sampling seed derives from the rollout's seed and the call's index, so a trajectory
 started again (its environment actor died) samples what it sampled before.
 
+An agent whose request was refused for the token budget (``env.max_total_tokens``; the
+endpoint answers 400) and that then raised ends like a native trajectory at its budget: its
+calls are trained, ``finish_reason`` ``"length"``, no reward of its own.
+
 Faults end one trajectory, never the batch: an agent that raises, runs past
 ``env.trajectory_timeout_s`` or never called the endpoint is *dropped*: its row is kept (every
 id of the batch is accounted for) with a loss mask of zeros, so nothing of it is trained, its
@@ -40,9 +44,10 @@ from rlfleet.envs.agents import AgentAccess
 
 logger = logging.getLogger(__name__)
 
-IDLE_WAIT_S = 0.002
-"""With nothing to sample, how long the loop waits for a request before it looks for agents'
-returns again."""
+IDLE_WAIT_S = REPLY_CHECK_S
+"""With nothing to sample, how long the loop waits for a request (it wakes as soon as one
+arrives) before it looks for agents' returns again: a look (``ray.wait``) costs 1.5-2 ms, and a
+request that waited behind one would wait for the engine as long."""
 
 DROPPED = ("agent_error", "agent_timeout", "agent_no_calls")
 """The finish reasons of dropped trajectories."""
@@ -99,7 +104,7 @@ class AgentRollout:
                 if self._engine.busy():
                     for key, completion in self._engine.poll():
                         self._sampled(key, completion)
-                if not self._engine.busy() or time.monotonic() - checked >= REPLY_CHECK_S:
+                if time.monotonic() - checked >= REPLY_CHECK_S:
                     checked = time.monotonic()
                     self._collect_returns()
         finally:
@@ -167,7 +172,10 @@ class AgentRollout:
             self._launch(trajectory)
             return
         trajectory.step_seconds.append(round(reply.seconds, 6))
-        if reply.timed_out:
+        if reply.error is not None and session.over_budget and session.calls:
+            self._record(trajectory, session, EnvReply(info={"error": reply.error}))
+            trajectory.finish_reason = "length"
+        elif reply.timed_out:
             self._drop(trajectory, "agent_timeout", "ran past env.trajectory_timeout_s")
         elif reply.lost or reply.error is not None:
             self._drop(trajectory, "agent_error", reply.error or "its environment actor died")

@@ -29,7 +29,13 @@ from typing import Any
 
 from rlfleet.common.env_config import EnvConfig
 from rlfleet.common.errors import one_line
-from rlfleet.envs.agents import AgentAccess, agent_result, load_agent, make_client
+from rlfleet.envs.agents import (
+    AgentAccess,
+    agent_result,
+    load_agent,
+    make_client,
+    shared_http_client,
+)
 from rlfleet.envs.protocol import Observation, Step
 
 THREADS = 256
@@ -64,6 +70,8 @@ class EnvActor:
         self._index = index
         self._config = config
         self._agent = load_agent(config.agent) if config.agent else None
+        self._http = None
+        """The agents' HTTP client (``shared_http_client``), made on the actor's event loop."""
         self._make = None if config.agent else load_environment_factory(config)
         self._envs: dict[int, Any] = {}
         self._name = config.environment or config.tools or config.agent
@@ -124,7 +132,9 @@ class EnvActor:
         ``info["scored"]`` False: the reward functions score it) in the reply."""
         started = time.perf_counter()
         timeout = self._config.trajectory_timeout_s
-        client = make_client(access, timeout)
+        if self._http is None:
+            self._http = shared_http_client()
+        client = make_client(access, timeout, self._http)
         try:
             value = await asyncio.wait_for(
                 self._agent(client, dict(row), **self._config.kwargs), timeout=timeout
@@ -137,8 +147,6 @@ class EnvActor:
                 error=self._describe(exc, "the agent raised", trajectory, 0),
                 seconds=time.perf_counter() - started,
             )
-        finally:
-            await client.close()
         info["scored"] = scored
         return EnvReply(reward=reward, info=info, seconds=time.perf_counter() - started)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from support.job_configs import read_stats, small_job
 
-KINDS = ["ok", "ok", "raise", "ok", "hang", "silent", "unscored", "ok"]
+KINDS = ["ok", "ok", "raise", "ok", "hang", "silent", "unscored", "long"]
 
 
 @pytest.fixture(autouse=True)
@@ -27,7 +27,7 @@ def chat_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
-def agent_job(model_dir: Path, out: Path, prompts: Path, **fields):
+def agent_job(model_dir: Path, out: Path, prompts: Path, env: dict | None = None, **fields):
     return small_job(
         model_dir,
         out,
@@ -39,6 +39,7 @@ def agent_job(model_dir: Path, out: Path, prompts: Path, **fields):
             "max_total_tokens": 120,
             "max_tokens_per_turn": 6,
             "trajectory_timeout_s": 8,
+            **(env or {}),
         },
         generators={"max_new_tokens": 6},
         **fields,
@@ -72,6 +73,8 @@ def test_an_agent_job_trains_on_the_engine_s_ids_and_drops_faulty_agents(
     by_kind: dict[str, list[dict]] = {}
     for row in rows:
         by_kind.setdefault(json.loads(row["metadata"])["kind"], []).append(row)
+    calls_made = sum(json.loads(row["env_info"]).get("agent_calls", 0) for row in rows)
+    assert sum(line["env/agent_calls"] for line in read_stats(tmp_path / "run")) == calls_made
     for row in by_kind["ok"]:
         info = json.loads(row["env_info"])
         calls = info["calls"]
@@ -99,6 +102,11 @@ def test_an_agent_job_trains_on_the_engine_s_ids_and_drops_faulty_agents(
             assert row["finish_reason"] == reason
             assert not any(row["loss_mask"]), "a dropped trajectory is not trained"
     assert "the agent's own bug" in json.loads(by_kind["raise"][0]["env_info"])["error"]
+    for row in by_kind["long"]:  # refused at its budget: trained to there, as a native one
+        info = json.loads(row["env_info"])
+        assert row["finish_reason"] == "length" and info["agent_calls"] >= 4
+        assert "max_total_tokens 120" in info["error"] and sum(row["loss_mask"]) > 0
+        assert len(row["response_ids"]) <= 120 and sum(row["turn_rewards"]) == 0
     for row in by_kind["unscored"]:
         assert json.loads(row["env_info"])["scored"] is False and sum(row["turn_rewards"]) == 0
     stats = read_stats(tmp_path / "run")
@@ -106,5 +114,58 @@ def test_an_agent_job_trains_on_the_engine_s_ids_and_drops_faulty_agents(
     for line in stats:
         assert line["env/finished_agent_error"] == line["env/finished_agent_timeout"] == 1
         assert line["env/finished_agent_no_calls"] == 1
-        assert line["env/agent_calls"] == 5 * 3  # the ok and unscored agents, 3 calls each
         assert line["env/split_calls"] == 0
+
+
+@pytest.mark.slow
+def test_an_agent_job_loses_no_trajectory_when_a_generator_or_env_actor_dies_mid_call(
+    ray_local, chat_model_dir: Path, tmp_path: Path
+) -> None:
+    """A generator SIGKILLed while its agents are between calls: their sessions go with it, the
+    shard is sampled again on its replacement (new sessions, the same seeds); an environment
+    actor SIGKILLed: Ray restarts it and its agents start again. Every id is trained once."""
+    import threading
+
+    from support.chaos import sigkill
+
+    from rlfleet.job.loop import TrainingJob
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        "".join(json.dumps({"prompt": f"movie {i}", "kind": "ok"}) + "\n" for i in range(8))
+    )
+    config = agent_job(
+        chat_model_dir,
+        tmp_path / "run",
+        prompts,
+        iterations=3,
+        env={"kwargs": {"sleep_s": 0.4}},
+    )
+    killed = []
+
+    def kill_mid_call(kind: str, iteration: int, actors: list) -> None:
+        victim = (
+            {1: actors[0], 2: job.envs.actors[0]}.get(iteration) if kind == "generator" else None
+        )
+        if victim is not None:
+            timer = threading.Timer(0.8, lambda: killed.append(sigkill(victim)))
+            timer.start()
+
+    job = TrainingJob(config, on_dispatch=kill_mid_call)
+    trained = []
+    score = job.score
+    job.score = lambda rollouts: trained.append(score(rollouts)) or trained[-1]
+    try:
+        job.train()
+    finally:
+        job.shutdown()
+    assert killed == [True, True]
+    ids = [rid for batch in trained for rid in batch.column("rollout_id").to_pylist()]
+    assert sorted(ids) == list(range(3 * 8))  # each trajectory once, none lost
+    for batch in trained:
+        for row in batch.to_pylist():
+            info = json.loads(row["env_info"])
+            assert row["finish_reason"] in ("stop", "length"), info
+            assert info["agent_calls"] == 3 and len(info["calls"]) == 3
+    stats = read_stats(tmp_path / "run")
+    assert sum(line["env/restarts"] for line in stats) > 0  # the env actor's agents began again
