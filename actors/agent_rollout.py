@@ -49,9 +49,6 @@ IDLE_WAIT_S = REPLY_CHECK_S
 arrives) before it looks for agents' returns again: a look (``ray.wait``) costs 1.5-2 ms, and a
 request that waited behind one would wait for the engine as long."""
 
-DROPPED = ("agent_error", "agent_timeout", "agent_no_calls")
-"""The finish reasons of dropped trajectories."""
-
 
 @dataclass
 class _Request:

@@ -460,6 +460,8 @@ class TrainingJob:
         trajectories = TrajectorySummary.of(scored)
         if trajectories is not None:
             self.metrics.record_trajectories(trajectories)
+            if line := trajectories.dropped_line(self.iteration):
+                logger.warning(line)
         self.metrics.record_prompts(prompt_count(scored))
         self.metrics.set_inflight_rollouts(sum(batch.batch.num_rows for batch in queue))
 

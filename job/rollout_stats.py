@@ -55,6 +55,7 @@ FINISH_REASONS = (
     "agent_no_calls",
 )
 """An agent job's dropped trajectories end with ``agent_*`` (actors/agent_rollout.py)."""
+DROPPED = ("agent_error", "agent_timeout", "agent_no_calls")
 """How a multi-turn trajectory ends (actors/rollout.py)."""
 
 
@@ -74,13 +75,17 @@ class TrajectorySummary:
     masked_tokens: int
     tokens: int
     turn_rewards: list[float]
+    dropped: dict[int, str]
+    """Dropped agent trajectories (not trained): rollout id -> why (one line)."""
 
     @classmethod
     def of(cls, batch: pa.RecordBatch) -> TrajectorySummary | None:
         if batch.column("loss_mask").null_count == batch.num_rows:
             return None
-        summary = cls([], [], Counter(), Counter(), Counter(), Counter(), 0, 0, [])
-        columns = batch.select(["num_turns", "env_info", "finish_reason", "loss_mask"])
+        summary = cls([], [], Counter(), Counter(), Counter(), Counter(), 0, 0, [], {})
+        columns = batch.select(
+            ["rollout_id", "num_turns", "env_info", "finish_reason", "loss_mask"]
+        )
         rewards = batch.column("turn_rewards").to_pylist()
         for row, turn_rewards in zip(columns.to_pylist(), rewards, strict=True):
             info = json.loads(row["env_info"] or "{}")
@@ -95,7 +100,25 @@ class TrajectorySummary:
             summary.masked_tokens += len(mask) - sum(mask)
             summary.tokens += len(mask)
             summary.turn_rewards.append(float(sum(turn_rewards or [])))
+            if row["finish_reason"] in DROPPED:
+                why = info.get("error", "")
+                summary.dropped[row["rollout_id"]] = f"{row['finish_reason']}: {why}"
         return summary
+
+    def dropped_line(self, iteration: int, named: int = 3) -> str | None:
+        """One line naming the iteration's dropped trajectories (the first ``named`` with
+        why), or None when none was dropped."""
+        if not self.dropped:
+            return None
+        shown = "; ".join(
+            f"rollout {rid}: {why}" for rid, why in sorted(self.dropped.items())[:named]
+        )
+        more = len(self.dropped) - named
+        return (
+            f"iteration {iteration}: {len(self.dropped)} agent trajectories dropped (not "
+            f"trained): {shown}"
+            + (f"; and {more} more (stats.jsonl env/dropped_rollout_ids)" if more > 0 else "")
+        )
 
     def stats(self) -> dict[str, float]:
         steps = self.step_seconds or [0.0]
@@ -110,6 +133,7 @@ class TrajectorySummary:
             **{f"env/{key}": self.counters[key] for key in COUNTED},
             **{f"env/tool_calls/{tool}": n for tool, n in sorted(self.tool_calls.items())},
             **{f"env/tool_errors/{tool}": n for tool, n in sorted(self.tool_errors.items())},
+            **({"env/dropped_rollout_ids": sorted(self.dropped)} if self.dropped else {}),
         }
 
 

@@ -97,8 +97,9 @@ GUESS_TURN_COST = 0.05
 
 
 async def guess(client: openai.AsyncOpenAI, row: dict[str, Any]) -> dict[str, Any]:
-    """Plays one game of ``row["game"]``'s secret; every guess is one call."""
-    secret = random.Random(row["game"]).randint(1, GUESS_MAX)
+    """Plays one game: the row's ``secret`` (the held-out rows give one) or ``row["game"]``'s;
+    every guess is one call."""
+    secret = row.get("secret") or random.Random(row["game"]).randint(1, GUESS_MAX)
     messages: list[dict[str, Any]] = list(row["messages"])
     for turn in range(1, GUESS_TURNS + 1):
         response = await client.chat.completions.create(model=MODEL, messages=messages)

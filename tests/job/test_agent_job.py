@@ -48,7 +48,7 @@ def agent_job(model_dir: Path, out: Path, prompts: Path, env: dict | None = None
 
 @pytest.mark.slow
 def test_an_agent_job_trains_on_the_engine_s_ids_and_drops_faulty_agents(
-    ray_local, chat_model_dir: Path, tmp_path: Path
+    ray_local, chat_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     from rlfleet.job.loop import TrainingJob
 
@@ -115,6 +115,14 @@ def test_an_agent_job_trains_on_the_engine_s_ids_and_drops_faulty_agents(
         assert line["env/finished_agent_error"] == line["env/finished_agent_timeout"] == 1
         assert line["env/finished_agent_no_calls"] == 1
         assert line["env/split_calls"] == 0
+        dropped = [r["rollout_id"] for r in rows if r["finish_reason"].startswith("agent_")]
+        assert set(line["env/dropped_rollout_ids"]) <= set(dropped)
+        assert len(line["env/dropped_rollout_ids"]) == 3
+    assert "3 agent trajectories dropped (not trained): rollout" in caplog.text
+    assert (
+        "agent_error: env support.endpoint_agents:run (env actor 0): the agent raised"
+        in caplog.text
+    )
 
 
 @pytest.mark.slow
