@@ -311,3 +311,38 @@ def test_a_session_s_prompt_extends_only_its_own_calls(tokenizer) -> None:
     )
     rewritten = [*first, {"role": "assistant", "content": "HEY"}, follow[2]]
     assert session.chat_prompt(rewritten, None, turns) == turns.prompt_ids(rewritten)
+
+
+def test_n_choices_are_sampled_with_their_own_seeds_and_either_extends_the_record(
+    served, tokenizer
+) -> None:
+    sampler = ScriptedSampler(served, tokenizer, ["red", "blue", "green"])
+    session = open_session(served)
+
+    async def agent():
+        client = client_of(served, session)
+        first = await client.chat.completions.create(
+            model="policy", messages=[{"role": "user", "content": "a color?"}], n=2
+        )
+        chosen = first.choices[1].message
+        messages = [
+            {"role": "user", "content": "a color?"},
+            chosen.model_dump(exclude_none=True),
+            {"role": "user", "content": "another?"},
+        ]
+        await client.chat.completions.create(model="policy", messages=messages)
+        await client.close()
+        return first
+
+    try:
+        first = asyncio.run(agent())
+    finally:
+        sampler.stop()
+    assert [c.message.content for c in first.choices] == ["red", "blue"]
+    seeds = [request.params.seeds[0] for request in sampler.requests]
+    assert seeds[0] == turn_seed(1234, 0) and seeds[1] == turn_seed(turn_seed(1234, 0), 1)
+    assert len(set(seeds)) == 3
+    trajectory = Trajectory(7, 1234, {}, [1])
+    assert fill_trajectory(trajectory, session.calls) == 0  # the second choice was continued
+    sampled = [i for i, m in zip(trajectory.response_ids, trajectory.loss_mask, strict=True) if m]
+    assert sampled == session.calls[0].choices[1].token_ids + session.calls[1].choices[0].token_ids

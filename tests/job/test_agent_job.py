@@ -66,8 +66,12 @@ def test_an_agent_job_trains_on_the_engine_s_ids_and_drops_faulty_agents(
     job.score = lambda rollouts: trained.append(score(rollouts)) or trained[-1]
     try:
         job.train()
+        import ray
+
+        url = ray.get(job.generators.actors[0].endpoint_url.remote())
     finally:
         job.shutdown()
+    assert url.startswith("http://127.0.0.1:")  # a local job's endpoint is on loopback only
     rows = [row for batch in trained for row in batch.to_pylist()]
     assert len(rows) == 16 and len({row["rollout_id"] for row in rows}) == 16
     by_kind: dict[str, list[dict]] = {}
