@@ -22,6 +22,7 @@ from rlfleet.actors.endpoint import Endpoint, session_key
 from rlfleet.actors.engine import SamplingSpec
 from rlfleet.actors.rollout import Trajectory, turn_seed
 from rlfleet.actors.turns import TurnTokens
+from rlfleet.tasks.openai_agents import CALCULATOR_TOOL
 
 TOKEN = "job-secret"
 
@@ -92,18 +93,7 @@ def client_of(endpoint: Endpoint, session: AgentSession, key: str | None = None)
     )
 
 
-CALC = {
-    "type": "function",
-    "function": {
-        "name": "calculator",
-        "description": "Exact integer arithmetic.",
-        "parameters": {
-            "type": "object",
-            "properties": {"expression": {"type": "string", "description": "e.g. 2*3"}},
-            "required": ["expression"],
-        },
-    },
-}
+CALC = CALCULATOR_TOOL
 
 
 def test_a_conversation_with_tool_calls_is_one_chain_of_the_engine_s_ids(served, tokenizer) -> None:

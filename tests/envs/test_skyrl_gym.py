@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from omegaconf import DictConfig  # skyrl_gym's dependency (the agents extra)
 from support import skyrl_envs
-from support.job_configs import REPO, read_stats, small_job
+from support.job_configs import REPO, read_stats, small_job, train_recording
 from support.skyrl_envs import NO_NUMBER, GuessTextEnv, intro
 
 from rlfleet.common.env_config import EnvConfig
@@ -253,13 +253,7 @@ def test_a_job_trains_on_a_skyrl_gym_env(ray_local, vllm_tmpdir, tmp_path: Path)
         logging={"samples_per_iteration": 8},
     )
     job = TrainingJob(config)
-    trained = []
-    score = job.score
-    job.score = lambda rollouts: trained.append(score(rollouts)) or trained[-1]
-    try:
-        job.train()
-    finally:
-        job.shutdown()
+    trained = train_recording(job)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     records = [row for batch in trained for row in batch.to_pylist()]
     assert len(records) == 16

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from support.job_configs import read_stats, small_job
+from support.job_configs import read_stats, small_job, train_recording
 
 KINDS = ["ok", "ok", "raise", "ok", "hang", "silent", "unscored", "long"]
 
@@ -164,13 +164,7 @@ def test_an_agent_job_loses_no_trajectory_when_a_generator_or_env_actor_dies_mid
             timer.start()
 
     job = TrainingJob(config, on_dispatch=kill_mid_call)
-    trained = []
-    score = job.score
-    job.score = lambda rollouts: trained.append(score(rollouts)) or trained[-1]
-    try:
-        job.train()
-    finally:
-        job.shutdown()
+    trained = train_recording(job)
     assert killed == [True, True]
     ids = [rid for batch in trained for rid in batch.column("rollout_id").to_pylist()]
     assert sorted(ids) == list(range(3 * 8))  # each trajectory once, none lost

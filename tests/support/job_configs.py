@@ -63,3 +63,16 @@ def read_stats(out: Path) -> list[dict[str, Any]]:
 def write_config(path: Path, config: JobConfig) -> Path:
     path.write_text(yaml.safe_dump(config.model_dump(exclude_unset=True, mode="json")))
     return path
+
+
+def train_recording(job: Any) -> list[Any]:
+    """Trains ``job`` (a ``TrainingJob``) to its end and stops it, even when training fails;
+    returns each scored batch the learner was given, in order."""
+    trained: list[Any] = []
+    score = job.score
+    job.score = lambda rollouts: trained.append(score(rollouts)) or trained[-1]
+    try:
+        job.train()
+    finally:
+        job.shutdown()
+    return trained
