@@ -59,14 +59,16 @@ def load_agent(spec: str) -> AgentFunction:
 
 
 def shared_http_client() -> Any:
-    """One ``httpx.AsyncClient`` for every session client of an environment actor: an
-    ``openai.AsyncOpenAI`` that makes its own takes 20 ms to build (measured on the 2-core box,
-    about as long as a whole guess-the-number trajectory), and pooled connections skip a TCP
-    connect per call."""
-    import httpx
+    """One HTTP client for every session client of an environment actor, made on its event
+    loop: the openai package's aiohttp transport (``openai.DefaultAioHttpClient``).
 
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
-    return httpx.AsyncClient(limits=limits)
+    Measured on the 2-core box, 64 agents of 6 calls each: an ``openai.AsyncOpenAI`` that makes
+    its own httpx client takes 20 ms to build (about a whole guess-the-number trajectory); a
+    shared httpx client spends 7.2 ms of CPU a call (httpcore's pool checks every connection on
+    every request), the aiohttp transport 2.2 ms."""
+    import openai
+
+    return openai.DefaultAioHttpClient()
 
 
 def make_client(access: AgentAccess, timeout_s: float, http_client: Any) -> Any:
