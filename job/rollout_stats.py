@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -75,14 +75,14 @@ class TrajectorySummary:
     masked_tokens: int
     tokens: int
     turn_rewards: list[float]
-    dropped: dict[int, str]
+    dropped: dict[int, str] = field(default_factory=dict)
     """Dropped agent trajectories (not trained): rollout id -> why (one line)."""
 
     @classmethod
     def of(cls, batch: pa.RecordBatch) -> TrajectorySummary | None:
         if batch.column("loss_mask").null_count == batch.num_rows:
             return None
-        summary = cls([], [], Counter(), Counter(), Counter(), Counter(), 0, 0, [], {})
+        summary = cls([], [], Counter(), Counter(), Counter(), Counter(), 0, 0, [])
         columns = batch.select(
             ["rollout_id", "num_turns", "env_info", "finish_reason", "loss_mask"]
         )
