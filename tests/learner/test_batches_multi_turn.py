@@ -49,7 +49,7 @@ def test_a_row_without_a_loss_mask_in_a_multi_turn_batch_counts_every_token():
     ("columns", "message"),
     [
         ({"loss_mask": [[1, 1, 0, 1], [1, 1, 1]]}, "rollout 10: 4 loss_mask entries for 5 tokens"),
-        ({"loss_mask": [[1, 1, 0, 0, 1], [0, 0, 0]]}, "rollout 11: loss_mask must hold 0s and 1s"),
+        ({"loss_mask": [[1, 1, 0, 0, 1], [0, 2, 0]]}, "rollout 11: loss_mask must hold 0s and 1s"),
         ({"loss_mask": [[1, 2, 0, 0, 1], [1, 1, 1]]}, "rollout 10: loss_mask must hold 0s and 1s"),
         ({"turn_ends": [[1], [2]]}, "rollout 10: 2 turn_rewards for 1 turn_ends"),
         ({"turn_ends": [None, [2]]}, "rollout 10: 2 turn_rewards for no turn_ends"),
@@ -61,6 +61,20 @@ def test_a_row_without_a_loss_mask_in_a_multi_turn_batch_counts_every_token():
 def test_mismatches_name_the_rollout(columns, message):
     with pytest.raises(ValueError, match=message):
         multi_turn_inputs(multi_turn(**columns))
+
+
+def test_a_row_of_zeros_is_a_dropped_trajectory_trained_on_nothing():
+    """A dropped agent trajectory (actors/agent_rollout.py) keeps its row with a loss mask of
+    zeros and no turns: it passes as it is (the trainer refuses a batch that is all zeros)."""
+    inputs = multi_turn_inputs(
+        multi_turn(
+            loss_mask=[[1, 1, 0, 0, 1], [0, 0, 0]],
+            turn_ends=[[1, 4], []],
+            turn_rewards=[[0.5, 0.0], []],
+        )
+    )
+    assert [m.tolist() for m in inputs["loss_masks"]] == [[1, 1, 0, 0, 1], [0, 0, 0]]
+    assert inputs["token_rewards"][1].tolist() == [0.0, 0.0, 0.0]
 
 
 @pytest.mark.parametrize("algorithm", ["ppo", "grpo", "reinforce_pp"])
