@@ -175,3 +175,43 @@ def test_an_agent_job_loses_no_trajectory_when_a_generator_or_env_actor_dies_mid
             assert info["agent_calls"] == 3 and len(info["calls"]) == 3
     stats = read_stats(tmp_path / "run")
     assert sum(line["env/restarts"] for line in stats) > 0  # the env actor's agents began again
+
+
+@pytest.mark.slow
+def test_an_async_agent_job_samples_under_new_weights_mid_call_and_trains_every_id_once(
+    ray_local, chat_model_dir: Path, tmp_path: Path
+) -> None:
+    """``mode: async``: new weights load between two engine steps while agents are mid-way; a
+    call in flight goes on under them, each token recording its version; the records stay
+    exact."""
+    from rlfleet.job.loop import TrainingJob
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        "".join(json.dumps({"prompt": f"movie {i}", "kind": "ok"}) + "\n" for i in range(8))
+    )
+    config = agent_job(
+        chat_model_dir,
+        tmp_path / "run",
+        prompts,
+        env={"kwargs": {"sleep_s": 0.5}},
+        algorithm="grpo",
+        mode="async",
+        max_policy_lag=1,
+        iterations=3,
+    )
+    trained = train_recording(TrainingJob(config))
+    ids = [rid for batch in trained for rid in batch.column("rollout_id").to_pylist()]
+    assert sorted(ids) == list(range(3 * 8))
+    newer = 0
+    for iteration, batch in enumerate(trained):
+        for row in batch.to_pylist():
+            info, versions = json.loads(row["env_info"]), row["token_versions"]
+            assert len(versions) == len(row["response_ids"]) and versions == sorted(versions)
+            assert iteration - 1 <= row["policy_version"] == versions[0] <= iteration
+            newer += versions[-1] > versions[0]
+            full = row["prompt_ids"] + row["response_ids"]
+            for call in info["calls"]:
+                start = len(call["prompt"])
+                assert full[start : start + len(call["sampled"])] == call["sampled"]
+    assert newer > 0  # some trajectories went on under weights that arrived mid-way
