@@ -204,8 +204,7 @@ def fill_trajectory(trajectory: Trajectory, calls: list[Call]) -> int:
     trajectory.prompt_ids = list(first.prompt_ids)
     for call, choice in chain:
         gap = call.prompt_ids[len(trajectory.prompt_ids) + len(trajectory.response_ids) :]
-        version = (trajectory.versions or choice.versions or [0])[-1 if trajectory.versions else 0]
-        trajectory.append(list(gap), version=version)
+        trajectory.append(list(gap), version=trajectory.versions[-1] if trajectory.versions else 0)
         trajectory.response_ids += choice.token_ids
         trajectory.logprobs += choice.logprobs
         trajectory.loss_mask += [1] * len(choice.token_ids)

@@ -94,12 +94,15 @@ class AgentRollout:
         self._pending: dict[Any, tuple[Trajectory, AgentSession, float]] = {}
 
     def run(self, trajectories: list[Trajectory]) -> list[Trajectory]:
-        """Every trajectory to its end; returns them in the order given."""
+        """Every trajectory to its end; returns them in the order given. Requests still in
+        the engine when the last agent is back (an agent that raised or timed out with a call
+        out) are sampled to their end first, within their token budget: none is left in the
+        engine for the next batch."""
         for trajectory in trajectories:
             self._launch(trajectory)
         checked = 0.0
         try:
-            while self._pending:
+            while self._pending or self._requests:
                 if self._between_steps is not None:
                     self._between_steps(self)
                 busy = self._engine.busy()
@@ -115,6 +118,8 @@ class AgentRollout:
         finally:
             for _, session, _ in self._pending.values():
                 self._endpoint.close(session.session_id)
+            for request in self._endpoint.take():  # the batch's sessions are all closed now
+                request.future.set_exception(SessionEnded())
         return trajectories
 
     def interrupt(self) -> list[str]:
@@ -152,6 +157,8 @@ class AgentRollout:
 
     def _collect_returns(self) -> None:
         refs = list(self._pending)
+        if not refs:
+            return
         done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
         for ref in done:
             trajectory, session, _ = self._pending.pop(ref)

@@ -290,13 +290,9 @@ class Endpoint:
             raise EndpointError(503, "this session ended while it sampled") from None
 
     def _message(self, choice: Choice, parse_tools: bool, call_id: str) -> Message:
-        ids = choice.token_ids
-        if choice.finish_reason == "stop" and ids and ids[-1] in self._sampling.stop_token_ids:
-            ids = ids[:-1]
-        text = self._tokenizer.decode(ids, skip_special_tokens=False)
-        eos = self._tokenizer.eos_token
-        if eos and text.endswith(eos):
-            text = text[: -len(eos)]
+        turns = self._turns_for(None)
+        stops = self._sampling.stop_token_ids
+        text = turns.turn_text(choice.token_ids, choice.finish_reason, stops)
         message: Message = {"role": "assistant", "content": text}
         if not parse_tools:
             return message

@@ -330,16 +330,11 @@ class MultiTurnRollout:
         if not self._envs:
             trajectory.finish_reason = completion.finish_reason
             return
-        text = self._turns.decode(self._without_stop(turn, completion.finish_reason))
+        stops = self._sampling.stop_token_ids
+        text = self._turns.turn_text(turn, completion.finish_reason, stops)
         if trajectory.messages is not None:
             trajectory.messages.append({"role": "assistant", "content": text})
         self._step(trajectory, text)
-
-    def _without_stop(self, ids: list[int], finish_reason: str) -> list[int]:
-        stops = set(self._sampling.stop_token_ids) | set(self._turns.closing_ids([])[:1])
-        if finish_reason == "stop" and ids and ids[-1] in stops:
-            return ids[:-1]
-        return ids
 
     def _stepped(self, trajectory: Trajectory, reply: EnvReply) -> None:
         trajectory.turn_rewards[-1] += reply.reward

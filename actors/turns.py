@@ -91,6 +91,14 @@ class TurnTokens:
     def decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=False)
 
+    def turn_text(self, ids: list[int], finish_reason: str, stop_ids: tuple[int, ...]) -> str:
+        """A sampled turn's text, less the id that ended it: one of ``stop_ids``, the template's
+        end of turn or the tokenizer's EOS (what an environment or an agent is given)."""
+        ends = {*stop_ids, *self.closing_ids([])[:1], self._tokenizer.eos_token_id}
+        if finish_reason == "stop" and ids and ids[-1] in ends:
+            ids = ids[:-1]
+        return self.decode(ids)
+
     def decode_responses(self, responses: list[list[int]]) -> list[str]:
         """Plain responses as the generators decode them (special tokens left out)."""
         return self._tokenizer.batch_decode(responses, skip_special_tokens=True)

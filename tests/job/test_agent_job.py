@@ -27,6 +27,14 @@ def chat_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
+def write_prompts(tmp_path: Path, kinds: list[str]) -> Path:
+    """A dataset of one prompt per agent ``kind`` (tests/support/endpoint_agents.py)."""
+    prompts = tmp_path / "prompts.jsonl"
+    rows = ({"prompt": f"tell me about movie {i}", "kind": kind} for i, kind in enumerate(kinds))
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return prompts
+
+
 def agent_job(model_dir: Path, out: Path, prompts: Path, env: dict | None = None, **fields):
     return small_job(
         model_dir,
@@ -52,13 +60,7 @@ def test_an_agent_job_trains_on_the_engine_s_ids_and_drops_faulty_agents(
 ) -> None:
     from rlfleet.job.loop import TrainingJob
 
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text(
-        "".join(
-            json.dumps({"prompt": f"tell me about movie {i}", "kind": k}) + "\n"
-            for i, k in enumerate(KINDS)
-        )
-    )
+    prompts = write_prompts(tmp_path, KINDS)
     config = agent_job(chat_model_dir, tmp_path / "run", prompts, iterations=2)
     job = TrainingJob(config)
     trained = []
@@ -142,10 +144,7 @@ def test_an_agent_job_loses_no_trajectory_when_a_generator_or_env_actor_dies_mid
 
     from rlfleet.job.loop import TrainingJob
 
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text(
-        "".join(json.dumps({"prompt": f"movie {i}", "kind": "ok"}) + "\n" for i in range(8))
-    )
+    prompts = write_prompts(tmp_path, ["ok"] * 8)
     config = agent_job(
         chat_model_dir,
         tmp_path / "run",
@@ -186,10 +185,7 @@ def test_an_async_agent_job_samples_under_new_weights_mid_call_and_trains_every_
     exact."""
     from rlfleet.job.loop import TrainingJob
 
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text(
-        "".join(json.dumps({"prompt": f"movie {i}", "kind": "ok"}) + "\n" for i in range(8))
-    )
+    prompts = write_prompts(tmp_path, ["ok"] * 8)
     config = agent_job(
         chat_model_dir,
         tmp_path / "run",
